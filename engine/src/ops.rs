@@ -1,0 +1,159 @@
+//! Row-wise tensor operations of the forward pass, on plain f32 slices with a fixed evaluation order.
+
+use crate::config::RopeStyle;
+use crate::quant::dot::dot_f32;
+
+/// RMS-normalizes each `width`-wide row of `x` in place and scales by `weight` (sum of squares in f64).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / width as f64) as f32 + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * scale * w;
+        }
+    }
+}
+
+/// Rotary tables for one position: `(cos, sin)` per rotated pair.
+pub fn rope_table(pos: usize, inv_freq: &[f64], out: &mut Vec<(f32, f32)>) {
+    out.clear();
+    out.extend(inv_freq.iter().map(|&f| {
+        let theta = pos as f64 * f;
+        (theta.cos() as f32, theta.sin() as f32)
+    }));
+}
+
+/// Inverse frequencies `base^(-2i/dims)`, divided by optional per-pair factors (llama 3 `rope_freqs`).
+pub fn rope_inv_freq(dims: usize, base: f32, factors: Option<&[f32]>) -> Vec<f64> {
+    (0..dims / 2)
+        .map(|i| {
+            let f = (base as f64).powf(-2.0 * i as f64 / dims as f64);
+            match factors {
+                Some(fs) => f / fs[i] as f64,
+                None => f,
+            }
+        })
+        .collect()
+}
+
+/// Rotates every `head_dim`-wide head in `x` (one position) by the table.
+pub fn apply_rope(x: &mut [f32], head_dim: usize, table: &[(f32, f32)], style: RopeStyle) {
+    let half = table.len();
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, &(c, s)) in table.iter().enumerate() {
+            let (a, b) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Neox => (i, i + half),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// `silu(gate) * up`, elementwise, into `gate`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`, elementwise.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Causal attention of `q` rows at positions `start..start+rows` over cached keys/values `0..start+rows`.
+///
+/// `k`/`v` hold one `kv_dim`-wide row per position; `q`/`out` hold one `n_head * head_dim` row per query.
+/// Each output element depends only on its own query row and the cache prefix it can see.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_head: usize, n_head_kv: usize, head_dim: usize, out: &mut [f32]) {
+    let q_dim = n_head * head_dim;
+    let kv_dim = n_head_kv * head_dim;
+    let group = n_head / n_head_kv;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut scores = Vec::new();
+    for (t, (qrow, orow)) in q.chunks_exact(q_dim).zip(out.chunks_exact_mut(q_dim)).enumerate() {
+        let visible = start + t + 1;
+        for h in 0..n_head {
+            let kvh = h / group;
+            let qh = &qrow[h * head_dim..(h + 1) * head_dim];
+            scores.clear();
+            scores.extend((0..visible).map(|j| dot_f32(qh, &k[j * kv_dim + kvh * head_dim..][..head_dim]) * scale));
+            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let oh = &mut orow[h * head_dim..(h + 1) * head_dim];
+            oh.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let vj = &v[j * kv_dim + kvh * head_dim..][..head_dim];
+                for (o, &vv) in oh.iter_mut().zip(vj) {
+                    *o += p * vv;
+                }
+            }
+            let inv = 1.0 / sum;
+            oh.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let mut out = [0f32; 4];
+        rms_norm(&[2.0, 2.0, -2.0, -2.0], &[1.0, 0.5, 1.0, 1.0], 0.0, &mut out);
+        assert_eq!(out, [1.0, 0.5, -1.0, -1.0]);
+    }
+
+    #[test]
+    fn rope_position_zero_is_identity() {
+        let inv = rope_inv_freq(4, 10000.0, None);
+        let mut t = Vec::new();
+        rope_table(0, &inv, &mut t);
+        let mut x = [1.0, 2.0, 3.0, 4.0];
+        apply_rope(&mut x, 4, &t, RopeStyle::Interleaved);
+        assert_eq!(x, [1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs() {
+        let mut t = Vec::new();
+        rope_table(1, &[std::f64::consts::FRAC_PI_2], &mut t);
+        let mut x = [1.0, 0.0];
+        apply_rope(&mut x, 2, &t, RopeStyle::Interleaved);
+        assert!((x[0]).abs() < 1e-6 && (x[1] - 1.0).abs() < 1e-6, "{x:?}");
+    }
+
+    #[test]
+    fn attention_single_key_returns_its_value() {
+        let q = [1.0, 0.0];
+        let k = [0.5, 0.5];
+        let v = [3.0, -1.0];
+        let mut out = [0f32; 2];
+        attention(&q, &k, &v, 0, 1, 1, 2, &mut out);
+        assert_eq!(out, [3.0, -1.0]);
+    }
+
+    #[test]
+    fn attention_is_causal() {
+        // two positions, the first query must not see the second key
+        let q = [1.0, 0.0, 1.0, 0.0];
+        let k = [1.0, 0.0, 1.0, 0.0];
+        let v = [1.0, 1.0, 5.0, 5.0];
+        let mut out = [0f32; 4];
+        attention(&q, &k, &v, 0, 1, 1, 2, &mut out);
+        assert_eq!(&out[..2], &[1.0, 1.0]);
+        assert!((out[2] - 3.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,339 @@
+//! A contiguous range of decoder layers and the batched forward pass over them.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::KvCache;
+use crate::ops;
+use crate::quant::QWeight;
+
+/// Weights of one decoder layer.
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QWeight,
+    wk: QWeight,
+    wv: QWeight,
+    /// Qwen2-style projection biases.
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: QWeight,
+    ffn_norm: Vec<f32>,
+    w_gate: QWeight,
+    w_up: QWeight,
+    w_down: QWeight,
+}
+
+/// Final norm and output projection, held by the last stage.
+struct Head {
+    norm: Vec<f32>,
+    output: Arc<QWeight>,
+}
+
+/// What one sequence brings to a stage.
+#[derive(Debug, Clone, Copy)]
+pub enum StageInput<'a> {
+    /// Token ids (first stage).
+    Tokens(&'a [u32]),
+    /// Hidden states from the previous stage, `rows x n_embd`.
+    Hidden(&'a [f32]),
+}
+
+/// One sequence's part of a batched forward: its cache and its new positions.
+#[derive(Debug)]
+pub struct SeqStep<'a> {
+    pub cache: &'a mut KvCache,
+    pub input: StageInput<'a>,
+}
+
+/// What a stage produces for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageOutput {
+    /// Hidden states of every new position, `rows x n_embd` (middle stages).
+    Hidden(Vec<f32>),
+    /// Logits of the last new position (last stage).
+    Logits(Vec<f32>),
+}
+
+impl StageOutput {
+    /// The logits, if this came from the last stage.
+    pub fn into_logits(self) -> Option<Vec<f32>> {
+        match self {
+            Self::Logits(l) => Some(l),
+            Self::Hidden(_) => None,
+        }
+    }
+}
+
+/// Layers `[start, end)` of a model; the first stage also embeds tokens, the last one also produces logits.
+pub struct Shard {
+    cfg: Arc<ModelConfig>,
+    range: Range<usize>,
+    embedding: Option<Arc<QWeight>>,
+    layers: Vec<Layer>,
+    head: Option<Head>,
+    inv_freq: Vec<f64>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("model", &self.cfg.name).field("range", &self.range).finish()
+    }
+}
+
+fn norm_weight(g: &mut GgufFile, name: &str, width: usize) -> Result<Vec<f32>> {
+    Ok(g.read_weight(name)?.expect_dims(&[width])?.dequantize())
+}
+
+fn opt_bias(g: &mut GgufFile, name: &str, width: usize) -> Result<Option<Vec<f32>>> {
+    if g.has_tensor(name) {
+        norm_weight(g, name, width).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+impl Shard {
+    /// Loads layers `range` of the model in `g`, reading only the tensors this shard needs.
+    pub fn load(g: &mut GgufFile, cfg: Arc<ModelConfig>, range: Range<usize>) -> Result<Self> {
+        if range.start >= range.end || range.end > cfg.n_layers {
+            return Err(EngineError::LayerRangeOutOfBounds { start: range.start, end: range.end, layers: cfg.n_layers });
+        }
+        let (d, q_dim, kv_dim, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let first = range.start == 0;
+        let last = range.end == cfg.n_layers;
+        let mut embedding = None;
+        if first || (last && cfg.tied_embeddings) {
+            embedding = Some(Arc::new(g.read_weight("token_embd.weight")?.expect_dims(&[cfg.vocab_size, d])?));
+        }
+        let mut layers = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            layers.push(Layer {
+                attn_norm: norm_weight(g, &n("attn_norm.weight"), d)?,
+                wq: g.read_weight(&n("attn_q.weight"))?.expect_dims(&[q_dim, d])?,
+                wk: g.read_weight(&n("attn_k.weight"))?.expect_dims(&[kv_dim, d])?,
+                wv: g.read_weight(&n("attn_v.weight"))?.expect_dims(&[kv_dim, d])?,
+                bq: opt_bias(g, &n("attn_q.bias"), q_dim)?,
+                bk: opt_bias(g, &n("attn_k.bias"), kv_dim)?,
+                bv: opt_bias(g, &n("attn_v.bias"), kv_dim)?,
+                wo: g.read_weight(&n("attn_output.weight"))?.expect_dims(&[d, q_dim])?,
+                ffn_norm: norm_weight(g, &n("ffn_norm.weight"), d)?,
+                w_gate: g.read_weight(&n("ffn_gate.weight"))?.expect_dims(&[ff, d])?,
+                w_up: g.read_weight(&n("ffn_up.weight"))?.expect_dims(&[ff, d])?,
+                w_down: g.read_weight(&n("ffn_down.weight"))?.expect_dims(&[d, ff])?,
+            });
+        }
+        let head = if last {
+            let output = if cfg.tied_embeddings {
+                embedding.clone().expect("read above for tied models")
+            } else {
+                Arc::new(g.read_weight("output.weight")?.expect_dims(&[cfg.vocab_size, d])?)
+            };
+            Some(Head { norm: norm_weight(g, "output_norm.weight", d)?, output })
+        } else {
+            None
+        };
+        if !first {
+            embedding = None;
+        }
+        let factors = if g.has_tensor("rope_freqs.weight") {
+            Some(norm_weight(g, "rope_freqs.weight", cfg.rope_dims / 2)?)
+        } else {
+            None
+        };
+        let inv_freq = ops::rope_inv_freq(cfg.rope_dims, cfg.rope_theta, factors.as_deref());
+        Ok(Self { cfg, range, embedding, layers, head, inv_freq })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &Arc<ModelConfig> {
+        &self.cfg
+    }
+
+    /// Global layer indices held.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    /// Whether this shard embeds tokens (takes token ids as input).
+    pub fn is_first(&self) -> bool {
+        self.embedding.is_some()
+    }
+
+    /// Whether this shard produces logits.
+    pub fn is_last(&self) -> bool {
+        self.head.is_some()
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|w| w.size_bytes()).sum::<usize>()
+                    + 4 * (l.attn_norm.len() + l.ffn_norm.len())
+            })
+            .sum();
+        let emb = self.embedding.as_ref().map_or(0, |e| e.size_bytes());
+        let head = self.head.as_ref().map_or(0, |h| if self.is_first() && self.cfg.tied_embeddings { 0 } else { h.output.size_bytes() });
+        layers + emb + head
+    }
+
+    /// An empty cache for one sequence on this shard.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.range.start, self.layers.len(), self.cfg.kv_dim())
+    }
+
+    /// Runs one batched step: every sequence brings its new positions (any number, any start).
+    /// Returns, per sequence in order, hidden states (middle stages) or last-position logits (last stage).
+    pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<StageOutput>> {
+        let cfg = &*self.cfg;
+        let d = cfg.n_embd;
+        // Check every sequence before touching any cache.
+        let mut rows = Vec::with_capacity(batch.len());
+        for s in batch.iter() {
+            if s.cache.layers() != self.range {
+                return Err(EngineError::StageInput { reason: format!("cache for layers {:?} used on shard {:?}", s.cache.layers(), self.range) });
+            }
+            let n = match (s.input, self.is_first()) {
+                (StageInput::Tokens(t), true) => {
+                    if let Some(&id) = t.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                        return Err(EngineError::TokenOutOfRange { id, vocab: cfg.vocab_size });
+                    }
+                    t.len()
+                }
+                (StageInput::Hidden(h), false) => {
+                    if h.len() % d != 0 {
+                        return Err(EngineError::HiddenBytes { bytes: h.len() * 4, width: d });
+                    }
+                    h.len() / d
+                }
+                (StageInput::Tokens(_), false) => return Err(EngineError::StageInput { reason: format!("shard {:?} takes hidden states, not tokens", self.range) }),
+                (StageInput::Hidden(_), true) => return Err(EngineError::StageInput { reason: "the first shard takes tokens, not hidden states".into() }),
+            };
+            if n == 0 {
+                return Err(EngineError::StageInput { reason: "a sequence in the batch has no new positions".into() });
+            }
+            let needed = s.cache.len() + n;
+            if needed > cfg.context_length {
+                return Err(EngineError::ContextOverflow { needed, context: cfg.context_length });
+            }
+            rows.push(n);
+        }
+        let total: usize = rows.iter().sum();
+
+        // Gather the input rows of every sequence into one [total, d] matrix.
+        let mut x = Vec::with_capacity(total * d);
+        for s in batch.iter() {
+            match s.input {
+                StageInput::Tokens(t) => {
+                    let emb = self.embedding.as_ref().expect("first stage");
+                    for &id in t {
+                        let at = x.len();
+                        x.resize(at + d, 0.0);
+                        emb.dequantize_row(id as usize, &mut x[at..]);
+                    }
+                }
+                StageInput::Hidden(h) => x.extend_from_slice(h),
+            }
+        }
+
+        // Rotary tables per row, by absolute position.
+        let mut tables = Vec::with_capacity(total);
+        for (s, &n) in batch.iter().zip(&rows) {
+            for p in s.cache.len()..s.cache.len() + n {
+                let mut t = Vec::new();
+                ops::rope_table(p, &self.inv_freq, &mut t);
+                tables.push(t);
+            }
+        }
+
+        let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let mut h = vec![0f32; total * d];
+        for (li, l) in self.layers.iter().enumerate() {
+            ops::rms_norm(&x, &l.attn_norm, cfg.rms_eps, &mut h);
+            let mut q = l.wq.matmul(&h, total);
+            let mut k = l.wk.matmul(&h, total);
+            let mut v = l.wv.matmul(&h, total);
+            add_bias(&mut q, l.bq.as_deref());
+            add_bias(&mut k, l.bk.as_deref());
+            add_bias(&mut v, l.bv.as_deref());
+            for (r, t) in tables.iter().enumerate() {
+                ops::apply_rope(&mut q[r * q_dim..(r + 1) * q_dim], hd, t, cfg.rope_style);
+                ops::apply_rope(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, t, cfg.rope_style);
+            }
+            let mut attn = vec![0f32; total * q_dim];
+            let mut r0 = 0;
+            for (s, &n) in batch.iter_mut().zip(&rows) {
+                let start = s.cache.len();
+                s.cache.push(li, &k[r0 * kv_dim..(r0 + n) * kv_dim], &v[r0 * kv_dim..(r0 + n) * kv_dim]);
+                let (kc, vc) = s.cache.layer(li);
+                ops::attention(&q[r0 * q_dim..(r0 + n) * q_dim], kc, vc, start, cfg.n_head, cfg.n_head_kv, hd, &mut attn[r0 * q_dim..(r0 + n) * q_dim]);
+                r0 += n;
+            }
+            let o = l.wo.matmul(&attn, total);
+            ops::add_assign(&mut x, &o);
+
+            ops::rms_norm(&x, &l.ffn_norm, cfg.rms_eps, &mut h);
+            let mut gate = l.w_gate.matmul(&h, total);
+            let up = l.w_up.matmul(&h, total);
+            ops::swiglu(&mut gate, &up);
+            let down = l.w_down.matmul(&gate, total);
+            ops::add_assign(&mut x, &down);
+        }
+        for (s, &n) in batch.iter_mut().zip(&rows) {
+            s.cache.advance(n);
+        }
+
+        let Some(head) = &self.head else {
+            let mut out = Vec::with_capacity(batch.len());
+            let mut r0 = 0;
+            for &n in &rows {
+                out.push(StageOutput::Hidden(x[r0 * d..(r0 + n) * d].to_vec()));
+                r0 += n;
+            }
+            return Ok(out);
+        };
+        // Logits only for each sequence's last position.
+        let mut last = Vec::with_capacity(batch.len() * d);
+        let mut r0 = 0;
+        for &n in &rows {
+            r0 += n;
+            last.extend_from_slice(&x[(r0 - 1) * d..r0 * d]);
+        }
+        let mut normed = vec![0f32; last.len()];
+        ops::rms_norm(&last, &head.norm, cfg.rms_eps, &mut normed);
+        let logits = head.output.matmul(&normed, batch.len());
+        Ok(logits.chunks_exact(cfg.vocab_size).map(|l| StageOutput::Logits(l.to_vec())).collect())
+    }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            ops::add_assign(row, b);
+        }
+    }
+}
+
+/// Hidden states as the bytes that cross a stage boundary (f32, little-endian).
+pub fn hidden_to_bytes(h: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(h.len() * 4);
+    for v in h {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Hidden states back from their wire bytes; `width` is the model width.
+pub fn hidden_from_bytes(b: &[u8], width: usize) -> Result<Vec<f32>> {
+    if width == 0 || b.len() % (4 * width) != 0 {
+        return Err(EngineError::HiddenBytes { bytes: b.len(), width });
+    }
+    Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}

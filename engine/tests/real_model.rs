@@ -1,0 +1,123 @@
+//! Checks on the real default model (SmolLM2-135M-Instruct Q4_1); `make test` fetches it.
+
+#[path = "support/common.rs"]
+mod common;
+
+use common::*;
+use flotilla_engine::{split_at, split_even, ChatMessage, Model, SamplingParams};
+
+fn open() -> Model {
+    Model::open(real_model_path()).unwrap()
+}
+
+#[test]
+fn capital_of_france_is_paris() {
+    let mut model = open();
+    let p = pipeline(&mut model, &[0..30]);
+    let prompt = model.tokenizer().encode("The capital of France is", true).unwrap();
+    let g = p.generate(model.tokenizer(), &prompt, &SamplingParams::greedy(8), |_| {}).unwrap();
+    assert!(g.text.starts_with(" Paris."), "got {:?}", g.text);
+}
+
+#[test]
+fn logits_match_independent_reference() {
+    let mut model = open();
+    let p = pipeline(&mut model, &[0..30]);
+    let prompts: Vec<Vec<u32>> = ["The capital of France is", "fn add(a: i32, b: i32) -> i32 {", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
+        .iter()
+        .map(|t| model.tokenizer().encode(t, true).unwrap())
+        .collect();
+    let reference = reference_logits(&real_model_path(), &prompts);
+    for (prompt, r) in prompts.iter().zip(&reference) {
+        let ours = p.step(&mut p.new_cache(), prompt).unwrap();
+        let (diff, rel) = compare(&ours, r);
+        eprintln!("prompt of {} tokens: max |diff| {diff:.4}, {rel:.5} of the logit range", prompt.len());
+        // Stated tolerance: activations are quantized to 8 bits before each of the 211 quantized matmuls,
+        // so logits drift from the float64 reference by a few percent of their range at most.
+        assert!(rel < 0.05, "max |diff| {diff} is {rel:.4} of the logit range");
+        let top = |v: Vec<f64>| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(top(ours.iter().map(|&x| x as f64).collect()), top(r.clone()), "argmax differs");
+    }
+}
+
+#[test]
+fn shard_invariance_1_2_3_5_30_and_uneven() {
+    let mut model = open();
+    let prompt = model.tokenizer().encode("Once upon a time, in a small village,", true).unwrap();
+    let whole = pipeline(&mut model, &split_even(30, 1).unwrap());
+    let (ref_toks, ref_logits) = decode(&whole, &prompt, 8);
+    drop(whole);
+    let mut splits: Vec<_> = [2, 3, 5, 30].iter().map(|&k| split_even(30, k).unwrap()).collect();
+    splits.push(split_at(30, &[1, 29]).unwrap());
+    splits.push(split_at(30, &[4, 11, 12, 25]).unwrap());
+    for ranges in splits {
+        let p = pipeline(&mut model, &ranges);
+        let (toks, logits) = decode(&p, &prompt, 8);
+        assert_eq!(toks, ref_toks, "{} stages", ranges.len());
+        assert_bit_identical(logits.last().unwrap(), ref_logits.last().unwrap(), &format!("{ranges:?}"));
+        assert_bit_identical(&logits[0], &ref_logits[0], &format!("{ranges:?} prefill"));
+    }
+}
+
+#[test]
+fn batch_and_chunking_invariance() {
+    let mut model = open();
+    let shard = model.load_shard(0..30).unwrap();
+    let t = model.tokenizer();
+    let seqs: Vec<Vec<u32>> = ["Hello", "The quick brown fox jumps over the lazy dog", "1 2 3 4"].iter().map(|s| t.encode(s, true).unwrap()).collect();
+    let alone: Vec<Vec<f32>> = seqs.iter().map(|s| run_chunked(&shard, s, &[s.len()])).collect();
+    let mut caches: Vec<_> = seqs.iter().map(|_| shard.new_cache()).collect();
+    let mut steps: Vec<_> = caches.iter_mut().zip(&seqs).map(|(c, s)| flotilla_engine::SeqStep { cache: c, input: flotilla_engine::StageInput::Tokens(s) }).collect();
+    for (i, o) in shard.forward(&mut steps).unwrap().into_iter().enumerate() {
+        assert_bit_identical(&o.into_logits().unwrap(), &alone[i], &format!("sequence {i} batched"));
+    }
+    let long = &seqs[1];
+    let n = long.len();
+    assert_bit_identical(&run_chunked(&shard, long, &vec![1; n]), &alone[1], "token by token");
+    assert_bit_identical(&run_chunked(&shard, long, &[3, n - 3]), &alone[1], "chunked prefill");
+}
+
+#[test]
+fn tokenizer_round_trips_and_known_ids() {
+    let model = open();
+    let t = model.tokenizer();
+    for text in [
+        "Hello world",
+        "héllo wörld — ✓ 日本語 🚀 emoji",
+        "fn main() {\n    let x: Vec<u8> = vec![1, 2, 3];\n}\n",
+        "digits 1234567890 and 3.14159",
+        "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n",
+    ] {
+        let ids = t.encode(text, true).unwrap();
+        assert_eq!(t.decode(&ids, false).unwrap(), text, "{ids:?}");
+    }
+    // ChatML control tokens are single ids; no BOS is added for this model.
+    assert_eq!(t.encode("<|im_start|>", true).unwrap(), vec![1]);
+    assert_eq!(t.encode("<|im_end|>", true).unwrap(), vec![2]);
+    // No prefix space: "Hello" is one token, not "ĠHello" (the bug of candle's TokenizerFromGguf).
+    let hello = t.encode("Hello", true).unwrap();
+    assert_eq!(hello.len(), 1);
+    assert_eq!(t.token(hello[0]), Some("Hello"));
+    assert_eq!(t.token(t.encode(" Hello", true).unwrap()[0]), Some("ĠHello"));
+    // smollm splits digits one by one.
+    assert_eq!(t.encode("2024", true).unwrap().len(), 4);
+    assert!(t.stop_ids().contains(&2));
+}
+
+#[test]
+fn chat_template_renders_chatml() {
+    let model = open();
+    let text = model.chat_template().render(&[ChatMessage::new("user", "Hi")], true).unwrap();
+    assert_eq!(text, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    let with_system = model.chat_template().render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")], false).unwrap();
+    assert_eq!(with_system, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+}
+
+#[test]
+fn config_from_metadata() {
+    let model = open();
+    let c = model.config();
+    assert_eq!((c.n_layers, c.n_embd, c.n_head, c.n_head_kv, c.vocab_size), (30, 576, 9, 3, 49152));
+    assert_eq!(c.context_length, 8192, "context length comes from metadata, not capped");
+    assert!(c.tied_embeddings);
+}
