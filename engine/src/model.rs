@@ -17,6 +17,8 @@ pub struct Model {
     cfg: Arc<ModelConfig>,
     tokenizer: Tokenizer,
     chat: ChatTemplate,
+    /// Load shards with exact (unquantized-activation) matmuls.
+    exact: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -34,7 +36,7 @@ impl Model {
         let source = gguf.meta_str("tokenizer.chat_template").unwrap_or(CHATML).to_string();
         let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.token(i)).unwrap_or("").to_string();
         let chat = ChatTemplate::new(&source, &tok_str(tokenizer.bos()), &tok_str(tokenizer.eos()))?;
-        Ok(Self { gguf, cfg, tokenizer, chat })
+        Ok(Self { gguf, cfg, tokenizer, chat, exact: false })
     }
 
     /// Hyper-parameters.
@@ -52,9 +54,14 @@ impl Model {
         &self.chat
     }
 
+    /// Shards loaded from now on multiply exactly in f32 (slow; for checking against a float reference).
+    pub fn set_exact_matmul(&mut self, exact: bool) {
+        self.exact = exact;
+    }
+
     /// Loads layers `range`, reading only their tensors.
     pub fn load_shard(&mut self, range: Range<usize>) -> Result<Shard> {
-        Shard::load(&mut self.gguf, self.cfg.clone(), range)
+        Shard::load(&mut self.gguf, self.cfg.clone(), range, self.exact)
     }
 
     /// Loads the model as consecutive shards covering every layer.

@@ -68,6 +68,13 @@ impl QWeight {
         Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, data })
     }
 
+    /// Multiplies by dequantized f32 weights and unquantized activations instead of 8-bit integer dots:
+    /// slower, but free of activation rounding (used to check the forward pass against a float reference).
+    pub fn into_exact(mut self) -> Self {
+        self.kernel = Kernel::Dequant;
+        self
+    }
+
     /// Tensor name in the GGUF file.
     pub fn name(&self) -> &str {
         &self.name

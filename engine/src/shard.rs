@@ -84,6 +84,11 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+fn matrix(g: &mut GgufFile, name: &str, dims: &[usize], exact: bool) -> Result<QWeight> {
+    let w = g.read_weight(name)?.expect_dims(dims)?;
+    Ok(if exact { w.into_exact() } else { w })
+}
+
 fn norm_weight(g: &mut GgufFile, name: &str, width: usize) -> Result<Vec<f32>> {
     Ok(g.read_weight(name)?.expect_dims(&[width])?.dequantize())
 }
@@ -98,7 +103,8 @@ fn opt_bias(g: &mut GgufFile, name: &str, width: usize) -> Result<Option<Vec<f32
 
 impl Shard {
     /// Loads layers `range` of the model in `g`, reading only the tensors this shard needs.
-    pub fn load(g: &mut GgufFile, cfg: Arc<ModelConfig>, range: Range<usize>) -> Result<Self> {
+    /// With `exact`, matmuls skip 8-bit activation quantization (see [`QWeight::into_exact`]).
+    pub fn load(g: &mut GgufFile, cfg: Arc<ModelConfig>, range: Range<usize>, exact: bool) -> Result<Self> {
         if range.start >= range.end || range.end > cfg.n_layers {
             return Err(EngineError::LayerRangeOutOfBounds { start: range.start, end: range.end, layers: cfg.n_layers });
         }
@@ -107,31 +113,31 @@ impl Shard {
         let last = range.end == cfg.n_layers;
         let mut embedding = None;
         if first || (last && cfg.tied_embeddings) {
-            embedding = Some(Arc::new(g.read_weight("token_embd.weight")?.expect_dims(&[cfg.vocab_size, d])?));
+            embedding = Some(Arc::new(matrix(g, "token_embd.weight", &[cfg.vocab_size, d], exact)?));
         }
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(Layer {
                 attn_norm: norm_weight(g, &n("attn_norm.weight"), d)?,
-                wq: g.read_weight(&n("attn_q.weight"))?.expect_dims(&[q_dim, d])?,
-                wk: g.read_weight(&n("attn_k.weight"))?.expect_dims(&[kv_dim, d])?,
-                wv: g.read_weight(&n("attn_v.weight"))?.expect_dims(&[kv_dim, d])?,
+                wq: matrix(g, &n("attn_q.weight"), &[q_dim, d], exact)?,
+                wk: matrix(g, &n("attn_k.weight"), &[kv_dim, d], exact)?,
+                wv: matrix(g, &n("attn_v.weight"), &[kv_dim, d], exact)?,
                 bq: opt_bias(g, &n("attn_q.bias"), q_dim)?,
                 bk: opt_bias(g, &n("attn_k.bias"), kv_dim)?,
                 bv: opt_bias(g, &n("attn_v.bias"), kv_dim)?,
-                wo: g.read_weight(&n("attn_output.weight"))?.expect_dims(&[d, q_dim])?,
+                wo: matrix(g, &n("attn_output.weight"), &[d, q_dim], exact)?,
                 ffn_norm: norm_weight(g, &n("ffn_norm.weight"), d)?,
-                w_gate: g.read_weight(&n("ffn_gate.weight"))?.expect_dims(&[ff, d])?,
-                w_up: g.read_weight(&n("ffn_up.weight"))?.expect_dims(&[ff, d])?,
-                w_down: g.read_weight(&n("ffn_down.weight"))?.expect_dims(&[d, ff])?,
+                w_gate: matrix(g, &n("ffn_gate.weight"), &[ff, d], exact)?,
+                w_up: matrix(g, &n("ffn_up.weight"), &[ff, d], exact)?,
+                w_down: matrix(g, &n("ffn_down.weight"), &[d, ff], exact)?,
             });
         }
         let head = if last {
             let output = if cfg.tied_embeddings {
                 embedding.clone().expect("read above for tied models")
             } else {
-                Arc::new(g.read_weight("output.weight")?.expect_dims(&[cfg.vocab_size, d])?)
+                Arc::new(matrix(g, "output.weight", &[cfg.vocab_size, d], exact)?)
             };
             Some(Head { norm: norm_weight(g, "output_norm.weight", d)?, output })
         } else {

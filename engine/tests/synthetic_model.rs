@@ -135,7 +135,11 @@ fn logits_match_independent_reference() {
     let p = pipeline(&mut model, &[0..4]);
     let prompts = vec![PROMPT.to_vec(), vec![42], (0..30).map(|i| (i * 7 % 270) as u32).collect::<Vec<u32>>()];
     let reference = reference_logits(&m.path, &prompts);
+    model.set_exact_matmul(true);
+    let exact = pipeline(&mut model, &[0..4]);
     for (prompt, r) in prompts.iter().zip(&reference) {
+        let (diff, rel) = compare(&exact.step(&mut exact.new_cache(), prompt).unwrap(), r);
+        assert!(rel < 1e-4, "exact forward: max |diff| {diff} is {rel:.2e} of the logit range");
         let ours = p.step(&mut p.new_cache(), prompt).unwrap();
         let (diff, rel) = compare(&ours, r);
         // 8-bit activation quantization before each quantized matmul: about 1% of the logit spread at most.

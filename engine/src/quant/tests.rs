@@ -68,7 +68,7 @@ fn matmul_is_close_to_f64_reference() {
 
 #[test]
 fn matmul_rows_do_not_depend_on_batch_or_threads() {
-    let (k, n) = (128, 300);
+    let (k, n) = (256, 300);
     let x = random(7 * k, 3);
     for dtype in ALL {
         let (w, _) = quantized(dtype, n, k, 11);

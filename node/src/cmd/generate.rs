@@ -8,6 +8,7 @@ use clap::Args;
 use flotilla_engine::{split_at, split_even, ChatMessage, Model, Pipeline, SamplingParams, DEFAULT_MODEL_PATH};
 
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     /// GGUF model file.
     #[arg(long, default_value = DEFAULT_MODEL_PATH, env = "FLOTILLA_MODEL")]

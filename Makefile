@@ -1,0 +1,37 @@
+# flotilla: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+CARGO ?= cargo
+PYTHON ?= python3
+PROMPT ?= What is the capital of France?
+
+.PHONY: run test model build release test-deps fmt clippy
+
+## Fetch the model, build, and run the demo.
+run: model release
+	./target/release/flotilla generate --model $(MODEL) --chat --prompt "$(PROMPT)" --max-tokens 64
+
+## Everything: unit, integration and multi-process tests (fetches the model when missing).
+test: model test-deps
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+model: $(MODEL)
+
+$(MODEL):
+	bash scripts/fetch-model.sh
+
+## Python packages the independent reference forward (tests/reference) needs.
+test-deps:
+	@$(PYTHON) -c "import numpy, gguf" 2>/dev/null || $(PYTHON) -m pip install --quiet -r tests/reference/requirements.txt
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release -p flotilla-node
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
