@@ -3,7 +3,7 @@ SHELL := /bin/bash
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 CARGO ?= cargo
 PYTHON ?= python3
-PROMPT ?= What is the capital of France?
+PROMPT ?= Write a haiku about the ocean.
 
 .PHONY: run test model build release test-deps fmt clippy
 
