@@ -2,23 +2,23 @@
 
 mod dequant;
 pub mod dot;
+pub mod simd;
 
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use dot::Q8Row;
+use simd::IntFormat;
 
-/// Output columns handled by one parallel task.
-const COLS_PER_TASK: usize = 32;
+/// Fewest output columns worth a parallel task.
+const MIN_COLS_PER_TASK: usize = 16;
 
 /// How a weight format is multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     /// Integer dot against 8-bit quantized activations.
-    Q4_0,
-    Q4_1,
-    Q8_0,
+    Int(IntFormat),
     /// Dequantize each weight row to f32, then a fixed-order f32 dot.
     Dequant,
 }
@@ -46,9 +46,9 @@ impl QWeight {
     /// Wraps raw GGUF tensor bytes; checks the format is one this engine can use.
     pub fn new(name: &str, dtype: GgmlDType, dims: Vec<usize>, data: Vec<u8>) -> Result<Self> {
         let kernel = match dtype {
-            GgmlDType::Q4_0 => Kernel::Q4_0,
-            GgmlDType::Q4_1 => Kernel::Q4_1,
-            GgmlDType::Q8_0 => Kernel::Q8_0,
+            GgmlDType::Q4_0 => Kernel::Int(IntFormat::Q4_0),
+            GgmlDType::Q4_1 => Kernel::Int(IntFormat::Q4_1),
+            GgmlDType::Q8_0 => Kernel::Int(IntFormat::Q8_0),
             GgmlDType::F32
             | GgmlDType::F16
             | GgmlDType::BF16
@@ -154,47 +154,77 @@ impl QWeight {
         out
     }
 
+    /// Whether this weight multiplies 8-bit quantized activations (see [`QWeight::matmul_q8`]).
+    pub fn takes_q8(&self) -> bool {
+        matches!(self.kernel, Kernel::Int(_))
+    }
+
     /// `out[i, j] = x[i, :] · W[j, :]` for `m` rows of `x`; each element is one fixed-order dot product,
-    /// so a row's result does not depend on `m`, the other rows or the thread count.
+    /// so a row's result does not depend on `m`, the other rows, the thread count or the SIMD level.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let (k, n) = (self.row_len, self.rows);
+        let k = self.row_len;
         assert_eq!(x.len(), m * k, "matmul input for {} has {} values, expected {m}x{k}", self.name, x.len());
-        let q8: Vec<Q8Row> = match self.kernel {
-            Kernel::Dequant => Vec::new(),
-            _ => x.chunks_exact(k).map(Q8Row::quantize).collect(),
+        match self.kernel {
+            Kernel::Int(_) => self.matmul_q8(&quantize_rows(x, k)),
+            Kernel::Dequant => self.run(m, |j, col, wrow| {
+                self.dequantize_row(j, wrow);
+                col.iter_mut().zip(x.chunks_exact(k)).for_each(|(o, a)| *o = dot::dot_f32(wrow, a));
+            }),
+        }
+    }
+
+    /// As [`QWeight::matmul`] for activations already quantized (shared by matrices with the same input).
+    pub fn matmul_q8(&self, rows: &[Q8Row]) -> Vec<f32> {
+        self.matmul_q8_at(simd::detected(), rows)
+    }
+
+    /// As [`QWeight::matmul_q8`] with an explicit kernel level (tests compare levels).
+    pub fn matmul_q8_at(&self, level: simd::Level, rows: &[Q8Row]) -> Vec<f32> {
+        let Kernel::Int(f) = self.kernel else {
+            panic!("{} ({:?}) does not take 8-bit activations", self.name, self.dtype);
         };
-        // Column-major scratch: each task owns whole output columns.
+        assert!(rows.iter().all(|r| r.qs.len() == self.row_len), "activation width for {}", self.name);
+        self.run(rows.len(), |j, col, _| simd::column(level, f, self.row(j), rows, col))
+    }
+
+    /// Runs `f(column, out_column, scratch)` for every output column in parallel tasks that each own whole
+    /// columns, then lays the result out row-major `[m, n]`.
+    fn run(&self, m: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
+        let n = self.rows;
+        if m == 0 {
+            return Vec::new();
+        }
         let mut out_t = vec![0f32; n * m];
+        let tasks = (rayon::current_num_threads() * 4).max(1);
+        let per_task = n.div_ceil(tasks).max(MIN_COLS_PER_TASK);
+        let scratch_len = if self.kernel == Kernel::Dequant { self.row_len } else { 0 };
         let work = |(t, chunk): (usize, &mut [f32])| {
-            let c0 = t * COLS_PER_TASK;
-            let mut wrow = if self.kernel == Kernel::Dequant { vec![0f32; k] } else { Vec::new() };
+            let mut scratch = vec![0f32; scratch_len];
             for (ci, col) in chunk.chunks_exact_mut(m).enumerate() {
-                let j = c0 + ci;
-                let w = self.row(j);
-                match self.kernel {
-                    Kernel::Q4_0 => col.iter_mut().zip(&q8).for_each(|(o, a)| *o = dot::dot_q4_0(w, a)),
-                    Kernel::Q4_1 => col.iter_mut().zip(&q8).for_each(|(o, a)| *o = dot::dot_q4_1(w, a)),
-                    Kernel::Q8_0 => col.iter_mut().zip(&q8).for_each(|(o, a)| *o = dot::dot_q8_0(w, a)),
-                    Kernel::Dequant => {
-                        self.dequantize_row(j, &mut wrow);
-                        col.iter_mut().zip(x.chunks_exact(k)).for_each(|(o, a)| *o = dot::dot_f32(&wrow, a));
-                    }
-                }
+                f(t * per_task + ci, col, &mut scratch);
             }
         };
-        if n * m >= 4096 {
-            out_t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(work);
+        if n > per_task && rayon::current_num_threads() > 1 {
+            out_t.par_chunks_mut(per_task * m).enumerate().for_each(work);
         } else {
-            out_t.chunks_mut(COLS_PER_TASK * m).enumerate().for_each(work);
+            out_t.chunks_mut(per_task * m).enumerate().for_each(work);
+        }
+        if m == 1 {
+            return out_t;
         }
         let mut out = vec![0f32; m * n];
-        for j in 0..n {
-            for i in 0..m {
-                out[i * n + j] = out_t[j * m + i];
+        for (j, col) in out_t.chunks_exact(m).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                out[i * n + j] = v;
             }
         }
         out
     }
+}
+
+/// Quantizes each `k`-wide row of `x` to 8-bit blocks.
+pub fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8Row> {
+    x.chunks_exact(k).map(Q8Row::quantize).collect()
 }
 
 #[cfg(test)]

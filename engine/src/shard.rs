@@ -263,9 +263,10 @@ impl Shard {
         let mut h = vec![0f32; total * d];
         for (li, l) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &l.attn_norm, cfg.rms_eps, &mut h);
-            let mut q = l.wq.matmul(&h, total);
-            let mut k = l.wk.matmul(&h, total);
-            let mut v = l.wv.matmul(&h, total);
+            let hq = SharedInput::new(&h, total, d);
+            let mut q = hq.matmul(&l.wq);
+            let mut k = hq.matmul(&l.wk);
+            let mut v = hq.matmul(&l.wv);
             add_bias(&mut q, l.bq.as_deref());
             add_bias(&mut k, l.bk.as_deref());
             add_bias(&mut v, l.bv.as_deref());
@@ -286,8 +287,9 @@ impl Shard {
             ops::add_assign(&mut x, &o);
 
             ops::rms_norm(&x, &l.ffn_norm, cfg.rms_eps, &mut h);
-            let mut gate = l.w_gate.matmul(&h, total);
-            let up = l.w_up.matmul(&h, total);
+            let hq = SharedInput::new(&h, total, d);
+            let mut gate = hq.matmul(&l.w_gate);
+            let up = hq.matmul(&l.w_up);
             ops::swiglu(&mut gate, &up);
             let down = l.w_down.matmul(&gate, total);
             ops::add_assign(&mut x, &down);
@@ -316,6 +318,28 @@ impl Shard {
         ops::rms_norm(&last, &head.norm, cfg.rms_eps, &mut normed);
         let logits = head.output.matmul(&normed, batch.len());
         Ok(logits.chunks_exact(cfg.vocab_size).map(|l| StageOutput::Logits(l.to_vec())).collect())
+    }
+}
+
+/// An input multiplied by several matrices: quantized to 8-bit blocks once, on first use.
+struct SharedInput<'a> {
+    x: &'a [f32],
+    rows: usize,
+    width: usize,
+    q8: std::cell::OnceCell<Vec<crate::quant::dot::Q8Row>>,
+}
+
+impl<'a> SharedInput<'a> {
+    fn new(x: &'a [f32], rows: usize, width: usize) -> Self {
+        Self { x, rows, width, q8: std::cell::OnceCell::new() }
+    }
+
+    fn matmul(&self, w: &QWeight) -> Vec<f32> {
+        if w.takes_q8() {
+            w.matmul_q8(self.q8.get_or_init(|| crate::quant::quantize_rows(self.x, self.width)))
+        } else {
+            w.matmul(self.x, self.rows)
+        }
     }
 }
 

@@ -1,9 +1,4 @@
-//! Activation quantization to 8-bit blocks and the scalar integer dot products against weight blocks.
-//!
-//! Each output element is one dot product with a fixed block order, whatever the batch size or thread
-//! count: that is what keeps shard and batch invariance bit-exact.
-
-use super::dequant::f16_at;
+//! Activation quantization to 8-bit blocks, and the fixed-order f32 dot product.
 
 /// Elements per 8-bit activation block.
 pub const QK8: usize = 32;
@@ -13,6 +8,8 @@ pub const QK8: usize = 32;
 pub struct Q8Row {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    /// Integer sum of each block's values.
+    pub isum: Vec<i32>,
     pub qs: Vec<i8>,
 }
 
@@ -30,6 +27,7 @@ impl Q8Row {
         let nb = x.len() / QK8;
         self.d.clear();
         self.s.clear();
+        self.isum.clear();
         self.qs.clear();
         self.qs.reserve(x.len());
         for blk in x.chunks_exact(QK8) {
@@ -44,55 +42,10 @@ impl Q8Row {
             }
             self.d.push(d);
             self.s.push(d * sum as f32);
+            self.isum.push(sum);
         }
         debug_assert_eq!(self.d.len(), nb);
     }
-}
-
-/// Q4_0 weight row (18-byte blocks) · Q8 activation row.
-pub fn dot_q4_0(w: &[u8], a: &Q8Row) -> f32 {
-    let mut acc = 0f32;
-    for (i, b) in w.chunks_exact(18).enumerate() {
-        let q8 = &a.qs[i * QK8..(i + 1) * QK8];
-        let qs = &b[2..18];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += ((qs[j] & 0xF) as i32 - 8) * q8[j] as i32;
-            sumi += ((qs[j] >> 4) as i32 - 8) * q8[j + 16] as i32;
-        }
-        acc += (f16_at(b, 0) * a.d[i]) * sumi as f32;
-    }
-    acc
-}
-
-/// Q4_1 weight row (20-byte blocks) · Q8 activation row (uses the block sums for the minimum).
-pub fn dot_q4_1(w: &[u8], a: &Q8Row) -> f32 {
-    let mut acc = 0f32;
-    for (i, b) in w.chunks_exact(20).enumerate() {
-        let q8 = &a.qs[i * QK8..(i + 1) * QK8];
-        let qs = &b[4..20];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            sumi += (qs[j] & 0xF) as i32 * q8[j] as i32;
-            sumi += (qs[j] >> 4) as i32 * q8[j + 16] as i32;
-        }
-        acc += (f16_at(b, 0) * a.d[i]) * sumi as f32 + f16_at(b, 2) * a.s[i];
-    }
-    acc
-}
-
-/// Q8_0 weight row (34-byte blocks) · Q8 activation row.
-pub fn dot_q8_0(w: &[u8], a: &Q8Row) -> f32 {
-    let mut acc = 0f32;
-    for (i, b) in w.chunks_exact(34).enumerate() {
-        let q8 = &a.qs[i * QK8..(i + 1) * QK8];
-        let mut sumi = 0i32;
-        for j in 0..32 {
-            sumi += (b[2 + j] as i8) as i32 * q8[j] as i32;
-        }
-        acc += (f16_at(b, 0) * a.d[i]) * sumi as f32;
-    }
-    acc
 }
 
 /// Fixed-order f32 dot product (8 interleaved partial sums, combined in a fixed tree).

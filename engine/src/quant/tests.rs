@@ -95,3 +95,58 @@ fn unsupported_format_is_named() {
     let err = QWeight::new("blk.0.x", GgmlDType::Q2K, vec![1, 256], vec![0; 84]).unwrap_err();
     assert!(err.to_string().contains("blk.0.x") && err.to_string().contains("Q2K"), "{err}");
 }
+
+/// Raw blocks with every byte random (including Q8_0's -128 and extreme scales), so SIMD paths meet
+/// values a quantizer would never produce.
+fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight {
+    let bytes = rows * cols / dtype.block_size() * dtype.type_size();
+    let mut s = seed | 1;
+    let mut data: Vec<u8> = (0..bytes)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 32) as u8
+        })
+        .collect();
+    // Keep scales finite and moderate: f16 bytes of each block set to ~0.01..0.02.
+    let ts = dtype.type_size();
+    let n_scales = if dtype == GgmlDType::Q4_1 { 2 } else { 1 };
+    for blk in data.chunks_exact_mut(ts) {
+        for i in 0..n_scales {
+            let v = half::f16::from_f32(0.01 + (blk[4 + i] as f32) / 25500.0);
+            blk[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    QWeight::new("raw", dtype, vec![rows, cols], data).unwrap()
+}
+
+#[test]
+fn every_simd_level_is_bit_identical_to_scalar() {
+    use super::simd::{supported, Level};
+    let levels = supported();
+    eprintln!("kernel levels on this CPU: {levels:?}");
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for &(k, n, m) in &[(32, 1, 1), (64, 7, 3), (96, 33, 5), (576, 50, 1), (1536, 19, 8), (256, 3, 33)] {
+            for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
+                let mut x = random(m * k, 4);
+                x[0] = 0.0;
+                x[1..32.min(k)].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+                if k > 64 {
+                    x[40] = 1000.0; // an outlier block
+                }
+                let rows = quantize_rows(&x, k);
+                let reference = w.matmul_q8_at(Level::Scalar, &rows);
+                for &level in &levels {
+                    let got = w.matmul_q8_at(level, &rows);
+                    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{dtype:?} k={k} n={n} m={m} {level:?}");
+                }
+                // and each row alone gives the same bits as in the batch
+                for i in 0..m {
+                    let one = w.matmul_q8(&rows[i..i + 1]);
+                    assert_eq!(one, reference[i * n..(i + 1) * n], "{dtype:?} row {i}");
+                }
+            }
+        }
+    }
+}
