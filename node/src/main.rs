@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt in this process (optionally split into pipeline stages).
     Generate(cmd::generate::GenerateArgs),
+    /// Benchmarks (`flotilla bench engine`).
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() {
@@ -23,6 +25,7 @@ fn main() {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,8 +1,10 @@
 //! Runtime-selected integer kernels: one weight row (output column) against every activation row.
 //!
-//! Only the exact integer block sums are vectorized; each block's float contribution is added in the
-//! same scalar order on every path, so all paths (scalar, AVX2, AVX-512 VNNI) give bit-identical
-//! results, on any machine, for any batch size.
+//! Every path computes the same canonical sum, so scalar, AVX2 and AVX-512 VNNI results are
+//! bit-identical on any machine, for any batch size: each 32-value block splits into 8 lanes of 4
+//! products (exact integers); lane `l` accumulates `lane[l] + (dw*da) * p_l` in block order (a multiply
+//! then an add, never fused); Q4_1 minimums accumulate `mins + mw*sa` separately; the result is
+//! `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) + mins`.
 
 use std::sync::OnceLock;
 
@@ -73,23 +75,13 @@ impl IntFormat {
 /// `out[i] = w · acts[i]` for one weight row `w` in format `f`.
 pub fn column(level: Level, f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
     match level {
-        Level::Scalar => column_scalar(f, w, acts, out),
+        Level::Scalar => out.iter_mut().zip(acts).for_each(|(o, a)| *o = row_scalar(f, w, a)),
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::column_avx2(f, w, acts, out) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Vnni => unsafe { x86::column_vnni(f, w, acts, out) },
         #[cfg(not(target_arch = "x86_64"))]
-        _ => column_scalar(f, w, acts, out),
-    }
-}
-
-/// A block's float contribution (`dw`, `mw`: the block's scale and minimum), shared by every path so
-/// they round identically.
-#[inline(always)]
-fn block_term(f: IntFormat, dw: f32, mw: f32, a: &Q8Row, blk: usize, sumi: i32) -> f32 {
-    match f {
-        IntFormat::Q4_1 => (dw * a.d[blk]) * sumi as f32 + mw * a.s[blk],
-        IntFormat::Q4_0 | IntFormat::Q8_0 => (dw * a.d[blk]) * sumi as f32,
+        _ => out.iter_mut().zip(acts).for_each(|(o, a)| *o = row_scalar(f, w, a)),
     }
 }
 
@@ -99,39 +91,40 @@ fn scales(f: IntFormat, b: &[u8]) -> (f32, f32) {
     (f16_at(b, 0), if f == IntFormat::Q4_1 { f16_at(b, 2) } else { 0.0 })
 }
 
-/// Exact integer sum of one block's products.
+/// Weight value `j` (0..32) of a block, as the signed integer the dot product uses.
 #[inline(always)]
-fn block_sumi_scalar(f: IntFormat, b: &[u8], q8: &[i8]) -> i32 {
-    let mut sumi = 0i32;
+fn weight(f: IntFormat, b: &[u8], j: usize) -> i32 {
     match f {
-        IntFormat::Q4_0 => {
-            for j in 0..16 {
-                sumi += ((b[2 + j] & 0xF) as i32 - 8) * q8[j] as i32 + ((b[2 + j] >> 4) as i32 - 8) * q8[j + 16] as i32;
-            }
-        }
-        IntFormat::Q4_1 => {
-            for j in 0..16 {
-                sumi += (b[4 + j] & 0xF) as i32 * q8[j] as i32 + (b[4 + j] >> 4) as i32 * q8[j + 16] as i32;
-            }
-        }
-        IntFormat::Q8_0 => {
-            for j in 0..32 {
-                sumi += (b[2 + j] as i8) as i32 * q8[j] as i32;
-            }
-        }
+        IntFormat::Q4_0 => (if j < 16 { b[2 + j] & 0xF } else { b[2 + j - 16] >> 4 }) as i32 - 8,
+        IntFormat::Q4_1 => (if j < 16 { b[4 + j] & 0xF } else { b[4 + j - 16] >> 4 }) as i32,
+        IntFormat::Q8_0 => (b[2 + j] as i8) as i32,
     }
-    sumi
 }
 
-fn column_scalar(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-    out.fill(0.0);
+/// The fixed reduction of the 8 lanes.
+#[inline(always)]
+fn reduce(l: [f32; 8]) -> f32 {
+    let a = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (a[0] + a[2]) + (a[1] + a[3])
+}
+
+/// The canonical dot product of one weight row with one activation row.
+pub fn row_scalar(f: IntFormat, w: &[u8], a: &Q8Row) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut mins = 0f32;
     for (blk, b) in w.chunks_exact(f.block_bytes()).enumerate() {
         let (dw, mw) = scales(f, b);
-        for (o, a) in out.iter_mut().zip(acts) {
-            let sumi = block_sumi_scalar(f, b, &a.qs[blk * QK8..(blk + 1) * QK8]);
-            *o += block_term(f, dw, mw, a, blk, sumi);
+        let dd = dw * a.d[blk];
+        let q8 = &a.qs[blk * QK8..(blk + 1) * QK8];
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let p: i32 = (4 * l..4 * l + 4).map(|j| weight(f, b, j) * q8[j] as i32).sum();
+            *lane = *lane + dd * p as f32;
+        }
+        if f == IntFormat::Q4_1 {
+            mins = mins + mw * a.s[blk];
         }
     }
+    reduce(lanes) + mins
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -139,84 +132,77 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// The 32 weights of a block as bytes, signed for Q4_0 (centred) and Q8_0.
     #[inline(always)]
-    unsafe fn hsum(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-        _mm_cvtsi128_si32(s)
-    }
-
-    /// The 32 weight values of a block as bytes for the unsigned operand, plus whether they are signed.
-    #[inline(always)]
-    unsafe fn weights(f: IntFormat, b: &[u8]) -> __m256i {
+    unsafe fn weights(f: IntFormat, b: *const u8) -> __m256i {
         match f {
             IntFormat::Q4_0 | IntFormat::Q4_1 => {
                 let off = if f == IntFormat::Q4_0 { 2 } else { 4 };
-                let q = _mm_loadu_si128(b.as_ptr().add(off) as *const __m128i);
+                let q = _mm_loadu_si128(b.add(off) as *const __m128i);
                 let m = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(q, m);
-                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), m);
-                _mm256_set_m128i(hi, lo)
+                let v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(q), m), _mm_and_si128(q, m));
+                if f == IntFormat::Q4_0 {
+                    _mm256_sub_epi8(v, _mm256_set1_epi8(8))
+                } else {
+                    v
+                }
             }
-            IntFormat::Q8_0 => _mm256_loadu_si256(b.as_ptr().add(2) as *const __m256i),
-        }
-    }
-
-    /// Q4_0 values are stored +8: Σ(q-8)a = Σqa - 8Σa, all exact in i32.
-    #[inline(always)]
-    fn fix_q4_0(f: IntFormat, raw: i32, a: &Q8Row, blk: usize) -> i32 {
-        if f == IntFormat::Q4_0 {
-            raw - 8 * a.isum[blk]
-        } else {
-            raw
+            IntFormat::Q8_0 => _mm256_loadu_si256(b.add(2) as *const __m256i),
         }
     }
 
     /// f16 to f32 with F16C: exact, so equal to the scalar conversion.
     #[inline(always)]
-    unsafe fn f16c(b: &[u8], off: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[off], b[off + 1]]) as i32;
+    unsafe fn f16c(b: *const u8) -> f32 {
+        let bits = (b as *const u16).read_unaligned() as i32;
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
     }
 
     #[inline(always)]
-    unsafe fn scales_f16c(f: IntFormat, b: &[u8]) -> (f32, f32) {
-        (f16c(b, 0), if f == IntFormat::Q4_1 { f16c(b, 2) } else { 0.0 })
+    unsafe fn reduce8(acc: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// One row: `lanes(w, a)` gives the 8 exact lane sums of a block (w unsigned or signed per format).
+    #[inline(always)]
+    unsafe fn row(f: IntFormat, w: &[u8], a: &Q8Row, lanes: impl Fn(__m256i, __m256i) -> __m256i) -> f32 {
+        let bb = f.block_bytes();
+        let nb = w.len() / bb;
+        debug_assert!(a.qs.len() >= nb * QK8 && a.d.len() >= nb && a.s.len() >= nb);
+        let (qs, d, s, wp) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr(), w.as_ptr());
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for blk in 0..nb {
+            let b = wp.add(blk * bb);
+            let wv = weights(f, b);
+            let av = _mm256_loadu_si256(qs.add(blk * QK8) as *const __m256i);
+            let p = match f {
+                IntFormat::Q4_1 => lanes(wv, av),
+                IntFormat::Q4_0 | IntFormat::Q8_0 => lanes(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv)),
+            };
+            let dd = _mm256_set1_ps(f16c(b) * *d.add(blk));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p)));
+            if f == IntFormat::Q4_1 {
+                mins = mins + f16c(b.add(2)) * *s.add(blk);
+            }
+        }
+        reduce8(acc) + mins
     }
 
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn column_avx2(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-        out.fill(0.0);
         let ones = _mm256_set1_epi16(1);
-        for (blk, b) in w.chunks_exact(f.block_bytes()).enumerate() {
-            let wv = weights(f, b);
-            let wabs = if f == IntFormat::Q8_0 { _mm256_sign_epi8(wv, wv) } else { wv };
-            let (dw, mw) = scales_f16c(f, b);
-            for (o, a) in out.iter_mut().zip(acts) {
-                let q8 = &a.qs[blk * QK8..(blk + 1) * QK8];
-                let av = _mm256_loadu_si256(q8.as_ptr() as *const __m256i);
-                let av = if f == IntFormat::Q8_0 { _mm256_sign_epi8(av, wv) } else { av };
-                let sumi = hsum(_mm256_madd_epi16(_mm256_maddubs_epi16(wabs, av), ones));
-                *o += block_term(f, dw, mw, a, blk, fix_q4_0(f, sumi, a, blk));
-            }
+        for (o, a) in out.iter_mut().zip(acts) {
+            *o = row(f, w, a, |wv, av| _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones));
         }
     }
 
     #[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn column_vnni(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-        out.fill(0.0);
-        for (blk, b) in w.chunks_exact(f.block_bytes()).enumerate() {
-            let wv = weights(f, b);
-            let wabs = if f == IntFormat::Q8_0 { _mm256_sign_epi8(wv, wv) } else { wv };
-            let (dw, mw) = scales_f16c(f, b);
-            for (o, a) in out.iter_mut().zip(acts) {
-                let q8 = &a.qs[blk * QK8..(blk + 1) * QK8];
-                let av = _mm256_loadu_si256(q8.as_ptr() as *const __m256i);
-                let av = if f == IntFormat::Q8_0 { _mm256_sign_epi8(av, wv) } else { av };
-                let sumi = hsum(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, av));
-                *o += block_term(f, dw, mw, a, blk, fix_q4_0(f, sumi, a, blk));
-            }
+        for (o, a) in out.iter_mut().zip(acts) {
+            *o = row(f, w, a, |wv, av| _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av));
         }
     }
 }
