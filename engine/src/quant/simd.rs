@@ -2,9 +2,10 @@
 //!
 //! Every path computes the same canonical sum, so scalar, AVX2 and AVX-512 VNNI results are
 //! bit-identical on any machine, for any batch size: each 32-value block splits into 8 lanes of 4
-//! products (exact integers); lane `l` accumulates `lane[l] + (dw*da) * p_l` in block order (a multiply
-//! then an add, never fused); Q4_1 minimums accumulate `mins + mw*sa` separately; the result is
-//! `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) + mins`.
+//! products (exact integers); lane `l` accumulates `lane[l] + (dw*da) * p_l` (a multiply then an add,
+//! never fused) in two interleaved sets, even and odd blocks, so two dependency chains run at once;
+//! Q4_1 minimums accumulate `mins + mw*sa` the same way; the result is `reduce(even + odd) + (mins_even +
+//! mins_odd)` with `reduce(l) = ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
 
 use std::sync::OnceLock;
 
@@ -110,21 +111,21 @@ fn reduce(l: [f32; 8]) -> f32 {
 
 /// The canonical dot product of one weight row with one activation row.
 pub fn row_scalar(f: IntFormat, w: &[u8], a: &Q8Row) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut mins = 0f32;
+    let mut lanes = [[0f32; 8]; 2];
+    let mut mins = [0f32; 2];
     for (blk, b) in w.chunks_exact(f.block_bytes()).enumerate() {
         let (dw, mw) = scales(f, b);
         let dd = dw * a.d[blk];
         let q8 = &a.qs[blk * QK8..(blk + 1) * QK8];
-        for (l, lane) in lanes.iter_mut().enumerate() {
+        for (l, lane) in lanes[blk % 2].iter_mut().enumerate() {
             let p: i32 = (4 * l..4 * l + 4).map(|j| weight(f, b, j) * q8[j] as i32).sum();
             *lane = *lane + dd * p as f32;
         }
         if f == IntFormat::Q4_1 {
-            mins = mins + mw * a.s[blk];
+            mins[blk % 2] = mins[blk % 2] + mw * a.s[blk];
         }
     }
-    reduce(lanes) + mins
+    reduce(std::array::from_fn(|l| lanes[0][l] + lanes[1][l])) + (mins[0] + mins[1])
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -165,44 +166,101 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
-    /// One row: `lanes(w, a)` gives the 8 exact lane sums of a block (w unsigned or signed per format).
+    /// One block of one weight row against `R` activation rows, into one accumulator set.
     #[inline(always)]
-    unsafe fn row(f: IntFormat, w: &[u8], a: &Q8Row, lanes: impl Fn(__m256i, __m256i) -> __m256i) -> f32 {
-        let bb = f.block_bytes();
-        let nb = w.len() / bb;
-        debug_assert!(a.qs.len() >= nb * QK8 && a.d.len() >= nb && a.s.len() >= nb);
-        let (qs, d, s, wp) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr(), w.as_ptr());
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for blk in 0..nb {
-            let b = wp.add(blk * bb);
-            let wv = weights(f, b);
-            let av = _mm256_loadu_si256(qs.add(blk * QK8) as *const __m256i);
-            let p = match f {
-                IntFormat::Q4_1 => lanes(wv, av),
-                IntFormat::Q4_0 | IntFormat::Q8_0 => lanes(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv)),
-            };
-            let dd = _mm256_set1_ps(f16c(b) * *d.add(blk));
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p)));
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn step<const R: usize>(
+        f: IntFormat,
+        b: *const u8,
+        blk: usize,
+        qs: &[*const i8; R],
+        d: &[*const f32; R],
+        s: &[*const f32; R],
+        acc: &mut [__m256; R],
+        mins: &mut [f32; R],
+        lanes: &impl Fn(__m256i, __m256i) -> __m256i,
+    ) {
+        let wv = weights(f, b);
+        let wu = if f == IntFormat::Q4_1 { wv } else { _mm256_sign_epi8(wv, wv) };
+        let dw = f16c(b);
+        let mw = if f == IntFormat::Q4_1 { f16c(b.add(2)) } else { 0.0 };
+        for r in 0..R {
+            let av = _mm256_loadu_si256(qs[r].add(blk * QK8) as *const __m256i);
+            let av = if f == IntFormat::Q4_1 { av } else { _mm256_sign_epi8(av, wv) };
+            let p = lanes(wu, av);
+            let dd = _mm256_set1_ps(dw * *d[r].add(blk));
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p)));
             if f == IntFormat::Q4_1 {
-                mins = mins + f16c(b.add(2)) * *s.add(blk);
+                mins[r] = mins[r] + mw * *s[r].add(blk);
             }
         }
-        reduce8(acc) + mins
+    }
+
+    /// `R` rows against one weight row, sharing each block's unpacked weights and scales.
+    /// `lanes(w, a)` gives the 8 exact lane sums of a block.
+    #[inline(always)]
+    unsafe fn rows<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32], lanes: impl Fn(__m256i, __m256i) -> __m256i) {
+        let bb = f.block_bytes();
+        let nb = w.len() / bb;
+        debug_assert!(acts.len() == R && out.len() == R);
+        debug_assert!(acts.iter().all(|a| a.qs.len() >= nb * QK8 && a.d.len() >= nb && a.s.len() >= nb));
+        let qs: [*const i8; R] = std::array::from_fn(|r| acts[r].qs.as_ptr());
+        let d: [*const f32; R] = std::array::from_fn(|r| acts[r].d.as_ptr());
+        let s: [*const f32; R] = std::array::from_fn(|r| acts[r].s.as_ptr());
+        let wp = w.as_ptr();
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
+        let mut mins_even = [0f32; R];
+        let mut mins_odd = [0f32; R];
+        let mut blk = 0;
+        while blk + 2 <= nb {
+            step::<R>(f, wp.add(blk * bb), blk, &qs, &d, &s, &mut even, &mut mins_even, &lanes);
+            step::<R>(f, wp.add((blk + 1) * bb), blk + 1, &qs, &d, &s, &mut odd, &mut mins_odd, &lanes);
+            blk += 2;
+        }
+        if blk < nb {
+            step::<R>(f, wp.add(blk * bb), blk, &qs, &d, &s, &mut even, &mut mins_even, &lanes);
+        }
+        for r in 0..R {
+            out[r] = reduce8(_mm256_add_ps(even[r], odd[r])) + (mins_even[r] + mins_odd[r]);
+        }
+    }
+
+    /// All rows, four at a time.
+    #[inline(always)]
+    unsafe fn all_rows(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32], lanes: impl Fn(__m256i, __m256i) -> __m256i + Copy) {
+        let mut r = 0;
+        while r + 4 <= acts.len() {
+            rows::<4>(f, w, &acts[r..r + 4], &mut out[r..r + 4], lanes);
+            r += 4;
+        }
+        match acts.len() - r {
+            3 => rows::<3>(f, w, &acts[r..], &mut out[r..], lanes),
+            2 => rows::<2>(f, w, &acts[r..], &mut out[r..], lanes),
+            1 => rows::<1>(f, w, &acts[r..], &mut out[r..], lanes),
+            _ => {}
+        }
     }
 
     #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn column_avx2(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
         let ones = _mm256_set1_epi16(1);
-        for (o, a) in out.iter_mut().zip(acts) {
-            *o = row(f, w, a, |wv, av| _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones));
+        let lanes = move |wv, av| _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
+        // one specialised copy per format
+        match f {
+            IntFormat::Q4_0 => all_rows(IntFormat::Q4_0, w, acts, out, lanes),
+            IntFormat::Q4_1 => all_rows(IntFormat::Q4_1, w, acts, out, lanes),
+            IntFormat::Q8_0 => all_rows(IntFormat::Q8_0, w, acts, out, lanes),
         }
     }
 
     #[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn column_vnni(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-        for (o, a) in out.iter_mut().zip(acts) {
-            *o = row(f, w, a, |wv, av| _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av));
+        let lanes = |wv, av| _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av);
+        match f {
+            IntFormat::Q4_0 => all_rows(IntFormat::Q4_0, w, acts, out, lanes),
+            IntFormat::Q4_1 => all_rows(IntFormat::Q4_1, w, acts, out, lanes),
+            IntFormat::Q8_0 => all_rows(IntFormat::Q8_0, w, acts, out, lanes),
         }
     }
 }

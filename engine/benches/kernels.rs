@@ -1,0 +1,41 @@
+//! Kernel micro-benchmarks: quantized matmuls at the model's shapes, per SIMD level and thread count.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use flotilla_engine::quant::simd::supported;
+use flotilla_engine::quant::{quantize_rows, QWeight};
+
+fn weight(dtype: GgmlDType, n: usize, k: usize) -> QWeight {
+    let v: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let q = QTensor::quantize(&Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+    QWeight::new("w", dtype, vec![n, k], q.data().unwrap().into_owned()).unwrap()
+}
+
+fn matmul(c: &mut Criterion) {
+    // SmolLM2-135M shapes: ffn_up (1536x576), output head (49152x576 Q8_0).
+    for (dtype, n, k) in [(GgmlDType::Q4_1, 1536, 576), (GgmlDType::Q8_0, 1536, 576)] {
+        let w = weight(dtype, n, k);
+        let mut g = c.benchmark_group(format!("matmul_{dtype:?}_{n}x{k}"));
+        for m in [1usize, 8, 32] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 200) as f32 / 100.0) - 1.0).collect();
+            let rows = quantize_rows(&x, k);
+            g.throughput(Throughput::Elements((m * n * k) as u64));
+            for level in supported() {
+                g.bench_with_input(BenchmarkId::new(format!("{level:?}"), m), &m, |b, _| b.iter(|| w.matmul_q8_at(level, &rows)));
+            }
+            for threads in [1usize, 2] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                g.bench_with_input(BenchmarkId::new(format!("best_{threads}t"), m), &m, |b, _| b.iter(|| pool.install(|| w.matmul_q8_at(flotilla_engine::quant::simd::detected(), &rows))));
+            }
+        }
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+    targets = matmul
+}
+criterion_main!(benches);
