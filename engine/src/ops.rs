@@ -70,38 +70,65 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
 /// Causal attention of `q` rows at positions `start..start+rows` over cached keys/values `0..start+rows`.
 ///
 /// `k`/`v` hold one `kv_dim`-wide row per position; `q`/`out` hold one `n_head * head_dim` row per query.
-/// Each output element depends only on its own query row and the cache prefix it can see.
+/// Each output element depends only on its own query row and the cache prefix it can see; heads run in
+/// parallel when there is enough work, which changes no result.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_head: usize, n_head_kv: usize, head_dim: usize, out: &mut [f32]) {
     let q_dim = n_head * head_dim;
+    let rows = q.len() / q_dim;
+    let work = rows * (start + rows) * head_dim * n_head;
+    if work < 1 << 16 || rayon::current_num_threads() == 1 {
+        for h in 0..n_head {
+            attention_head(q, k, v, start, h, n_head, n_head_kv, head_dim, |t, o| out[t * q_dim + h * head_dim..][..head_dim].copy_from_slice(o));
+        }
+        return;
+    }
+    use rayon::prelude::*;
+    let per_head: Vec<Vec<f32>> = (0..n_head)
+        .into_par_iter()
+        .map(|h| {
+            let mut buf = vec![0f32; rows * head_dim];
+            attention_head(q, k, v, start, h, n_head, n_head_kv, head_dim, |t, o| buf[t * head_dim..(t + 1) * head_dim].copy_from_slice(o));
+            buf
+        })
+        .collect();
+    for (h, buf) in per_head.iter().enumerate() {
+        for (t, o) in buf.chunks_exact(head_dim).enumerate() {
+            out[t * q_dim + h * head_dim..][..head_dim].copy_from_slice(o);
+        }
+    }
+}
+
+/// One query head over all query rows; `emit(row, output)` receives each row's result.
+#[allow(clippy::too_many_arguments)]
+fn attention_head(q: &[f32], k: &[f32], v: &[f32], start: usize, h: usize, n_head: usize, n_head_kv: usize, head_dim: usize, mut emit: impl FnMut(usize, &[f32])) {
+    let q_dim = n_head * head_dim;
     let kv_dim = n_head_kv * head_dim;
-    let group = n_head / n_head_kv;
+    let kvh = h / (n_head / n_head_kv);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let mut scores = Vec::new();
-    for (t, (qrow, orow)) in q.chunks_exact(q_dim).zip(out.chunks_exact_mut(q_dim)).enumerate() {
+    let mut oh = vec![0f32; head_dim];
+    for (t, qrow) in q.chunks_exact(q_dim).enumerate() {
         let visible = start + t + 1;
-        for h in 0..n_head {
-            let kvh = h / group;
-            let qh = &qrow[h * head_dim..(h + 1) * head_dim];
-            scores.clear();
-            scores.extend((0..visible).map(|j| dot_f32(qh, &k[j * kv_dim + kvh * head_dim..][..head_dim]) * scale));
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let oh = &mut orow[h * head_dim..(h + 1) * head_dim];
-            oh.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let vj = &v[j * kv_dim + kvh * head_dim..][..head_dim];
-                for (o, &vv) in oh.iter_mut().zip(vj) {
-                    *o += p * vv;
-                }
-            }
-            let inv = 1.0 / sum;
-            oh.iter_mut().for_each(|o| *o *= inv);
+        let qh = &qrow[h * head_dim..(h + 1) * head_dim];
+        scores.clear();
+        scores.extend((0..visible).map(|j| dot_f32(qh, &k[j * kv_dim + kvh * head_dim..][..head_dim]) * scale));
+        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
         }
+        oh.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let vj = &v[j * kv_dim + kvh * head_dim..][..head_dim];
+            for (o, &vv) in oh.iter_mut().zip(vj) {
+                *o += p * vv;
+            }
+        }
+        let inv = 1.0 / sum;
+        oh.iter_mut().for_each(|o| *o *= inv);
+        emit(t, &oh);
     }
 }
 

@@ -190,41 +190,95 @@ impl QWeight {
     /// Runs `f(column, out_column, scratch)` for every output column in parallel tasks that each own whole
     /// columns, then lays the result out row-major `[m, n]`.
     fn run(&self, m: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
-        let n = self.rows;
-        if m == 0 {
-            return Vec::new();
-        }
-        let mut out_t = vec![0f32; n * m];
-        let tasks = (rayon::current_num_threads() * 4).max(1);
-        let per_task = n.div_ceil(tasks).max(MIN_COLS_PER_TASK);
         let scratch_len = if self.kernel == Kernel::Dequant { self.row_len } else { 0 };
-        let work = |(t, chunk): (usize, &mut [f32])| {
-            let mut scratch = vec![0f32; scratch_len];
-            for (ci, col) in chunk.chunks_exact_mut(m).enumerate() {
-                f(t * per_task + ci, col, &mut scratch);
-            }
-        };
-        if n > per_task && rayon::current_num_threads() > 1 {
-            out_t.par_chunks_mut(per_task * m).enumerate().for_each(work);
-        } else {
-            out_t.chunks_mut(per_task * m).enumerate().for_each(work);
-        }
-        if m == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; m * n];
-        for (j, col) in out_t.chunks_exact(m).enumerate() {
-            for (i, &v) in col.iter().enumerate() {
-                out[i * n + j] = v;
-            }
-        }
-        out
+        columns(self.rows, m, scratch_len, f)
     }
 }
 
-/// Quantizes each `k`-wide row of `x` to 8-bit blocks.
+/// Several matrices with the same 8-bit input in one parallel region (one fork-join instead of one each).
+/// Each result is bit-identical to [`QWeight::matmul_q8`] of that matrix alone.
+pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
+    let level = simd::detected();
+    let m = rows.len();
+    let mut starts = Vec::with_capacity(ws.len() + 1);
+    let mut total = 0;
+    for w in ws {
+        assert!(w.takes_q8(), "{} does not take 8-bit activations", w.name);
+        assert!(rows.iter().all(|r| r.qs.len() == w.row_len), "activation width for {}", w.name);
+        starts.push(total);
+        total += w.rows;
+    }
+    starts.push(total);
+    let all = columns(total, m, 0, |c, col, _| {
+        let i = starts.partition_point(|&s| s <= c) - 1;
+        let w = ws[i];
+        let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
+        simd::column(level, f, w.row(c - starts[i]), rows, col);
+    });
+    // split each row [m, total] into the matrices' [m, n_i] results
+    ws.iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let mut out = Vec::with_capacity(m * w.rows);
+            for r in all.chunks_exact(total) {
+                out.extend_from_slice(&r[starts[i]..starts[i + 1]]);
+            }
+            out
+        })
+        .collect()
+}
+
+/// Computes `n` output columns of `m` values each in parallel tasks owning whole columns, writing
+/// straight into the row-major `[m, n]` result.
+fn columns(n: usize, m: usize, scratch_len: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    let mut out = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let per_task = n.div_ceil(threads * 4).max(MIN_COLS_PER_TASK);
+    let tasks = n.div_ceil(per_task);
+    let dst = SharedOut(out.as_mut_ptr());
+    let work = |t: usize| {
+        let mut scratch = vec![0f32; scratch_len];
+        let mut col = vec![0f32; m];
+        for j in t * per_task..((t + 1) * per_task).min(n) {
+            f(j, &mut col, &mut scratch);
+            for (i, &v) in col.iter().enumerate() {
+                // SAFETY: task t alone writes columns [t*per_task, (t+1)*per_task) of the m x n buffer,
+                // which outlives the parallel loop.
+                unsafe { dst.write(i * n + j, v) };
+            }
+        }
+    };
+    if tasks > 1 && threads > 1 {
+        (0..tasks).into_par_iter().for_each(work);
+    } else {
+        (0..tasks).for_each(work);
+    }
+    out
+}
+
+/// The output buffer shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    /// # Safety
+    /// `at` is in bounds and no other task writes it.
+    unsafe fn write(&self, at: usize, v: f32) {
+        *self.0.add(at) = v;
+    }
+}
+
+/// Quantizes each `k`-wide row of `x` to 8-bit blocks (rows in parallel when there are many).
 pub fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8Row> {
-    x.chunks_exact(k).map(Q8Row::quantize).collect()
+    if x.len() >= 1 << 15 && rayon::current_num_threads() > 1 {
+        x.par_chunks_exact(k).map(Q8Row::quantize).collect()
+    } else {
+        x.chunks_exact(k).map(Q8Row::quantize).collect()
+    }
 }
 
 #[cfg(test)]

@@ -263,10 +263,7 @@ impl Shard {
         let mut h = vec![0f32; total * d];
         for (li, l) in self.layers.iter().enumerate() {
             ops::rms_norm(&x, &l.attn_norm, cfg.rms_eps, &mut h);
-            let hq = SharedInput::new(&h, total, d);
-            let mut q = hq.matmul(&l.wq);
-            let mut k = hq.matmul(&l.wk);
-            let mut v = hq.matmul(&l.wv);
+            let [mut q, mut k, mut v] = SharedInput::new(&h, total, d).matmul_many([&l.wq, &l.wk, &l.wv]);
             add_bias(&mut q, l.bq.as_deref());
             add_bias(&mut k, l.bk.as_deref());
             add_bias(&mut v, l.bv.as_deref());
@@ -287,9 +284,7 @@ impl Shard {
             ops::add_assign(&mut x, &o);
 
             ops::rms_norm(&x, &l.ffn_norm, cfg.rms_eps, &mut h);
-            let hq = SharedInput::new(&h, total, d);
-            let mut gate = hq.matmul(&l.w_gate);
-            let up = hq.matmul(&l.w_up);
+            let [mut gate, up] = SharedInput::new(&h, total, d).matmul_many([&l.w_gate, &l.w_up]);
             ops::swiglu(&mut gate, &up);
             let down = l.w_down.matmul(&gate, total);
             ops::add_assign(&mut x, &down);
@@ -334,11 +329,17 @@ impl<'a> SharedInput<'a> {
         Self { x, rows, width, q8: std::cell::OnceCell::new() }
     }
 
-    fn matmul(&self, w: &QWeight) -> Vec<f32> {
-        if w.takes_q8() {
-            w.matmul_q8(self.q8.get_or_init(|| crate::quant::quantize_rows(self.x, self.width)))
+    fn q8(&self) -> &[crate::quant::dot::Q8Row] {
+        self.q8.get_or_init(|| crate::quant::quantize_rows(self.x, self.width))
+    }
+
+    /// Every matrix times this input; matrices that take 8-bit input share one parallel region.
+    fn matmul_many<const N: usize>(&self, ws: [&QWeight; N]) -> [Vec<f32>; N] {
+        if ws.iter().all(|w| w.takes_q8()) {
+            let mut out = crate::quant::matmul_q8_many(&ws, self.q8()).into_iter();
+            std::array::from_fn(|_| out.next().expect("one result per matrix"))
         } else {
-            w.matmul(self.x, self.rows)
+            ws.map(|w| if w.takes_q8() { w.matmul_q8(self.q8()) } else { w.matmul(self.x, self.rows) })
         }
     }
 }
