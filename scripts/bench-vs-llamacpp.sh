@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Side-by-side engine comparison with llama.cpp on the same GGUF, alternating runs so both see the same
+# machine noise. Needs ../shared/baseline/build-llamacpp.sh to have built llama.cpp (outside the repo).
+# Usage: scripts/bench-vs-llamacpp.sh [ROUNDS]   -> one line per measurement, then medians.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=${1:-3}
+MODEL=${MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}
+BIN=${LLAMACPP_BIN:-$HOME/.cache/flotilla-baseline/llama.cpp/build/bin}
+FLOTILLA=$ROOT/target/release/flotilla
+[ -x "$BIN/llama-bench" ] || { echo "llama-bench not found in $BIN (run shared/baseline/build-llamacpp.sh)" >&2; exit 1; }
+[ -x "$FLOTILLA" ] || (cd "$ROOT" && cargo build --release -p flotilla-node)
+OUT=$(mktemp)
+for r in $(seq "$ROUNDS"); do
+  for t in 1 2; do
+    LD_LIBRARY_PATH=$BIN "$BIN/llama-bench" -m "$MODEL" -p 128 -n 64 -t "$t" -r 3 -o json 2>/dev/null \
+      | python3 -c "import json,sys; [print('llamacpp', $t, ('prefill' if x['n_prompt'] else 'decode'), x['avg_ts']) for x in json.load(sys.stdin)]" >>"$OUT"
+    "$FLOTILLA" bench engine --model "$MODEL" --threads "$t" --runs 3 --json \
+      | python3 -c "import json,sys; x=json.load(sys.stdin); print('flotilla', $t, 'prefill', x['prefill_tok_s']); print('flotilla', $t, 'decode', x['decode_tok_s'])" >>"$OUT"
+  done
+  for t in 1 2; do
+    "$FLOTILLA" bench engine --model "$MODEL" --threads "$t" --runs 3 --batch 32 --json \
+      | python3 -c "import json,sys; x=json.load(sys.stdin); print('flotilla', $t, 'batch32', x['batch_decode_tok_s'])" >>"$OUT"
+  done
+done
+cat "$OUT"
+python3 - "$OUT" <<'PY'
+import statistics, sys, collections
+d = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    eng, t, what, v = line.split()
+    d[(eng, int(t), what)].append(float(v))
+print("\nmedians (tok/s):")
+for k in sorted(d):
+    print(f"  {k[0]:9} threads={k[1]} {k[2]:8} {statistics.median(d[k]):8.1f}   (runs: {', '.join(f'{v:.1f}' for v in d[k])})")
+PY
+rm -f "$OUT"
