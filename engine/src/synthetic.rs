@@ -24,6 +24,8 @@ pub struct SyntheticSpec {
     pub embd_dtype: GgmlDType,
     /// Write a separate `output.weight` instead of tying it to the embedding.
     pub untied_output: bool,
+    /// Use a SentencePiece-style (`llama`) vocabulary with byte fallback instead of byte-level BPE.
+    pub spm_vocab: bool,
     pub seed: u64,
 }
 
@@ -40,6 +42,7 @@ impl Default for SyntheticSpec {
             dtype: GgmlDType::Q4_1,
             embd_dtype: GgmlDType::Q8_0,
             untied_output: false,
+            spm_vocab: false,
             seed: 1,
         }
     }
@@ -81,6 +84,21 @@ pub fn vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
     (tokens, merges, types)
 }
 
+/// A SentencePiece-style vocabulary: `<unk>`, `<s>`, `</s>`, the 256 byte tokens, then pieces with scores.
+pub fn spm_vocab() -> (Vec<String>, Vec<f32>, Vec<i32>) {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let pieces = ["▁", "t", "h", "e", "c", "a", "s", "o", "n", "▁t", "he", "▁the", "at", "▁c", "▁cat", "▁s", "on", "▁on", "in", "▁a"];
+    tokens.extend(pieces.iter().map(|p| p.to_string()));
+    types.extend(pieces.iter().map(|_| 1));
+    let scores = (0..tokens.len()).map(|i| -(i as f32)).collect();
+    (tokens, scores, types)
+}
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> f32 {
@@ -103,7 +121,13 @@ fn w(e: impl std::fmt::Display) -> EngineError {
 
 /// Writes a synthetic model to `path`.
 pub fn write(path: &Path, spec: &SyntheticSpec) -> Result<()> {
-    let (tokens, merges, types) = vocab();
+    let (tokens, merges, types, scores) = if spec.spm_vocab {
+        let (t, sc, ty) = spm_vocab();
+        (t, Vec::new(), ty, sc)
+    } else {
+        let (t, m, ty) = vocab();
+        (t, m, ty, Vec::new())
+    };
     let vocab_size = tokens.len();
     let head_dim = spec.n_embd / spec.n_head;
     let (d, ff, q_dim, kv_dim) = (spec.n_embd, spec.n_ff, spec.n_head * head_dim, spec.n_head_kv * head_dim);
@@ -134,7 +158,7 @@ pub fn write(path: &Path, spec: &SyntheticSpec) -> Result<()> {
     }
     let a = &spec.arch;
     let strs = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
-    let meta: Vec<(String, Value)> = vec![
+    let mut meta: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.clone())),
         ("general.name".into(), Value::String("synthetic".into())),
         (format!("{a}.block_count"), Value::U32(spec.layers as u32)),
@@ -145,16 +169,22 @@ pub fn write(path: &Path, spec: &SyntheticSpec) -> Result<()> {
         (format!("{a}.attention.head_count_kv"), Value::U32(spec.n_head_kv as u32)),
         (format!("{a}.rope.freq_base"), Value::F32(10000.0)),
         (format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
-        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
         ("tokenizer.ggml.tokens".into(), strs(&tokens)),
-        ("tokenizer.ggml.merges".into(), strs(&merges)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types.iter().map(|&t| Value::I32(t)).collect())),
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
         ("tokenizer.chat_template".into(), Value::String(crate::chat::CHATML.into())),
     ];
+    if spec.spm_vocab {
+        meta.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+        meta.push(("tokenizer.ggml.scores".into(), Value::Array(scores.iter().map(|&s| Value::F32(s)).collect())));
+        meta.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)));
+    } else {
+        meta.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
+        meta.push(("tokenizer.ggml.pre".into(), Value::String("smollm".into())));
+        meta.push(("tokenizer.ggml.merges".into(), strs(&merges)));
+        meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
+    }
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(w)?);

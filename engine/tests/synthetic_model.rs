@@ -200,3 +200,24 @@ fn tokenizer_round_trips_on_byte_level_vocab() {
     assert_eq!(t.encode("12", false).unwrap().len(), 2);
     assert_eq!(t.encode(" the", false).unwrap().len(), 1);
 }
+
+#[test]
+fn sentencepiece_vocab_round_trips_with_byte_fallback() {
+    let m = synthetic(&SyntheticSpec { spm_vocab: true, ..Default::default() });
+    let model = Model::open(&m.path).unwrap();
+    let t = model.tokenizer();
+    let ids = t.encode("the cat sat on the mat", true).unwrap();
+    assert_eq!(ids[0], 1, "llama vocabularies start with BOS");
+    let pieces: Vec<&str> = ids[1..4].iter().map(|&i| t.token(i).unwrap()).collect();
+    assert_eq!(pieces, ["▁the", "▁cat", "▁s"], "merges follow the piece scores");
+    assert_eq!(t.decode(&ids, true).unwrap(), "the cat sat on the mat");
+    // characters outside the vocabulary fall back to their UTF-8 bytes
+    let ids = t.encode("héllo 日本", false).unwrap();
+    assert!(ids.iter().any(|&i| t.token(i).unwrap().starts_with("<0x")), "{ids:?}");
+    assert_eq!(t.decode(&ids, true).unwrap(), "héllo 日本");
+    // the model runs with this vocabulary too
+    let mut model = Model::open(&m.path).unwrap();
+    let p = pipeline(&mut model, &[0..4]);
+    let g = p.generate(model.tokenizer(), &[1, 270, 271], &SamplingParams { ignore_eos: true, ..SamplingParams::greedy(5) }, |_| {}).unwrap();
+    assert_eq!(g.output_token_ids.len(), 5);
+}
