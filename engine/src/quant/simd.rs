@@ -155,8 +155,15 @@ mod x86 {
     /// f16 to f32 with F16C: exact, so equal to the scalar conversion.
     #[inline(always)]
     unsafe fn f16c(b: *const u8) -> f32 {
-        let bits = (b as *const u16).read_unaligned() as i32;
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+        _mm256_cvtss_f32(f16c8(b))
+    }
+
+    /// The f16 at `b` converted exactly, in all 8 lanes. Broadcasting the bits first avoids an insert
+    /// into a live register (a false dependency that serialised the block loop).
+    #[inline(always)]
+    unsafe fn f16c8(b: *const u8) -> __m256 {
+        let bits = (b as *const i16).read_unaligned();
+        _mm256_cvtph_ps(_mm_set1_epi16(bits))
     }
 
     #[inline(always)]
@@ -182,13 +189,14 @@ mod x86 {
     ) {
         let wv = weights(f, b);
         let wu = if f == IntFormat::Q4_1 { wv } else { _mm256_sign_epi8(wv, wv) };
-        let dw = f16c(b);
+        let dw = f16c8(b);
         let mw = if f == IntFormat::Q4_1 { f16c(b.add(2)) } else { 0.0 };
         for r in 0..R {
             let av = _mm256_loadu_si256(qs[r].add(blk * QK8) as *const __m256i);
             let av = if f == IntFormat::Q4_1 { av } else { _mm256_sign_epi8(av, wv) };
             let p = lanes(wu, av);
-            let dd = _mm256_set1_ps(dw * *d[r].add(blk));
+            // the same f32 product as the scalar `dw * da`, in every lane
+            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*d[r].add(blk)));
             acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p)));
             if f == IntFormat::Q4_1 {
                 mins[r] = mins[r] + mw * *s[r].add(blk);
