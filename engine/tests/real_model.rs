@@ -111,6 +111,27 @@ fn tokenizer_round_trips_and_known_ids() {
 }
 
 #[test]
+fn token_ids_equal_llama_cpp() {
+    // Ids from llama.cpp's own tokenizer for this GGUF (llama-server /tokenize, add_special false,
+    // parse_special true; llama.cpp from the llama_cpp_python 0.3.36 sdist), recorded 2026-11-27:
+    // an independent implementation of the smollm pre-tokenizer and BPE.
+    let model = open();
+    let t = model.tokenizer();
+    let cases: Vec<(&str, Vec<u32>)> = vec![
+        ("Hello world", vec![19556, 905]),
+        ("héllo wörld — ✓ 日本語 🚀 emoji", vec![88, 2756, 31394, 267, 29989, 400, 1841, 4636, 246, 237, 17097, 241, 115, 40993, 179, 120, 248, 15107, 244, 218, 649, 33777]),
+        ("fn main() {\n    let x: Vec<u8> = vec![1, 2, 3];\n}\n", vec![7853, 1085, 1000, 1662, 472, 1303, 1792, 42, 717, 1159, 44, 101, 40, 46, 446, 37024, 21653, 33, 28, 216, 34, 28, 216, 35, 26695, 198, 109, 198]),
+        ("digits 1234567890 and 3.14159", vec![37307, 216, 33, 34, 35, 36, 37, 38, 39, 40, 41, 32, 284, 216, 35, 30, 33, 36, 33, 37, 41]),
+        ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n", vec![1, 9690, 198, 2683, 359, 5356, 30, 2, 198, 1, 4093, 198, 6004, 2, 198]),
+        ("  leading spaces\tand\ttabs\n\n\nnewlines", vec![216, 2899, 5600, 197, 397, 197, 100, 7366, 1116, 198, 2241, 5110]),
+        ("The capital of France is", vec![504, 3575, 282, 4649, 314]),
+    ];
+    for (text, ids) in cases {
+        assert_eq!(t.encode(text, false).unwrap(), ids, "{text:?}");
+    }
+}
+
+#[test]
 fn chat_template_renders_chatml() {
     let model = open();
     let text = model.chat_template().render(&[ChatMessage::new("user", "Hi")], true).unwrap();
