@@ -128,7 +128,14 @@ mod tests {
     use MemberState::*;
 
     fn m(name: &str, inc: u64, state: MemberState) -> Member {
-        Member { name: name.into(), incarnation: inc, cluster_addr: format!("127.0.0.1:74{inc:02}"), http_addr: "127.0.0.1:8080".into(), capacity: 1.0, state }
+        Member {
+            name: name.into(),
+            incarnation: inc,
+            cluster_addr: format!("127.0.0.1:74{inc:02}"),
+            http_addr: "127.0.0.1:8080".into(),
+            capacity: 1.0,
+            state,
+        }
     }
 
     #[test]

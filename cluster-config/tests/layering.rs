@@ -38,7 +38,11 @@ fn every_example_file_loads_and_validates() {
     // docker.toml listens on all interfaces: refused with the default cookie, accepted with FLOTILLA_COOKIE.
     let e = load(Some(&example("docker.toml")), &env(&[]), &Overrides::default()).unwrap().validate().unwrap_err();
     assert!(e.to_string().contains("cluster.cookie"), "{e}");
-    let docker = load(Some(&example("docker.toml")), &env(&[("FLOTILLA_COOKIE", "s3cret"), ("FLOTILLA__NODE__NAME", "node2")]), &Overrides::default()).unwrap().validate().unwrap();
+    let docker =
+        load(Some(&example("docker.toml")), &env(&[("FLOTILLA_COOKIE", "s3cret"), ("FLOTILLA__NODE__NAME", "node2")]), &Overrides::default())
+            .unwrap()
+            .validate()
+            .unwrap();
     assert_eq!(docker.cookie, "s3cret");
     assert_eq!(docker.name, "node2");
     assert_eq!(docker.seeds[1], ("node2".to_string(), 7400));
@@ -63,7 +67,8 @@ fn layers_apply_in_order() {
     assert_eq!(cfg.cluster.seeds, vec!["c:3".to_string()]);
     assert_eq!(cfg.http.listen, "127.0.0.1:9000");
     // parallelism counts from env, as numbers or auto
-    let cfg = load(None, &env(&[("FLOTILLA__PARALLELISM__STAGES", "3"), ("FLOTILLA__PARALLELISM__REPLICAS", "auto")]), &Overrides::default()).unwrap();
+    let cfg =
+        load(None, &env(&[("FLOTILLA__PARALLELISM__STAGES", "3"), ("FLOTILLA__PARALLELISM__REPLICAS", "auto")]), &Overrides::default()).unwrap();
     assert_eq!((cfg.parallelism.stages, cfg.parallelism.replicas), (Count::Fixed(3), Count::Auto));
 }
 

@@ -26,7 +26,9 @@ fn matmul(c: &mut Criterion) {
             }
             for threads in [1usize, 2] {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                g.bench_with_input(BenchmarkId::new(format!("best_{threads}t"), m), &m, |b, _| b.iter(|| pool.install(|| w.matmul_q8_at(flotilla_engine::quant::simd::detected(), &rows))));
+                g.bench_with_input(BenchmarkId::new(format!("best_{threads}t"), m), &m, |b, _| {
+                    b.iter(|| pool.install(|| w.matmul_q8_at(flotilla_engine::quant::simd::detected(), &rows)))
+                });
             }
         }
         g.finish();

@@ -160,7 +160,11 @@ impl Pipeline {
             next = s.range().end;
         }
         if next != layers {
-            return Err(EngineError::BadSplit { splits: shards.iter().map(|s| s.range().start).collect(), layers, reason: format!("shards end at layer {next}, not {layers}") });
+            return Err(EngineError::BadSplit {
+                splits: shards.iter().map(|s| s.range().start).collect(),
+                layers,
+                reason: format!("shards end at layer {next}, not {layers}"),
+            });
         }
         Ok(Self { shards })
     }
@@ -243,6 +247,12 @@ impl Pipeline {
             prefill_tok_s: prompt.len() as f64 / prefill.max(1e-9),
             decode_tok_s: decoded_steps as f64 / decode.max(1e-9),
         };
-        Ok(Generation { prompt_token_ids: prompt.to_vec(), output_token_ids: output, text: stream.text().to_string(), finish_reason: finish, timings })
+        Ok(Generation {
+            prompt_token_ids: prompt.to_vec(),
+            output_token_ids: output,
+            text: stream.text().to_string(),
+            finish_reason: finish,
+            timings,
+        })
     }
 }

@@ -39,8 +39,7 @@ impl GgufFile {
         }
         file.seek(SeekFrom::Start(0)).map_err(|source| EngineError::OpenModel { path: path.clone(), source })?;
         let mut reader = std::io::BufReader::new(&mut file);
-        let content = Content::read(&mut reader)
-            .map_err(|e| EngineError::BadGgufHeader { path: path.clone(), reason: e.to_string() })?;
+        let content = Content::read(&mut reader).map_err(|e| EngineError::BadGgufHeader { path: path.clone(), reason: e.to_string() })?;
         Ok(Self { path, file, size, content })
     }
 

@@ -93,7 +93,11 @@ pub fn split_at(layers: usize, boundaries: &[usize]) -> Result<Vec<Range<usize>>
     let mut start = 0;
     for &b in boundaries.iter().chain(std::iter::once(&layers)) {
         if b <= start || b > layers {
-            return Err(EngineError::BadSplit { splits: boundaries.to_vec(), layers, reason: "boundaries must increase strictly and lie inside 1..layers".into() });
+            return Err(EngineError::BadSplit {
+                splits: boundaries.to_vec(),
+                layers,
+                reason: "boundaries must increase strictly and lie inside 1..layers".into(),
+            });
         }
         ranges.push(start..b);
         start = b;

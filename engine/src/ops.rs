@@ -101,7 +101,17 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_head: usize, n
 
 /// One query head over all query rows; `emit(row, output)` receives each row's result.
 #[allow(clippy::too_many_arguments)]
-fn attention_head(q: &[f32], k: &[f32], v: &[f32], start: usize, h: usize, n_head: usize, n_head_kv: usize, head_dim: usize, mut emit: impl FnMut(usize, &[f32])) {
+fn attention_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    h: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    mut emit: impl FnMut(usize, &[f32]),
+) {
     let q_dim = n_head * head_dim;
     let kv_dim = n_head_kv * head_dim;
     let kvh = h / (n_head / n_head_kv);

@@ -146,11 +146,7 @@ impl Shard {
         if !first {
             embedding = None;
         }
-        let factors = if g.has_tensor("rope_freqs.weight") {
-            Some(norm_weight(g, "rope_freqs.weight", cfg.rope_dims / 2)?)
-        } else {
-            None
-        };
+        let factors = if g.has_tensor("rope_freqs.weight") { Some(norm_weight(g, "rope_freqs.weight", cfg.rope_dims / 2)?) } else { None };
         let inv_freq = ops::rope_inv_freq(cfg.rope_dims, cfg.rope_theta, factors.as_deref());
         Ok(Self { cfg, range, embedding, layers, head, inv_freq })
     }
@@ -219,8 +215,12 @@ impl Shard {
                     }
                     h.len() / d
                 }
-                (StageInput::Tokens(_), false) => return Err(EngineError::StageInput { reason: format!("shard {:?} takes hidden states, not tokens", self.range) }),
-                (StageInput::Hidden(_), true) => return Err(EngineError::StageInput { reason: "the first shard takes tokens, not hidden states".into() }),
+                (StageInput::Tokens(_), false) => {
+                    return Err(EngineError::StageInput { reason: format!("shard {:?} takes hidden states, not tokens", self.range) })
+                }
+                (StageInput::Hidden(_), true) => {
+                    return Err(EngineError::StageInput { reason: "the first shard takes tokens, not hidden states".into() })
+                }
             };
             if n == 0 {
                 return Err(EngineError::StageInput { reason: "a sequence in the batch has no new positions".into() });
@@ -277,7 +277,16 @@ impl Shard {
                 let start = s.cache.len();
                 s.cache.push(li, &k[r0 * kv_dim..(r0 + n) * kv_dim], &v[r0 * kv_dim..(r0 + n) * kv_dim]);
                 let (kc, vc) = s.cache.layer(li);
-                ops::attention(&q[r0 * q_dim..(r0 + n) * q_dim], kc, vc, start, cfg.n_head, cfg.n_head_kv, hd, &mut attn[r0 * q_dim..(r0 + n) * q_dim]);
+                ops::attention(
+                    &q[r0 * q_dim..(r0 + n) * q_dim],
+                    kc,
+                    vc,
+                    start,
+                    cfg.n_head,
+                    cfg.n_head_kv,
+                    hd,
+                    &mut attn[r0 * q_dim..(r0 + n) * q_dim],
+                );
                 r0 += n;
             }
             let o = l.wo.matmul(&attn, total);

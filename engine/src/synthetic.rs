@@ -64,8 +64,20 @@ fn bl(s: &str) -> String {
 
 /// Special tokens at ids 0, 1, 2 (as in SmolLM2), then the 256 bytes, then merged tokens.
 pub const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
-const MERGES: [(&str, &str); 12] =
-    [(" ", "t"), ("h", "e"), (" t", "he"), ("i", "n"), (" ", "a"), ("e", "r"), ("o", "n"), (" ", "s"), ("e", "n"), ("a", "t"), ("1", "2"), (" ", "c")];
+const MERGES: [(&str, &str); 12] = [
+    (" ", "t"),
+    ("h", "e"),
+    (" t", "he"),
+    ("i", "n"),
+    (" ", "a"),
+    ("e", "r"),
+    ("o", "n"),
+    (" ", "s"),
+    ("e", "n"),
+    ("a", "t"),
+    ("1", "2"),
+    (" ", "c"),
+];
 
 /// The synthetic vocabulary: token strings and the merges that build the multi-byte ones.
 pub fn vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {

@@ -177,7 +177,9 @@ fn gpt2_tokenizer(tokens: &[String], merges: &[String], pre: &str) -> Result<tok
     let merges: Vec<(String, String)> = merges
         .iter()
         .map(|m| {
-            let (a, b) = m.split_once(' ').ok_or_else(|| EngineError::BadMetadata { key: "tokenizer.ggml.merges".into(), reason: format!("merge {m:?} has no space") })?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| EngineError::BadMetadata { key: "tokenizer.ggml.merges".into(), reason: format!("merge {m:?} has no space") })?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<Result<_>>()?;
@@ -189,7 +191,9 @@ fn gpt2_tokenizer(tokens: &[String], merges: &[String], pre: &str) -> Result<tok
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
             PreSequence::new(vec![Digits::new(true).into(), byte_level(true)]).into()
         }
-        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "pixtral" => PreSequence::new(vec![split(LLAMA3_PATTERN)?, byte_level(false)]).into(),
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "falcon3" | "pixtral" => {
+            PreSequence::new(vec![split(LLAMA3_PATTERN)?, byte_level(false)]).into()
+        }
         "qwen2" | "deepseek-r1-qwen" | "megrez" => PreSequence::new(vec![split(QWEN2_PATTERN)?, byte_level(false)]).into(),
         other => return Err(EngineError::UnsupportedTokenizer { reason: format!("pre-tokenizer {other:?} of tokenizer.ggml.pre") }),
     };

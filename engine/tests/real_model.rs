@@ -22,10 +22,11 @@ fn capital_of_france_is_paris() {
 #[test]
 fn logits_match_independent_reference() {
     let mut model = open();
-    let prompts: Vec<Vec<u32>> = ["The capital of France is", "fn add(a: i32, b: i32) -> i32 {", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
-        .iter()
-        .map(|t| model.tokenizer().encode(t, true).unwrap())
-        .collect();
+    let prompts: Vec<Vec<u32>> =
+        ["The capital of France is", "fn add(a: i32, b: i32) -> i32 {", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"]
+            .iter()
+            .map(|t| model.tokenizer().encode(t, true).unwrap())
+            .collect();
     let reference = reference_logits(&real_model_path(), &prompts);
     let quantized = pipeline(&mut model, &[0..30]);
     model.set_exact_matmul(true);
@@ -70,10 +71,12 @@ fn batch_and_chunking_invariance() {
     let mut model = open();
     let shard = model.load_shard(0..30).unwrap();
     let t = model.tokenizer();
-    let seqs: Vec<Vec<u32>> = ["Hello", "The quick brown fox jumps over the lazy dog", "1 2 3 4"].iter().map(|s| t.encode(s, true).unwrap()).collect();
+    let seqs: Vec<Vec<u32>> =
+        ["Hello", "The quick brown fox jumps over the lazy dog", "1 2 3 4"].iter().map(|s| t.encode(s, true).unwrap()).collect();
     let alone: Vec<Vec<f32>> = seqs.iter().map(|s| run_chunked(&shard, s, &[s.len()])).collect();
     let mut caches: Vec<_> = seqs.iter().map(|_| shard.new_cache()).collect();
-    let mut steps: Vec<_> = caches.iter_mut().zip(&seqs).map(|(c, s)| flotilla_engine::SeqStep { cache: c, input: flotilla_engine::StageInput::Tokens(s) }).collect();
+    let mut steps: Vec<_> =
+        caches.iter_mut().zip(&seqs).map(|(c, s)| flotilla_engine::SeqStep { cache: c, input: flotilla_engine::StageInput::Tokens(s) }).collect();
     for (i, o) in shard.forward(&mut steps).unwrap().into_iter().enumerate() {
         assert_bit_identical(&o.into_logits().unwrap(), &alone[i], &format!("sequence {i} batched"));
     }
@@ -119,10 +122,22 @@ fn token_ids_equal_llama_cpp() {
     let t = model.tokenizer();
     let cases: Vec<(&str, Vec<u32>)> = vec![
         ("Hello world", vec![19556, 905]),
-        ("héllo wörld — ✓ 日本語 🚀 emoji", vec![88, 2756, 31394, 267, 29989, 400, 1841, 4636, 246, 237, 17097, 241, 115, 40993, 179, 120, 248, 15107, 244, 218, 649, 33777]),
-        ("fn main() {\n    let x: Vec<u8> = vec![1, 2, 3];\n}\n", vec![7853, 1085, 1000, 1662, 472, 1303, 1792, 42, 717, 1159, 44, 101, 40, 46, 446, 37024, 21653, 33, 28, 216, 34, 28, 216, 35, 26695, 198, 109, 198]),
+        (
+            "héllo wörld — ✓ 日本語 🚀 emoji",
+            vec![88, 2756, 31394, 267, 29989, 400, 1841, 4636, 246, 237, 17097, 241, 115, 40993, 179, 120, 248, 15107, 244, 218, 649, 33777],
+        ),
+        (
+            "fn main() {\n    let x: Vec<u8> = vec![1, 2, 3];\n}\n",
+            vec![
+                7853, 1085, 1000, 1662, 472, 1303, 1792, 42, 717, 1159, 44, 101, 40, 46, 446, 37024, 21653, 33, 28, 216, 34, 28, 216, 35, 26695, 198,
+                109, 198,
+            ],
+        ),
         ("digits 1234567890 and 3.14159", vec![37307, 216, 33, 34, 35, 36, 37, 38, 39, 40, 41, 32, 284, 216, 35, 30, 33, 36, 33, 37, 41]),
-        ("<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n", vec![1, 9690, 198, 2683, 359, 5356, 30, 2, 198, 1, 4093, 198, 6004, 2, 198]),
+        (
+            "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n",
+            vec![1, 9690, 198, 2683, 359, 5356, 30, 2, 198, 1, 4093, 198, 6004, 2, 198],
+        ),
         ("  leading spaces\tand\ttabs\n\n\nnewlines", vec![216, 2899, 5600, 197, 397, 197, 100, 7366, 1116, 198, 2241, 5110]),
         ("The capital of France is", vec![504, 3575, 282, 4649, 314]),
     ];

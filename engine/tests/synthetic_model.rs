@@ -16,7 +16,14 @@ fn shard_invariance_across_splits() {
     let mut model = Model::open(&m.path).unwrap();
     let whole = pipeline(&mut model, &split_even(5, 1).unwrap());
     let (ref_toks, ref_logits) = decode(&whole, &PROMPT, 12);
-    let splits = vec![split_even(5, 2).unwrap(), split_even(5, 3).unwrap(), split_even(5, 5).unwrap(), split_at(5, &[1]).unwrap(), split_at(5, &[4]).unwrap(), split_at(5, &[1, 2]).unwrap()];
+    let splits = vec![
+        split_even(5, 2).unwrap(),
+        split_even(5, 3).unwrap(),
+        split_even(5, 5).unwrap(),
+        split_at(5, &[1]).unwrap(),
+        split_at(5, &[4]).unwrap(),
+        split_at(5, &[1, 2]).unwrap(),
+    ];
     for ranges in splits {
         let p = pipeline(&mut model, &ranges);
         let (toks, logits) = decode(&p, &PROMPT, 12);
@@ -43,7 +50,8 @@ fn batch_invariance_mixed_lengths_and_positions() {
     }
     // Decode steps batched while the sequences sit at different positions, against each decoded alone.
     let next = [7u32, 8, 9];
-    let mut steps: Vec<SeqStep> = caches.iter_mut().zip(&next).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(std::slice::from_ref(t)) }).collect();
+    let mut steps: Vec<SeqStep> =
+        caches.iter_mut().zip(&next).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(std::slice::from_ref(t)) }).collect();
     let out = shard.forward(&mut steps).unwrap();
     for (i, o) in out.into_iter().enumerate() {
         let mut s = seqs[i].clone();
@@ -90,7 +98,9 @@ fn middle_stage_batches_hidden_states_invariantly() {
         .collect();
     let mut caches = [middle.new_cache(), middle.new_cache()];
     let [c0, c1] = &mut caches;
-    let batched = middle.forward(&mut [SeqStep { cache: c0, input: StageInput::Hidden(&hidden[0]) }, SeqStep { cache: c1, input: StageInput::Hidden(&hidden[1]) }]).unwrap();
+    let batched = middle
+        .forward(&mut [SeqStep { cache: c0, input: StageInput::Hidden(&hidden[0]) }, SeqStep { cache: c1, input: StageInput::Hidden(&hidden[1]) }])
+        .unwrap();
     for (a, b) in batched.iter().zip(&alone) {
         match (a, b) {
             (StageOutput::Hidden(x), StageOutput::Hidden(y)) => assert_eq!(bits(x), bits(y)),
@@ -112,8 +122,24 @@ fn thread_count_does_not_change_logits() {
 
 #[test]
 fn every_weight_format_runs_invariantly_and_matches_reference() {
-    for (dtype, embd) in [(GgmlDType::Q4_0, GgmlDType::Q8_0), (GgmlDType::Q8_0, GgmlDType::Q8_0), (GgmlDType::Q4K, GgmlDType::Q6K), (GgmlDType::Q5K, GgmlDType::F16), (GgmlDType::F32, GgmlDType::F32)] {
-        let spec = SyntheticSpec { n_embd: 256, n_ff: 256, n_head: 8, n_head_kv: 4, layers: 2, dtype, embd_dtype: embd, untied_output: dtype == GgmlDType::Q8_0, ..Default::default() };
+    for (dtype, embd) in [
+        (GgmlDType::Q4_0, GgmlDType::Q8_0),
+        (GgmlDType::Q8_0, GgmlDType::Q8_0),
+        (GgmlDType::Q4K, GgmlDType::Q6K),
+        (GgmlDType::Q5K, GgmlDType::F16),
+        (GgmlDType::F32, GgmlDType::F32),
+    ] {
+        let spec = SyntheticSpec {
+            n_embd: 256,
+            n_ff: 256,
+            n_head: 8,
+            n_head_kv: 4,
+            layers: 2,
+            dtype,
+            embd_dtype: embd,
+            untied_output: dtype == GgmlDType::Q8_0,
+            ..Default::default()
+        };
         let m = synthetic(&spec);
         let mut model = Model::open(&m.path).unwrap();
         let whole = pipeline(&mut model, &[0..2]);
@@ -191,7 +217,13 @@ fn tokenizer_round_trips_on_byte_level_vocab() {
     let m = synthetic(&SyntheticSpec::default());
     let model = Model::open(&m.path).unwrap();
     let t = model.tokenizer();
-    for text in ["the cat sat on the mat", "héllo wörld ✓ 日本語 🚀", "fn main() { println!(\"{}\", 12 + 345); }", "<|im_start|>user\nhi<|im_end|>\n", "  spaces\t\ttabs\n\nnewlines  "] {
+    for text in [
+        "the cat sat on the mat",
+        "héllo wörld ✓ 日本語 🚀",
+        "fn main() { println!(\"{}\", 12 + 345); }",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "  spaces\t\ttabs\n\nnewlines  ",
+    ] {
         let ids = t.encode(text, true).unwrap();
         assert_eq!(t.decode(&ids, false).unwrap(), text);
     }

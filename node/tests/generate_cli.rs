@@ -16,7 +16,13 @@ fn model() -> (tempfile::TempDir, std::path::PathBuf) {
 }
 
 fn json_run(path: &std::path::Path, extra: &[&str]) -> serde_json::Value {
-    let out = flotilla().args(["generate", "--model"]).arg(path).args(["--prompt", "the cat", "--max-tokens", "12", "--json"]).args(extra).output().unwrap();
+    let out = flotilla()
+        .args(["generate", "--model"])
+        .arg(path)
+        .args(["--prompt", "the cat", "--max-tokens", "12", "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }

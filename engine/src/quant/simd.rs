@@ -44,7 +44,11 @@ pub fn supported() -> Vec<Level> {
 fn best_supported() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        if is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("f16c")
+        {
             return Level::Avx512Vnni;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {

@@ -139,7 +139,11 @@ fn every_simd_level_is_bit_identical_to_scalar() {
                 let reference = w.matmul_q8_at(Level::Scalar, &rows);
                 for &level in &levels {
                     let got = w.matmul_q8_at(level, &rows);
-                    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{dtype:?} k={k} n={n} m={m} {level:?}");
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{dtype:?} k={k} n={n} m={m} {level:?}"
+                    );
                 }
                 // and each row alone gives the same bits as in the batch
                 for i in 0..m {

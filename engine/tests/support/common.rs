@@ -64,14 +64,15 @@ pub fn run_chunked(shard: &Shard, tokens: &[u32], chunks: &[usize]) -> Vec<f32> 
     let mut at = 0;
     let mut out = Vec::new();
     for &c in chunks {
-        let mut r = shard.forward(&mut [flotilla_engine::SeqStep { cache: &mut cache, input: flotilla_engine::StageInput::Tokens(&tokens[at..at + c]) }]).unwrap();
+        let mut r = shard
+            .forward(&mut [flotilla_engine::SeqStep { cache: &mut cache, input: flotilla_engine::StageInput::Tokens(&tokens[at..at + c]) }])
+            .unwrap();
         out = r.pop().unwrap().into_logits().unwrap();
         at += c;
     }
     assert_eq!(at, tokens.len());
     out
 }
-
 
 /// Logits of the independent NumPy float64 reference (tests/reference/llama_ref.py).
 pub fn reference_logits(model: &std::path::Path, prompts: &[Vec<u32>]) -> Vec<Vec<f64>> {

@@ -126,7 +126,8 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
                     let t = Instant::now();
                     for _ in 0..a.gen_tokens {
                         let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-                        let mut steps: Vec<SeqStep> = caches.iter_mut().zip(&inputs).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(t) }).collect();
+                        let mut steps: Vec<SeqStep> =
+                            caches.iter_mut().zip(&inputs).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(t) }).collect();
                         let out = shard.forward(&mut steps)?;
                         next = out.into_iter().map(|o| o.into_logits().map(|l| argmax(&l)).unwrap_or(0)).collect();
                     }
