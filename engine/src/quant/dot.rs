@@ -8,8 +8,6 @@ pub const QK8: usize = 32;
 pub struct Q8Row {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
-    /// Integer sum of each block's values.
-    pub isum: Vec<i32>,
     pub qs: Vec<i8>,
 }
 
@@ -27,7 +25,6 @@ impl Q8Row {
         let nb = x.len() / QK8;
         self.d.clear();
         self.s.clear();
-        self.isum.clear();
         self.qs.clear();
         self.qs.reserve(x.len());
         for blk in x.chunks_exact(QK8) {
@@ -42,7 +39,6 @@ impl Q8Row {
             }
             self.d.push(d);
             self.s.push(d * sum as f32);
-            self.isum.push(sum);
         }
         debug_assert_eq!(self.d.len(), nb);
     }
