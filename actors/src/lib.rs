@@ -1,8 +1,15 @@
-//! The cluster side of flotilla. Policies are plain structs with synchronous methods that return
-//! decisions (membership view, failure detection); the actors that do the I/O build on them.
+//! The cluster side of flotilla: the actors every node runs (supervisor, membership, admin), the
+//! messages that cross nodes, and the pure policies they run (membership view, failure detection).
 
+pub mod admin;
+pub mod client;
 pub mod failure_detector;
 pub mod membership;
+pub mod protocol;
+pub mod supervisor;
+pub mod view;
+pub mod wire;
 
 pub use failure_detector::{FailureDetector, PeerHealth, Transition};
-pub use membership::{Member, MemberState, MembershipView};
+pub use protocol::{AdminReply, AdminRequest, ClusterStatus};
+pub use view::{Member, MemberState, MembershipView};

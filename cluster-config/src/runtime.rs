@@ -14,6 +14,10 @@ pub struct NodeConfig {
     pub capacity: f64,
     pub threads: usize,
     pub cluster_listen: SocketAddr,
+    /// Host part of this node's cluster address as peers dial it.
+    pub advertise_host: String,
+    pub leave_timeout: Duration,
+    pub fault_injection: bool,
     /// `(host, port)` of each seed; hosts may be names (resolved when dialled).
     pub seeds: Vec<(String, u16)>,
     pub cookie: String,
@@ -47,6 +51,18 @@ fn socket(key: &'static str, s: &str) -> Result<SocketAddr> {
     s.parse().map_err(|_| invalid(key, format!("{s:?} is not an IP:port address")))
 }
 
+impl NodeConfig {
+    /// This node's cluster address as peers dial it (`host:port`).
+    pub fn cluster_addr(&self) -> String {
+        format!("{}:{}", self.advertise_host, self.cluster_listen.port())
+    }
+
+    /// The seeds as `host:port` strings.
+    pub fn seed_addrs(&self) -> Vec<String> {
+        self.seeds.iter().map(|(h, p)| format!("{h}:{p}")).collect()
+    }
+}
+
 impl FileConfig {
     /// Checks every invariant, naming the key at fault, and converts to the runtime form.
     pub fn validate(&self) -> Result<NodeConfig> {
@@ -60,6 +76,17 @@ impl FileConfig {
         let c = &self.cluster;
         let cluster_listen = socket("cluster.listen", &c.listen)?;
         let seeds = c.seeds.iter().map(|s| host_port("cluster.seeds", s)).collect::<Result<Vec<_>>>()?;
+        let advertise_host = match &c.advertise {
+            Some(h) if h.is_empty() || h.contains(':') && !h.parse::<std::net::Ipv6Addr>().is_ok() => {
+                return Err(invalid("cluster.advertise", format!("{h:?} must be a host name or IP address without a port")));
+            }
+            Some(h) => h.clone(),
+            None if cluster_listen.ip().is_unspecified() => n.name.clone(),
+            None => cluster_listen.ip().to_string(),
+        };
+        if n.leave_timeout_ms < 100 {
+            return Err(invalid("node.leave_timeout_ms", format!("{} must be at least 100", n.leave_timeout_ms)));
+        }
         if c.cookie.is_empty() {
             return Err(invalid("cluster.cookie", "must not be empty"));
         }
@@ -96,6 +123,9 @@ impl FileConfig {
             capacity: n.capacity,
             threads: n.threads,
             cluster_listen,
+            advertise_host,
+            leave_timeout: Duration::from_millis(n.leave_timeout_ms),
+            fault_injection: n.fault_injection,
             seeds,
             cookie: c.cookie.clone(),
             heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms),

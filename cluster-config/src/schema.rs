@@ -28,11 +28,15 @@ pub struct NodeSection {
     pub capacity: f64,
     /// Compute threads for the engine (0: one per available core).
     pub threads: usize,
+    /// Milliseconds a node takes at most to drain and leave on SIGTERM/SIGINT or `admin shutdown`.
+    pub leave_timeout_ms: u64,
+    /// Accept `flotilla admin inject-panic` (chaos testing only).
+    pub fault_injection: bool,
 }
 
 impl Default for NodeSection {
     fn default() -> Self {
-        Self { name: "node1".into(), capacity: 1.0, threads: 0 }
+        Self { name: "node1".into(), capacity: 1.0, threads: 0, leave_timeout_ms: 5000, fault_injection: false }
     }
 }
 
@@ -42,6 +46,8 @@ impl Default for NodeSection {
 pub struct ClusterSection {
     /// `host:port` the cluster server listens on.
     pub listen: String,
+    /// Host peers dial to reach this node (default: the listen IP, or the node name when listening on all interfaces).
+    pub advertise: Option<String>,
     /// `host:port` of nodes to join through.
     pub seeds: Vec<String>,
     /// Shared secret every node of the cluster must present (also `FLOTILLA_COOKIE`).
@@ -54,7 +60,14 @@ pub struct ClusterSection {
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:7400".into(), seeds: Vec::new(), cookie: DEFAULT_COOKIE.into(), heartbeat_interval_ms: 250, heartbeat_misses: 4 }
+        Self {
+            listen: "127.0.0.1:7400".into(),
+            advertise: None,
+            seeds: Vec::new(),
+            cookie: DEFAULT_COOKIE.into(),
+            heartbeat_interval_ms: 250,
+            heartbeat_misses: 4,
+        }
     }
 }
 

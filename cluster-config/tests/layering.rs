@@ -46,6 +46,13 @@ fn every_example_file_loads_and_validates() {
     assert_eq!(docker.cookie, "s3cret");
     assert_eq!(docker.name, "node2");
     assert_eq!(docker.seeds[1], ("node2".to_string(), 7400));
+    // Listening on all interfaces, a node is dialled by its name (the compose service name).
+    assert_eq!(docker.cluster_addr(), "node2:7400");
+    assert_eq!(local.cluster_addr(), "127.0.0.1:7401");
+    assert_eq!(local.seed_addrs()[2], "127.0.0.1:7403");
+    let adv = load(None, &env(&[("FLOTILLA__CLUSTER__ADVERTISE", "10.1.2.3")]), &Overrides::default()).unwrap().validate().unwrap();
+    assert_eq!(adv.cluster_addr(), "10.1.2.3:7400");
+    assert!(!adv.fault_injection);
 }
 
 #[test]
@@ -98,6 +105,8 @@ fn validation_names_the_key() {
         ("FLOTILLA__HTTP__LISTEN", "8080", "http.listen"),
         ("FLOTILLA__HTTP__QUEUE_LIMIT", "0", "http.queue_limit"),
         ("FLOTILLA__PARALLELISM__STAGES", "0", "parallelism.stages"),
+        ("FLOTILLA__CLUSTER__ADVERTISE", "host:7400", "cluster.advertise"),
+        ("FLOTILLA__NODE__LEAVE_TIMEOUT_MS", "5", "node.leave_timeout_ms"),
     ];
     for (k, v, key) in cases {
         let e = load(None, &env(&[(k, v)]), &Overrides::default()).and_then(|c| c.validate()).unwrap_err();

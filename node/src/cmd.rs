@@ -1,4 +1,7 @@
 //! One module per subcommand.
 
+pub mod admin;
 pub mod bench;
 pub mod generate;
+pub mod node;
+pub mod up;

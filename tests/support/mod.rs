@@ -1,0 +1,225 @@
+//! Multi-process test harness: real `flotilla node` processes on 127.0.0.1, driven by real
+//! `flotilla admin` calls. Every process is killed when the `Cluster` is dropped, even when the test fails.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+pub const COOKIE: &str = "test-cookie";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+pub struct NodeProc {
+    pub name: String,
+    pub cluster: String,
+    pub http: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub seeds: Vec<String>,
+    pub stopped: bool,
+}
+
+impl NodeProc {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("node is running").id() as i32)
+    }
+
+    pub fn signal(&mut self, s: Signal) {
+        kill(self.pid(), s).unwrap();
+        self.stopped = s == Signal::SIGSTOP;
+    }
+
+    /// Waits for the process to exit and returns its exit code (None: killed by a signal).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("node is running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {within:?}; log:\n{}", self.name, self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["node", "--name", &self.name, "--cluster-listen", &self.cluster, "--http-listen", &self.http])
+            .args(["--seeds", &self.seeds.join(",")])
+            .env("FLOTILLA_COOKIE", COOKIE)
+            .env("RUST_LOG", "info,ractor_cluster=warn")
+            .env_remove("FLOTILLA__NODE__FAULT_INJECTION")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn flotilla node"));
+    }
+}
+
+/// Nodes started together, seeded with each other.
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` nodes named node1..nodeN; `env` applies to every node.
+    pub fn start(n: usize, env: &[(&str, &str)]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let seeds: Vec<String> = ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect();
+        let mut nodes = Vec::new();
+        for (i, (c, h)) in ports.iter().enumerate() {
+            let name = format!("node{}", i + 1);
+            nodes.push(NodeProc {
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                cluster: format!("127.0.0.1:{c}"),
+                http: format!("127.0.0.1:{h}"),
+                child: None,
+                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                seeds: seeds.clone(),
+                stopped: false,
+            });
+        }
+        let mut cluster = Cluster { nodes, dir };
+        for node in cluster.nodes.iter_mut() {
+            node.spawn();
+        }
+        cluster
+    }
+
+    /// Adds and starts another node seeded with the existing ones, with extra environment.
+    pub fn add(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
+        let seeds = self.nodes.iter().map(|n| n.cluster.clone()).collect();
+        let mut node = NodeProc {
+            log: self.dir.path().join(format!("{name}.log")),
+            name: name.into(),
+            cluster: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
+            child: None,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            seeds,
+            stopped: false,
+        };
+        node.spawn();
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Starts node `i` again with the same name, ports and environment.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "restart of a running node");
+        self.nodes[i].spawn();
+    }
+
+    pub fn node(&mut self, name: &str) -> &mut NodeProc {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap()
+    }
+
+    /// `flotilla admin status --json` through node `via`, or None if the call failed.
+    pub fn status(&self, via: usize) -> Option<Value> {
+        let out = admin(&self.nodes[via].cluster, COOKIE, &["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until `pred` holds for the status seen through node `via`; panics with the last status and the logs.
+    pub fn wait_status(&self, via: usize, within: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        loop {
+            if let Some(s) = self.status(via) {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            if Instant::now() > deadline {
+                panic!("{what}: not seen through {} within {within:?}; last status: {last:#?}\n{}", self.nodes[via].name, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.nodes.iter().map(|n| format!("----- {} -----\n{}", n.name, n.log_text())).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(mut c) = n.child.take() {
+                let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Runs `flotilla admin --node ADDR --cookie C ARGS...` (bounded by its own --timeout).
+pub fn admin(addr: &str, cookie: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["admin", "--node", addr, "--cookie", cookie, "--timeout", "3"])
+        .args(args)
+        .env_remove("FLOTILLA_COOKIE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run flotilla admin")
+}
+
+pub fn member<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["members"].as_array()?.iter().find(|m| m["name"] == name)
+}
+
+pub fn state_of(status: &Value, name: &str) -> Option<String> {
+    member(status, name).and_then(|m| m["state"].as_str()).map(str::to_string)
+}
+
+pub fn incarnation_of(status: &Value, name: &str) -> u64 {
+    member(status, name).and_then(|m| m["incarnation"].as_u64()).unwrap_or(0)
+}
+
+/// Every one of `names` is up, and nobody else is listed.
+pub fn all_up(status: &Value, names: &[&str]) -> bool {
+    let members = status["members"].as_array().map(|a| a.len()).unwrap_or(0);
+    members == names.len() && names.iter().all(|n| state_of(status, n).as_deref() == Some("up"))
+}
+
+/// The first event in `status` about `node` reaching `to` at or after `since_ms`.
+pub fn event_at(status: &Value, node: &str, to: &str, since_ms: u64) -> Option<u64> {
+    status["events"].as_array()?.iter().filter(|e| e["node"] == node && e["to"] == to).filter_map(|e| e["at_ms"].as_u64()).find(|&t| t >= since_ms)
+}
