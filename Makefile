@@ -5,10 +5,14 @@ CARGO ?= cargo
 PYTHON ?= python3
 PROMPT ?= Write a haiku about the ocean.
 
-.PHONY: run test model build release test-deps fmt clippy
+.PHONY: run demo test model build release test-deps fmt clippy
 
-## Fetch the model, build, and run the demo.
+## Fetch the model, build, and serve: a 3-node local cluster (Ctrl-C stops it).
 run: model release
+	./target/release/flotilla up --nodes 3 --model $(MODEL)
+
+## Answer one chat prompt in this process.
+demo: model release
 	./target/release/flotilla generate --model $(MODEL) --chat --prompt "$(PROMPT)" --max-tokens 64
 
 ## Everything: unit, integration and multi-process tests (fetches the model when missing).
