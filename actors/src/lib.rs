@@ -7,9 +7,13 @@ pub mod failure_detector;
 pub mod membership;
 pub mod placement;
 pub mod protocol;
+pub mod scheduler;
+pub mod sessions;
 pub mod supervisor;
 pub mod view;
 pub mod wire;
+pub mod work;
+pub mod worker;
 
 pub use failure_detector::{FailureDetector, PeerHealth, Transition};
 pub use protocol::{AdminReply, AdminRequest, ClusterStatus};

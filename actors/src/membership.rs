@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::admin::AdminMsg;
 use crate::failure_detector::{FailureDetector, PeerHealth};
 use crate::protocol::{AdminReply, AdminRequest, Announce, Beat, ClusterStatus, MembershipEvent, NodeLoad, ADMIN_GROUP, MEMBERSHIP_GROUP, SCOPE};
+use crate::scheduler::{SchedulerMsg, ViewUpdate};
 use crate::supervisor::SupervisorMsg;
 use crate::view::{Change, MemberState, MembershipView};
 use crate::wire::{self, Wire};
@@ -53,6 +54,8 @@ pub struct Identity {
     /// What this node claims: joining, up, draining or left.
     pub state: MemberState,
     pub placement_epoch: u64,
+    /// The leader as this node sees it.
+    pub leader: Option<String>,
     pub started: Instant,
 }
 
@@ -67,6 +70,7 @@ impl Identity {
             capacity,
             state: MemberState::Joining,
             placement_epoch: 0,
+            leader: None,
             started: Instant::now(),
         }
     }
@@ -186,6 +190,8 @@ pub struct MembershipState {
     /// heartbeats, such a peer may come back under the same incarnation (the pause or the broken link
     /// may have been on this side).
     revivable: BTreeSet<(String, u64)>,
+    /// What the local scheduler was last told: leader and (name, incarnation, state, capacity) of each member.
+    published: Option<(Option<String>, Vec<(String, u64, MemberState, u64)>)>,
     ticker: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -353,6 +359,28 @@ impl MembershipState {
             placement_epoch: id.placement_epoch,
             members: self.view.members().cloned().collect(),
             events: self.events.iter().cloned().collect(),
+        }
+    }
+
+    /// Tells the local scheduler about a new leader or a change of members.
+    fn publish_view(&mut self) {
+        let leader = self.view.leader().map(|m| m.name.clone());
+        let key = (leader.clone(), self.view.members().map(|m| (m.name.clone(), m.incarnation, m.state, m.capacity.to_bits())).collect::<Vec<_>>());
+        if self.published.as_ref() == Some(&key) {
+            return;
+        }
+        let me = {
+            let mut id = self.args.identity.lock().expect("identity lock");
+            id.leader = leader.clone();
+            id.name.clone()
+        };
+        let update = ViewUpdate { leader, members: self.view.members().cloned().collect() };
+        match crate::worker::member::<SchedulerMsg>(&crate::scheduler::group(&me)) {
+            Some(s) if s.get_id().is_local() => {
+                let _ = s.cast(SchedulerMsg::View(Wire::Ok(update)));
+                self.published = Some(key);
+            }
+            _ => {} // not started yet (or restarting): try again on the next tick
         }
     }
 
@@ -550,10 +578,10 @@ impl MembershipState {
                 }
                 s => AdminReply::Error(format!("{name} is not draining (it is {})", state_name(s))),
             },
-            AdminRequest::Rebalance => {
-                id.placement_epoch += 1;
-                AdminReply::Done(format!("rebalance requested: placement epoch {}", id.placement_epoch))
-            }
+            AdminRequest::Rebalance => match crate::worker::member::<SchedulerMsg>(&crate::scheduler::group(&name)) {
+                Some(s) if s.cast(SchedulerMsg::Rebalance).is_ok() => AdminReply::Done(format!("{name} (leader) is planning a new placement")),
+                _ => AdminReply::Error(format!("the scheduler of {name} is not running")),
+            },
             AdminRequest::Shutdown(_) => {
                 let _ = self.args.supervisor.cast(SupervisorMsg::Leave("admin shutdown".into()));
                 AdminReply::Done(format!("{name} is leaving the cluster"))
@@ -641,6 +669,7 @@ impl Actor for Membership {
             rejected_sessions: 0,
             answered_once: false,
             revivable: BTreeSet::new(),
+            published: None,
             ticker: None,
         };
         // Sessions that exist already (after a restart of this actor).
@@ -854,6 +883,7 @@ impl Actor for Membership {
                 tracing::warn!(error = %e, "ignoring an undecodable local message");
             }
         }
+        st.publish_view();
         Ok(())
     }
 }

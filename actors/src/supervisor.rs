@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_config::NodeConfig;
@@ -13,8 +13,11 @@ use ractor_cluster::node::NodeConnectionMode;
 use ractor_cluster::{NodeServer, NodeServerMessage, RactorMessage};
 
 use crate::admin::Admin;
-use crate::membership::{Identity, Membership, MembershipArgs, MembershipMsg, SharedIdentity};
+use crate::membership::{Membership, MembershipArgs, MembershipMsg, SharedIdentity};
+use crate::scheduler::{Scheduler, SchedulerArgs};
+use crate::sessions::{Registry, Sessions, SessionsArgs};
 use crate::view::MemberState;
+use crate::worker::{Worker, WorkerArgs};
 
 /// Largest inbound frame accepted from a peer (activations of long prompts travel in one frame).
 pub const MAX_FRAME_BYTES: u64 = 64 << 20;
@@ -32,6 +35,12 @@ pub enum SupervisorMsg {
 pub struct SupervisorArgs {
     pub config: NodeConfig,
     pub exit_code: Arc<AtomicI32>,
+    /// This node's record, shared with the HTTP side (which reads the leader from it).
+    pub identity: SharedIdentity,
+    /// Open requests of this node, shared with the HTTP side.
+    pub registry: Registry,
+    /// Layers of the served model.
+    pub n_layers: u32,
 }
 
 pub struct NodeSupervisor;
@@ -41,6 +50,9 @@ enum Child {
     NodeServer,
     Membership,
     Admin,
+    Worker,
+    Scheduler,
+    Sessions,
 }
 
 pub struct SupervisorState {
@@ -49,6 +61,9 @@ pub struct SupervisorState {
     node_server: ActorRef<NodeServerMessage>,
     membership: ActorRef<MembershipMsg>,
     admin: ActorCell,
+    others: Vec<(Child, ActorCell)>,
+    registry: Registry,
+    n_layers: u32,
     restarts: VecDeque<(Child, Instant)>,
     leaving: bool,
     exit_code: Arc<AtomicI32>,
@@ -64,7 +79,7 @@ impl SupervisorState {
         } else if id == self.admin.get_id() {
             Some(Child::Admin)
         } else {
-            None
+            self.others.iter().find(|(_, c)| c.get_id() == id).map(|(k, _)| *k)
         }
     }
 
@@ -91,9 +106,46 @@ impl SupervisorState {
                 let (a, _) = Actor::spawn_linked(None, Admin, (), myself.get_cell()).await?;
                 self.admin = a.get_cell();
             }
+            other => {
+                let cell = spawn_serving(other, &self.config, &self.identity, &self.registry, self.n_layers, myself.get_cell()).await?;
+                self.others.retain(|(k, _)| *k != other);
+                self.others.push((other, cell));
+            }
         }
         Ok(())
     }
+}
+
+/// Starts one of the children that serve requests.
+async fn spawn_serving(
+    which: Child,
+    c: &NodeConfig,
+    identity: &SharedIdentity,
+    registry: &Registry,
+    n_layers: u32,
+    sup: ActorCell,
+) -> Result<ActorCell, ActorProcessingErr> {
+    Ok(match which {
+        Child::Worker => {
+            Actor::spawn_linked(None, Worker, WorkerArgs { node: c.name.clone(), model_path: c.model_path.clone() }, sup).await?.0.get_cell()
+        }
+        Child::Scheduler => {
+            let args = SchedulerArgs {
+                node: c.name.clone(),
+                identity: identity.clone(),
+                n_layers,
+                replicas: c.replicas,
+                stages: c.stages,
+                queue_limit: c.queue_limit,
+                max_batch: c.max_batch,
+            };
+            Actor::spawn_linked(None, Scheduler, args, sup).await?.0.get_cell()
+        }
+        Child::Sessions => {
+            Actor::spawn_linked(None, Sessions, SessionsArgs { node: c.name.clone(), registry: registry.clone() }, sup).await?.0.get_cell()
+        }
+        other => unreachable!("{other:?} is not a serving child"),
+    })
 }
 
 fn membership_args(
@@ -120,8 +172,11 @@ impl Actor for NodeSupervisor {
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<Self::State, ActorProcessingErr> {
         let c = args.config;
-        let identity = Identity::new(c.name.clone(), c.cluster_addr(), c.http_listen.to_string(), c.capacity);
-        tracing::info!(name = %c.name, incarnation = identity.incarnation, cluster = %identity.cluster_addr, "starting node");
+        let identity = args.identity;
+        {
+            let id = identity.lock().expect("identity lock");
+            tracing::info!(name = %c.name, incarnation = id.incarnation, cluster = %id.cluster_addr, "starting node");
+        }
         let server = NodeServer::new(
             c.cluster_listen.port(),
             c.cookie.clone(),
@@ -135,7 +190,10 @@ impl Actor for NodeSupervisor {
         let (node_server, _) = Actor::spawn_linked(None, server, (), myself.get_cell())
             .await
             .map_err(|e| format!("cannot listen on cluster.listen {}: {e}", c.cluster_listen))?;
-        let identity = Arc::new(Mutex::new(identity));
+        let mut others = Vec::new();
+        for which in [Child::Sessions, Child::Worker, Child::Scheduler] {
+            others.push((which, spawn_serving(which, &c, &identity, &args.registry, args.n_layers, myself.get_cell()).await?));
+        }
         let (membership, _) =
             Actor::spawn_linked(None, Membership, membership_args(&c, &identity, &node_server, myself.clone()), myself.get_cell()).await?;
         let (admin, _) = Actor::spawn_linked(None, Admin, (), myself.get_cell()).await?;
@@ -145,6 +203,9 @@ impl Actor for NodeSupervisor {
             node_server,
             membership,
             admin: admin.get_cell(),
+            others,
+            registry: args.registry,
+            n_layers: args.n_layers,
             restarts: VecDeque::new(),
             leaving: false,
             exit_code: args.exit_code,

@@ -31,6 +31,7 @@ pub struct NodeConfig {
     pub model_id: Option<String>,
     pub replicas: Count,
     pub stages: Count,
+    pub max_batch: u32,
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -118,6 +119,9 @@ impl FileConfig {
                 return Err(invalid(key, "must be at least 1 or \"auto\""));
             }
         }
+        if self.parallelism.max_batch == 0 || self.parallelism.max_batch > 1024 {
+            return Err(invalid("parallelism.max_batch", format!("{} must be between 1 and 1024", self.parallelism.max_batch)));
+        }
         Ok(NodeConfig {
             name: n.name.clone(),
             capacity: n.capacity,
@@ -136,6 +140,7 @@ impl FileConfig {
             max_body_bytes: h.max_body_bytes,
             model_path: self.model.path.clone(),
             model_id: self.model.id.clone(),
+            max_batch: self.parallelism.max_batch,
             replicas: self.parallelism.replicas,
             stages: self.parallelism.stages,
         })

@@ -115,11 +115,13 @@ pub struct ParallelismSection {
     pub replicas: Count,
     /// Pipeline stages per copy.
     pub stages: Count,
+    /// Requests running at once on one replica (more wait in the queue).
+    pub max_batch: u32,
 }
 
 impl Default for ParallelismSection {
     fn default() -> Self {
-        Self { replicas: Count::Auto, stages: Count::Auto }
+        Self { replicas: Count::Auto, stages: Count::Auto, max_batch: 32 }
     }
 }
 

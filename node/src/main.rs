@@ -1,6 +1,7 @@
 //! The `flotilla` binary.
 
 mod cmd;
+mod http;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;

@@ -4,13 +4,16 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use flotilla_actors::membership::{Identity, SharedIdentity};
+use flotilla_actors::sessions::{Registry, ServeContext};
 use flotilla_actors::supervisor::{NodeSupervisor, SupervisorArgs, SupervisorMsg};
 use flotilla_config::{NodeConfig, Overrides};
+use flotilla_engine::Model;
 use ractor::Actor;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -57,19 +60,40 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
 
 pub fn run(args: NodeArgs) -> anyhow::Result<i32> {
     let config = config(&args)?;
+    let threads = if config.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { config.threads };
+    rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("flotilla-compute-{i}")).build_global()?;
+    // The model's header and tokenizer (not its weights: workers load the layers the placement gives them).
+    let model = Model::open(&config.model_path).with_context(|| format!("model.path: cannot open {}", config.model_path.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("flotilla-io").enable_all().build()?;
-    rt.block_on(serve(config))
+    rt.block_on(serve(config, model))
 }
 
-async fn serve(config: NodeConfig) -> anyhow::Result<i32> {
+async fn serve(config: NodeConfig, model: Model) -> anyhow::Result<i32> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let exit_code = Arc::new(AtomicI32::new(1));
     let leave_timeout = config.leave_timeout;
     tracing::info!(name = %config.name, cluster = %config.cluster_listen, http = %config.http_listen, seeds = ?config.seed_addrs(), "flotilla node starting");
-    let (sup, handle) = Actor::spawn(Some("supervisor".into()), NodeSupervisor, SupervisorArgs { config, exit_code: exit_code.clone() })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let http =
+        tokio::net::TcpListener::bind(config.http_listen).await.with_context(|| format!("http.listen: cannot listen on {}", config.http_listen))?;
+    let identity: SharedIdentity =
+        Arc::new(Mutex::new(Identity::new(config.name.clone(), config.cluster_addr(), config.http_listen.to_string(), config.capacity)));
+    let registry = Registry::default();
+    let model_id = config
+        .model_id
+        .clone()
+        .unwrap_or_else(|| config.model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
+    let cfg = model.config().clone();
+    let ctx = Arc::new(ServeContext::new(config.name.clone(), identity.clone(), registry.clone(), model.tokenizer().clone(), cfg.context_length));
+    let max_body = config.max_body_bytes;
+    let args = SupervisorArgs { config, exit_code: exit_code.clone(), identity, registry, n_layers: cfg.n_layers as u32 };
+    let (sup, handle) = Actor::spawn(Some("supervisor".into()), NodeSupervisor, args).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let app = crate::http::router(Arc::new(crate::http::AppState { ctx, model_id }), max_body);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http, app).await {
+            tracing::error!(error = %e, "the HTTP server stopped");
+        }
+    });
     let mut handle = handle;
     tokio::select! {
         r = &mut handle => {

@@ -1,0 +1,294 @@
+//! The scheduler actor: one per node, in process group `scheduler:{node}`; only the leader's is
+//! active. The active scheduler computes the placement from the membership view, publishes each
+//! node's role to its worker, waits until every worker of the placement has loaded its layers, and
+//! then admits requests: each goes to the least-loaded replica (running requests over capacity),
+//! up to `max_batch` per replica; beyond that requests wait in a bounded queue, and beyond the
+//! queue they are refused (HTTP 429).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use flotilla_config::Count;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::RactorClusterMessage;
+use serde::{Deserialize, Serialize};
+
+use crate::membership::SharedIdentity;
+use crate::placement::{moved_layers, plan, NodeInfo, Placement};
+use crate::protocol::SCOPE;
+use crate::view::{Member, MemberState};
+use crate::wire::Wire;
+use crate::work::{AdmitReply, AdmitReq, Assignment, Loaded, Release, Role, SchedulerStatus};
+use crate::worker::{member, WorkerMsg};
+
+/// Process group of the scheduler on `node`.
+pub fn group(node: &str) -> String {
+    format!("scheduler:{node}")
+}
+
+/// What the local membership actor tells the scheduler whenever the view changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ViewUpdate {
+    pub leader: Option<String>,
+    pub members: Vec<Member>,
+}
+
+#[derive(RactorClusterMessage)]
+pub enum SchedulerMsg {
+    /// From the local membership actor.
+    View(Wire<ViewUpdate>),
+    /// From the local membership actor (`admin rebalance` reached the leader): plan again from scratch.
+    Rebalance,
+    /// From a worker.
+    Loaded(Wire<Loaded>),
+    /// From a session: a pipeline for a request (answered when one is free).
+    #[rpc]
+    Admit(Wire<AdmitReq>, RpcReplyPort<Wire<AdmitReply>>),
+    /// From a session: its request is over.
+    Release(Wire<Release>),
+    #[rpc]
+    Status(RpcReplyPort<Wire<SchedulerStatus>>),
+}
+
+pub struct SchedulerArgs {
+    pub node: String,
+    pub identity: SharedIdentity,
+    pub n_layers: u32,
+    pub replicas: Count,
+    pub stages: Count,
+    /// Requests that may wait for a free slot.
+    pub queue_limit: usize,
+    /// Requests running at once on one replica.
+    pub max_batch: u32,
+}
+
+pub struct Scheduler;
+
+pub struct SchedulerState {
+    args: SchedulerArgs,
+    active: bool,
+    members: Vec<Member>,
+    placement: Option<Placement>,
+    loaded: BTreeSet<String>,
+    failed: BTreeMap<String, String>,
+    running: Vec<u32>,
+    waiting: VecDeque<(AdmitReq, RpcReplyPort<Wire<AdmitReply>>)>,
+    error: Option<String>,
+}
+
+impl SchedulerState {
+    fn ready(&self) -> bool {
+        self.placement.as_ref().is_some_and(|p| p.nodes().iter().all(|n| self.loaded.contains(*n)))
+    }
+
+    fn status(&self) -> SchedulerStatus {
+        SchedulerStatus {
+            node: self.args.node.clone(),
+            active: self.active,
+            placement: self.placement.clone(),
+            ready: self.ready(),
+            loaded: self.loaded.iter().cloned().collect(),
+            running: self.running.clone(),
+            waiting: self.waiting.len() as u32,
+            error: self.error.clone().or_else(|| (!self.failed.is_empty()).then(|| format!("{:?}", self.failed))),
+        }
+    }
+
+    fn replan(&mut self, force: bool) {
+        let nodes: Vec<NodeInfo> = self
+            .members
+            .iter()
+            .filter(|m| matches!(m.state, MemberState::Up | MemberState::Suspect))
+            .map(|m| NodeInfo { name: m.name.clone(), capacity: m.capacity })
+            .collect();
+        let prev = self.placement.clone();
+        match plan(&nodes, self.args.n_layers, self.args.replicas, self.args.stages, if force { None } else { prev.as_ref() }) {
+            Ok(mut p) => {
+                if !force && prev.as_ref().is_some_and(|q| q.same_layout(&p)) {
+                    return;
+                }
+                let epoch = {
+                    let mut id = self.args.identity.lock().expect("identity lock");
+                    id.placement_epoch = id.placement_epoch.max(prev.as_ref().map_or(0, |q| q.epoch)) + 1;
+                    id.placement_epoch
+                };
+                p.epoch = epoch;
+                tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved_layers(prev.as_ref(), &p), "new placement");
+                self.error = None;
+                self.loaded.clear();
+                self.failed.clear();
+                self.running = vec![0; p.replicas.len()];
+                let mut targets: BTreeSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
+                if let Some(q) = &prev {
+                    targets.extend(q.nodes().into_iter().map(String::from));
+                }
+                for node in targets {
+                    let role = p.find(&node).map(|(r, s, a)| Role {
+                        replica: r as u32,
+                        stage: s as u32,
+                        n_stages: p.replicas[r].len() as u32,
+                        start: a.start,
+                        end: a.end,
+                        next: p.replicas[r].get(s + 1).map(|n| n.node.clone()),
+                    });
+                    let a = Assignment { epoch, role, leader: self.args.node.clone() };
+                    match member::<WorkerMsg>(&crate::worker::group(&node)) {
+                        Some(w) => {
+                            let _ = w.cast(WorkerMsg::Assign(Wire::Ok(a)));
+                        }
+                        None => tracing::warn!(%node, "no worker found for a node in the placement"),
+                    }
+                }
+                self.placement = Some(p);
+            }
+            Err(e) => {
+                if self.placement.is_some() || self.error.is_none() {
+                    tracing::warn!(error = %e, "no full placement");
+                }
+                self.placement = None;
+                self.error = Some(e.to_string());
+                self.refuse_waiting();
+            }
+        }
+    }
+
+    fn refuse_waiting(&mut self) {
+        let why = self.error.clone().unwrap_or_else(|| "no placement".into());
+        for (_, port) in self.waiting.drain(..) {
+            let _ = port.send(Wire::Ok(AdmitReply::Unavailable(why.clone())));
+        }
+    }
+
+    /// The replica with the fewest running requests per unit of capacity that has room.
+    fn pick(&self) -> Option<usize> {
+        let p = self.placement.as_ref()?;
+        let cap: BTreeMap<&str, f64> = self.members.iter().map(|m| (m.name.as_str(), m.capacity)).collect();
+        (0..p.replicas.len()).filter(|&r| self.running[r] < self.args.max_batch).min_by(|&a, &b| {
+            let load = |r: usize| {
+                let c: f64 = p.replicas[r].iter().map(|s| cap.get(s.node.as_str()).copied().unwrap_or(1.0)).sum::<f64>() / p.replicas[r].len() as f64;
+                (self.running[r] as f64 + 1.0) / c
+            };
+            load(a).total_cmp(&load(b)).then(a.cmp(&b))
+        })
+    }
+
+    fn admit(&mut self, req: AdmitReq, port: RpcReplyPort<Wire<AdmitReply>>) {
+        if !self.active {
+            let _ = port.send(Wire::Ok(AdmitReply::Unavailable(format!("{} is not the leader", self.args.node))));
+            return;
+        }
+        let Some(p) = &self.placement else {
+            let why = self.error.clone().unwrap_or_else(|| "no placement yet".into());
+            let _ = port.send(Wire::Ok(AdmitReply::Unavailable(why)));
+            return;
+        };
+        if self.ready() && self.waiting.is_empty() {
+            if let Some(r) = self.pick() {
+                self.running[r] += 1;
+                let stages = p.replicas[r].iter().map(|a| a.node.clone()).collect();
+                let _ = port.send(Wire::Ok(AdmitReply::Admitted { epoch: p.epoch, replica: r as u32, stages }));
+                return;
+            }
+        }
+        if self.waiting.len() >= self.args.queue_limit {
+            let _ = port.send(Wire::Ok(AdmitReply::Busy { queued: self.waiting.len() as u32 }));
+            return;
+        }
+        self.waiting.push_back((req, port));
+    }
+
+    fn drain_waiting(&mut self) {
+        while self.ready() && !self.waiting.is_empty() {
+            let Some(r) = self.pick() else { return };
+            let (_, port) = self.waiting.pop_front().expect("not empty");
+            if port.is_closed() {
+                continue;
+            }
+            let p = self.placement.as_ref().expect("ready");
+            self.running[r] += 1;
+            let stages = p.replicas[r].iter().map(|a| a.node.clone()).collect();
+            let _ = port.send(Wire::Ok(AdmitReply::Admitted { epoch: p.epoch, replica: r as u32, stages }));
+        }
+    }
+}
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: SchedulerArgs) -> Result<Self::State, ActorProcessingErr> {
+        ractor::pg::join_scoped(SCOPE.to_string(), group(&args.node), vec![myself.get_cell()]);
+        Ok(SchedulerState {
+            args,
+            active: false,
+            members: Vec::new(),
+            placement: None,
+            loaded: BTreeSet::new(),
+            failed: BTreeMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            error: None,
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SchedulerMsg::View(Wire::Ok(v)) => {
+                let active = v.leader.as_deref() == Some(st.args.node.as_str());
+                st.members = v.members;
+                if active != st.active {
+                    tracing::info!(active, "scheduler role changed");
+                }
+                st.active = active;
+                if active {
+                    st.replan(false);
+                    st.drain_waiting();
+                } else {
+                    st.placement = None;
+                    st.error = Some("this scheduler is not the leader".into());
+                    st.refuse_waiting();
+                }
+            }
+            SchedulerMsg::Rebalance => {
+                if st.active {
+                    st.replan(true);
+                }
+            }
+            SchedulerMsg::Loaded(Wire::Ok(l)) => {
+                if st.placement.as_ref().is_some_and(|p| p.epoch == l.epoch) {
+                    match l.error {
+                        None => {
+                            st.loaded.insert(l.node);
+                        }
+                        Some(e) => {
+                            st.failed.insert(l.node, e);
+                        }
+                    }
+                    if st.ready() {
+                        tracing::info!(epoch = l.epoch, "placement ready: every worker has its layers");
+                    }
+                    st.drain_waiting();
+                }
+            }
+            SchedulerMsg::Admit(Wire::Ok(req), port) => st.admit(req, port),
+            SchedulerMsg::Admit(Wire::Bad(e), port) => {
+                let _ = port.send(Wire::Ok(AdmitReply::Unavailable(format!("undecodable admission request: {e}"))));
+            }
+            SchedulerMsg::Release(Wire::Ok(r)) => {
+                if st.placement.as_ref().is_some_and(|p| p.epoch == r.epoch) {
+                    if let Some(n) = st.running.get_mut(r.replica as usize) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                st.drain_waiting();
+            }
+            SchedulerMsg::Status(port) => {
+                let _ = port.send(Wire::Ok(st.status()));
+            }
+            SchedulerMsg::View(Wire::Bad(e)) | SchedulerMsg::Loaded(Wire::Bad(e)) | SchedulerMsg::Release(Wire::Bad(e)) => {
+                tracing::warn!(error = %e, "scheduler ignores an undecodable message");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+//! Messages of the inference path: what schedulers, workers and sessions send each other.
+
+use flotilla_engine::SamplingParams;
+use serde::{Deserialize, Serialize};
+
+use crate::placement::Placement;
+
+/// A request, named by the node that owns its session and a number unique on that node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReqId {
+    pub origin: String,
+    pub id: u64,
+}
+
+impl std::fmt::Display for ReqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.origin, self.id)
+    }
+}
+
+/// What one worker serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Role {
+    pub replica: u32,
+    pub stage: u32,
+    pub n_stages: u32,
+    /// Layers `[start, end)`.
+    pub start: u32,
+    pub end: u32,
+    /// Node of the next stage (none for the last).
+    pub next: Option<String>,
+}
+
+/// The scheduler's instruction to one worker for a placement epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub epoch: u64,
+    pub role: Option<Role>,
+    /// The node whose scheduler published this (loaded reports go there).
+    pub leader: String,
+}
+
+/// First step of a sequence on a pipeline: what the last stage needs to sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirstStep {
+    pub params: SamplingParams,
+    /// `tokens[..n_prompt]` is the prompt; the rest were generated before a resume.
+    pub n_prompt: u32,
+}
+
+/// One sequence's step at one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeqWork {
+    pub req: ReqId,
+    /// Placement epoch the request was admitted under.
+    pub epoch: u64,
+    /// Positions already in this stage's cache for the sequence.
+    pub start: u32,
+    /// The new tokens of this step.
+    pub tokens: Vec<u32>,
+    /// Hidden states of the new positions as little-endian f32 (empty at stage 0).
+    pub hidden: Vec<u8>,
+    pub first: Option<FirstStep>,
+}
+
+/// A token sampled by a last stage, for the session that owns the request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenOut {
+    pub req: ReqId,
+    /// Index of the token in the output.
+    pub index: u32,
+    pub token: u32,
+}
+
+/// A step a worker could not run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeqFailure {
+    pub req: ReqId,
+    pub node: String,
+    pub reason: String,
+}
+
+/// Tokens and failures for the sessions of one node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SessionBatch {
+    pub tokens: Vec<TokenOut>,
+    pub failures: Vec<SeqFailure>,
+}
+
+/// A worker finished (or failed) loading its layers for an epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Loaded {
+    pub node: String,
+    pub epoch: u64,
+    pub error: Option<String>,
+}
+
+/// What a worker is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct WorkerStats {
+    pub node: String,
+    pub epoch: u64,
+    pub role: Option<Role>,
+    pub loaded: bool,
+    /// Sequences with a KV cache here.
+    pub sequences: u32,
+    pub kv_bytes: u64,
+    /// Steps waiting for the compute thread.
+    pub queue_depth: u32,
+    pub last_batch: u32,
+    pub batches: u64,
+    pub forward_seconds: f64,
+}
+
+/// A session asks the active scheduler for a pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmitReq {
+    pub req: ReqId,
+    pub prompt_tokens: u32,
+    pub max_tokens: u32,
+}
+
+/// The scheduler's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AdmitReply {
+    Admitted {
+        epoch: u64,
+        replica: u32,
+        stages: Vec<String>,
+    },
+    /// The queue is full: try again later (HTTP 429).
+    Busy {
+        queued: u32,
+    },
+    /// No full placement (HTTP 503).
+    Unavailable(String),
+}
+
+/// A session is done with its pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub req: ReqId,
+    pub epoch: u64,
+    pub replica: u32,
+}
+
+/// The scheduler's state, for `/ready` and `admin status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct SchedulerStatus {
+    pub node: String,
+    pub active: bool,
+    pub placement: Option<Placement>,
+    /// Every node of the placement has loaded its layers.
+    pub ready: bool,
+    pub loaded: Vec<String>,
+    /// Requests running on each replica.
+    pub running: Vec<u32>,
+    pub waiting: u32,
+    pub error: Option<String>,
+}
