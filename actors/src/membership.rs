@@ -825,19 +825,17 @@ impl Actor for Membership {
                 st.args.identity.lock().expect("identity lock").state = MemberState::Left;
                 st.refresh_self();
                 let a = st.announce();
-                let calls: Vec<_> = st
-                    .peers
-                    .values()
-                    .map(|p| {
-                        let actor = p.actor.clone();
-                        let a = a.clone();
-                        async move { actor.call(|port| MembershipMsg::Leaving(Wire::Ok(a), port), Some(Duration::from_secs(1))).await }
-                    })
-                    .collect();
+                // All peers at once: a peer that is itself leaving must not hold up the others.
+                let mut calls = tokio::task::JoinSet::new();
+                for p in st.peers.values() {
+                    let actor = p.actor.clone();
+                    let a = a.clone();
+                    calls.spawn(async move { actor.call(|port| MembershipMsg::Leaving(Wire::Ok(a), port), Some(Duration::from_secs(1))).await });
+                }
                 let n = calls.len();
                 let mut told = 0;
-                for c in calls {
-                    if matches!(c.await, Ok(ractor::rpc::CallResult::Success(true))) {
+                while let Some(r) = calls.join_next().await {
+                    if matches!(r, Ok(Ok(ractor::rpc::CallResult::Success(true)))) {
                         told += 1;
                     }
                 }

@@ -16,9 +16,19 @@ use serde_json::Value;
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 pub const COOKIE: &str = "test-cookie";
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below the kernel's ephemeral range (32768 and up) so that no
+/// outgoing connection or port-0 listener takes it before the node binds it. Each test process
+/// (nextest runs one per test) draws from its own block of ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let block = 20000 + (std::process::id() % 500) as u16 * 24;
+    loop {
+        let p = block + NEXT.fetch_add(1, Ordering::Relaxed) % 24;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 pub fn unix_ms() -> u64 {
@@ -34,6 +44,7 @@ pub struct NodeProc {
     pub env: Vec<(String, String)>,
     pub seeds: Vec<String>,
     pub stopped: bool,
+    pub model: PathBuf,
 }
 
 impl NodeProc {
@@ -73,6 +84,9 @@ impl NodeProc {
         let mut cmd = Command::new(BIN);
         cmd.args(["node", "--name", &self.name, "--cluster-listen", &self.cluster, "--http-listen", &self.http])
             .args(["--seeds", &self.seeds.join(",")])
+            .arg("--model")
+            .arg(&self.model)
+            .env("FLOTILLA__NODE__THREADS", "1")
             .env("FLOTILLA_COOKIE", COOKIE)
             .env("RUST_LOG", "info,ractor_cluster=warn")
             .env_remove("FLOTILLA__NODE__FAULT_INJECTION")
@@ -93,9 +107,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `n` nodes named node1..nodeN; `env` applies to every node.
+    /// Starts `n` nodes named node1..nodeN serving a tiny synthetic model; `env` applies to every node.
     pub fn start(n: usize, env: &[(&str, &str)]) -> Cluster {
+        Self::start_with(n, env, None)
+    }
+
+    /// Starts `n` nodes serving `model` (default: a tiny synthetic model written for the test).
+    pub fn start_with(n: usize, env: &[(&str, &str)], model: Option<&std::path::Path>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let model = match model {
+            Some(m) => m.to_path_buf(),
+            None => {
+                let p = dir.path().join("tiny.gguf");
+                flotilla_engine::synthetic::write(&p, &flotilla_engine::synthetic::SyntheticSpec::default()).unwrap();
+                p
+            }
+        };
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let seeds: Vec<String> = ports.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect();
         let mut nodes = Vec::new();
@@ -110,6 +137,7 @@ impl Cluster {
                 env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                 seeds: seeds.clone(),
                 stopped: false,
+                model: model.clone(),
             });
         }
         let mut cluster = Cluster { nodes, dir };
@@ -131,6 +159,7 @@ impl Cluster {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             seeds,
             stopped: false,
+            model: self.nodes[0].model.clone(),
         };
         node.spawn();
         self.nodes.push(node);
