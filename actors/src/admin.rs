@@ -8,8 +8,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
 use crate::membership::MembershipMsg;
-use crate::protocol::{AdminReply, AdminRequest, ADMIN_GROUP, MEMBERSHIP_GROUP, SCOPE};
+use crate::protocol::{AdminReply, AdminRequest, ClusterStatus, ADMIN_GROUP, MEMBERSHIP_GROUP, SCOPE};
+use crate::scheduler::SchedulerMsg;
 use crate::wire::Wire;
+use crate::worker::{member, WorkerMsg};
 
 /// How long a request may take end to end on the node that received it.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,6 +26,28 @@ pub enum AdminMsg {
 }
 
 pub struct Admin;
+
+/// Adds the leader scheduler's status and every reachable worker's statistics (each asked at once, 1 s at most).
+async fn add_serving(s: &mut ClusterStatus) {
+    let t = Some(Duration::from_secs(1));
+    if let Some(sched) = s.leader.as_deref().and_then(|l| member::<SchedulerMsg>(&crate::scheduler::group(l))) {
+        if let Ok(ractor::rpc::CallResult::Success(Wire::Ok(st))) = sched.call(SchedulerMsg::Status, t).await {
+            s.scheduler = Some(st);
+        }
+    }
+    let mut calls = tokio::task::JoinSet::new();
+    for m in s.members.iter().filter(|m| m.state.is_present()) {
+        if let Some(w) = member::<WorkerMsg>(&crate::worker::group(&m.name)) {
+            calls.spawn(async move { w.call(WorkerMsg::Stats, t).await });
+        }
+    }
+    while let Some(r) = calls.join_next().await {
+        if let Ok(Ok(ractor::rpc::CallResult::Success(Wire::Ok(w)))) = r {
+            s.workers.push(w);
+        }
+    }
+    s.workers.sort_by(|a, b| a.node.cmp(&b.node));
+}
 
 /// The local membership actor, looked up on each request so that a restarted one is found.
 fn local_membership() -> Option<ActorRef<MembershipMsg>> {
@@ -51,6 +75,10 @@ impl Actor for Admin {
                 // Off the actor's loop: a request routed to a slow node must not hold up the next one.
                 tokio::spawn(async move {
                     let r = match membership.call(|p| MembershipMsg::Admin(Wire::Ok(req), p), Some(ADMIN_TIMEOUT)).await {
+                        Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdminReply::Status(mut s)))) => {
+                            add_serving(&mut s).await;
+                            Wire::Ok(AdminReply::Status(s))
+                        }
                         Ok(ractor::rpc::CallResult::Success(w)) => w,
                         Ok(ractor::rpc::CallResult::Timeout) => Wire::Ok(AdminReply::Error("the membership actor did not answer in time".into())),
                         _ => Wire::Ok(AdminReply::Error("the membership actor is restarting; try again".into())),

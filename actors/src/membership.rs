@@ -359,6 +359,8 @@ impl MembershipState {
             placement_epoch: id.placement_epoch,
             members: self.view.members().cloned().collect(),
             events: self.events.iter().cloned().collect(),
+            scheduler: None,
+            workers: Vec::new(),
         }
     }
 

@@ -106,6 +106,12 @@ pub struct ClusterStatus {
     pub members: Vec<Member>,
     /// Most recent last.
     pub events: Vec<MembershipEvent>,
+    /// The active scheduler's view: placement, readiness, running and waiting requests.
+    #[serde(default)]
+    pub scheduler: Option<crate::work::SchedulerStatus>,
+    /// Each reachable worker: role, sequences held, queue depth, last batch size.
+    #[serde(default)]
+    pub workers: Vec<crate::work::WorkerStats>,
 }
 
 /// The answer to an [`AdminRequest`].

@@ -114,6 +114,11 @@ impl Cluster {
 
     /// Starts `n` nodes serving `model` (default: a tiny synthetic model written for the test).
     pub fn start_with(n: usize, env: &[(&str, &str)], model: Option<&std::path::Path>) -> Cluster {
+        Self::start_custom(n, env, model, &[])
+    }
+
+    /// As `start_with`, node `i` with `capacities[i]` where given.
+    pub fn start_custom(n: usize, env: &[(&str, &str)], model: Option<&std::path::Path>, capacities: &[f64]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let model = match model {
             Some(m) => m.to_path_buf(),
@@ -134,7 +139,11 @@ impl Cluster {
                 cluster: format!("127.0.0.1:{c}"),
                 http: format!("127.0.0.1:{h}"),
                 child: None,
-                env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain(capacities.get(i).map(|c| ("FLOTILLA__NODE__CAPACITY".to_string(), c.to_string())))
+                    .collect(),
                 seeds: seeds.clone(),
                 stopped: false,
                 model: model.clone(),
@@ -200,6 +209,46 @@ impl Cluster {
                 panic!("{what}: not seen through {} within {within:?}; last status: {last:#?}\n{}", self.nodes[via].name, self.logs());
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// POSTs a JSON body to node `i`'s HTTP API; returns the status and the parsed body.
+    pub fn post(&self, i: usize, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+        let url = format!("http://{}{path}", self.nodes[i].http);
+        let r = ureq::post(&url).timeout(Duration::from_secs(120)).set("Content-Type", "application/json").send_string(&body.to_string());
+        let resp = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("POST {url}: {e}"),
+        };
+        let status = resp.status();
+        let retry = resp.header("Retry-After").map(str::to_string);
+        let text = resp.into_string().unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), retry)
+    }
+
+    /// GETs a path from node `i`: the status and the body.
+    pub fn get(&self, i: usize, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.nodes[i].http);
+        match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    /// Waits until node `i` answers `/ready` with 200.
+    pub fn wait_ready(&self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (code, body) = self.get(i, "/ready");
+            if code == 200 {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("{} not ready within {within:?}: {code} {body}\n{}", self.nodes[i].name, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 

@@ -112,6 +112,37 @@ fn print_status(s: &ClusterStatus) {
             m.load.rss_bytes as f64 / (1 << 20) as f64
         );
     }
+    match &s.scheduler {
+        Some(sch) => {
+            let state = if sch.ready { "ready".to_string() } else { format!("not ready: {}", sch.error.as_deref().unwrap_or("loading")) };
+            println!("placement ({state}; running {:?}, waiting {}):", sch.running, sch.waiting);
+            if let Some(p) = &sch.placement {
+                println!("  {:<8} {:<6} {:<16} {:<10} {:>6}", "REPLICA", "STAGE", "NODE", "LAYERS", "EPOCH");
+                for (r, rep) in p.replicas.iter().enumerate() {
+                    for (st, a) in rep.iter().enumerate() {
+                        println!("  {:<8} {:<6} {:<16} {:<10} {:>6}", r, st, a.node, format!("{}..{}", a.start, a.end), p.epoch);
+                    }
+                }
+            }
+        }
+        None => println!("placement: the leader's scheduler did not answer"),
+    }
+    if !s.workers.is_empty() {
+        println!("workers:");
+        println!("  {:<16} {:>6} {:>9} {:>6} {:>10} {:>9} {:>10}", "NODE", "EPOCH", "SEQUENCES", "QUEUE", "LASTBATCH", "BATCHES", "KV MiB");
+        for w in &s.workers {
+            println!(
+                "  {:<16} {:>6} {:>9} {:>6} {:>10} {:>9} {:>10.1}",
+                w.node,
+                w.epoch,
+                w.sequences,
+                w.queue_depth,
+                w.last_batch,
+                w.batches,
+                w.kv_bytes as f64 / (1 << 20) as f64
+            );
+        }
+    }
     if !s.events.is_empty() {
         println!("recent membership events:");
         for e in s.events.iter().rev().take(10) {
