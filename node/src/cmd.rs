@@ -3,5 +3,6 @@
 pub mod admin;
 pub mod bench;
 pub mod generate;
+pub mod load;
 pub mod node;
 pub mod up;

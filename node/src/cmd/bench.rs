@@ -18,6 +18,8 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Engine throughput on one machine (no cluster).
     Engine(EngineArgs),
+    /// Load on an OpenAI-compatible server: throughput, time to first token, inter-token latency.
+    Load(crate::cmd::load::LoadArgs),
 }
 
 #[derive(Args, Debug)]
@@ -63,6 +65,7 @@ struct Report {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchWhat::Engine(a) => engine(a),
+        BenchWhat::Load(a) => crate::cmd::load::run(a),
     }
 }
 

@@ -17,10 +17,10 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 3)]
     pub nodes: u16,
     /// Cluster port of node1; node K listens on base + K - 1.
-    #[arg(long, default_value_t = 7401)]
+    #[arg(long, default_value_t = 7400)]
     pub cluster_port: u16,
     /// HTTP port of node1; node K listens on base + K - 1.
-    #[arg(long, default_value_t = 8081)]
+    #[arg(long, default_value_t = 8080)]
     pub http_port: u16,
     /// Configuration file every node reads (flags below override it).
     #[arg(long)]
@@ -46,6 +46,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<i32> {
     }
     let exe = std::env::current_exe().context("locating the flotilla binary")?;
     let seeds: Vec<String> = (0..args.nodes).map(|k| format!("127.0.0.1:{}", args.cluster_port + k)).collect();
+    // Share the cores between the nodes unless told otherwise.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / args.nodes as usize).max(1).to_string();
     let mut nodes = Vec::new();
     println!("{:<8} {:<20} {:<20}", "NODE", "CLUSTER", "HTTP");
     for k in 0..args.nodes {
@@ -53,6 +56,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<i32> {
         let cluster = format!("127.0.0.1:{}", args.cluster_port + k);
         let http = format!("127.0.0.1:{}", args.http_port + k);
         let mut cmd = Command::new(&exe);
+        if std::env::var_os("FLOTILLA__NODE__THREADS").is_none() {
+            cmd.env("FLOTILLA__NODE__THREADS", &threads);
+        }
         cmd.arg("node").args(["--name", &name, "--cluster-listen", &cluster, "--http-listen", &http, "--seeds", &seeds.join(",")]);
         if let Some(c) = &args.config {
             cmd.arg("--config").arg(c);
@@ -73,7 +79,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<i32> {
         println!("{name:<8} {cluster:<20} {http:<20}");
         nodes.push(Node { name, child });
     }
-    println!("{} nodes started; `flotilla admin --node {} status` shows the cluster; Ctrl-C stops them all.", args.nodes, seeds[0]);
+    println!(
+        "{} nodes started. OpenAI API: http://127.0.0.1:{}/v1 (any node); `flotilla admin --node {} status` shows the cluster; Ctrl-C stops them all.",
+        args.nodes, args.http_port, seeds[0]
+    );
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let code = rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
