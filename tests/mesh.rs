@@ -1,5 +1,5 @@
 //! Multi-process mesh tests: real `flotilla node` processes on 127.0.0.1, real sockets, real
-//! signals, observed through `flotilla admin`. Heartbeats every 250 ms, dead after 4 misses.
+//! signals, observed through `flotilla admin`. Heartbeats every 250 ms, dead after 6 misses (1.5 s).
 
 mod support;
 

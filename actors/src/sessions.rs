@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla_engine::{FinishReason, SamplingParams, TextStream, Tokenizer};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -37,7 +37,11 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for admission (includes time in the scheduler's queue).
 const ADMIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pipelines a request may try before it fails.
-const MAX_ATTEMPTS: u32 = 4;
+const MAX_ATTEMPTS: u32 = 8;
+/// How often a waiting request checks that every stage of its pipeline is still in the mesh.
+const LIVENESS_CHECK: Duration = Duration::from_millis(100);
+/// Pause before re-admission, times the attempt number.
+const RETRY_PAUSE: Duration = Duration::from_millis(150);
 
 enum Event {
     Token(TokenOut),
@@ -47,6 +51,17 @@ enum Event {
 /// Open requests of this node, by id.
 #[derive(Clone, Default)]
 pub struct Registry(Arc<Mutex<HashMap<u64, UnboundedSender<Event>>>>);
+
+impl Registry {
+    /// Requests this node is serving now.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("registry lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 #[derive(RactorClusterMessage)]
 pub enum SessionsMsg {
@@ -134,6 +149,7 @@ pub struct Completion {
 }
 
 /// Where a request currently runs.
+#[derive(Clone)]
 struct Route {
     epoch: u64,
     replica: u32,
@@ -180,9 +196,18 @@ struct Registered<'a> {
     ctx: &'a ServeContext,
     id: Option<u64>,
     tx: UnboundedSender<Event>,
+    /// The pipeline of the current attempt: released (caches freed, slot returned) when the attempt
+    /// ends, and when the request is dropped half-way (the client went away).
+    route: Option<(ReqId, Route)>,
 }
 
 impl Registered<'_> {
+    fn release(&mut self) {
+        if let Some((req, route)) = self.route.take() {
+            release(self.ctx, &req, &route);
+        }
+    }
+
     /// A fresh id for a new attempt: anything still in flight for the old one is dropped on arrival.
     fn renew(&mut self) -> ReqId {
         let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
@@ -197,6 +222,7 @@ impl Registered<'_> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
+        self.release();
         if let Some(id) = self.id {
             self.ctx.registry.0.lock().expect("registry lock").remove(&id);
         }
@@ -219,7 +245,7 @@ pub async fn complete(
         return Err(ServeError::Invalid(format!("the prompt has {} tokens; the context window is {}", prompt.len(), ctx.context_length)));
     }
     let (tx, mut rx) = unbounded_channel();
-    let mut registered = Registered { ctx, id: None, tx };
+    let mut registered = Registered { ctx, id: None, tx, route: None };
 
     let mut stream = TextStream::new(&ctx.tokenizer, &params.stop);
     let mut output: Vec<u32> = Vec::new();
@@ -228,6 +254,7 @@ pub async fn complete(
         attempts += 1;
         let req = registered.renew();
         let route = admit(ctx, &req, prompt.len() + output.len(), params.max_tokens).await?;
+        registered.route = Some((req.clone(), route.clone()));
         let mut tokens = prompt.clone();
         tokens.extend_from_slice(&output);
         let first = SeqWork {
@@ -239,15 +266,22 @@ pub async fn complete(
             first: Some(FirstStep { params: params.clone(), n_prompt: prompt.len() as u32 }),
         };
         let mut problem = send_step(&route, first).err();
+        let mut check = tokio::time::interval(LIVENESS_CHECK);
+        let mut last_progress = Instant::now();
         while problem.is_none() {
-            let ev = match tokio::time::timeout(STEP_TIMEOUT, rx.recv()).await {
-                Err(_) => {
-                    problem = Some(format!("no token within {STEP_TIMEOUT:?}"));
-                    break;
+            let ev = tokio::select! {
+                ev = rx.recv() => ev.expect("the registry holds the sender while the request runs"),
+                _ = check.tick() => {
+                    // A stage whose node left the mesh (killed, hung and evicted, partitioned) sends nothing more: resume elsewhere now.
+                    if let Some(gone) = route.stages.iter().find(|n| member::<WorkerMsg>(&worker::group(n)).is_none()) {
+                        problem = Some(format!("stage node {gone} is gone"));
+                    } else if last_progress.elapsed() > STEP_TIMEOUT {
+                        problem = Some(format!("no token within {STEP_TIMEOUT:?}"));
+                    }
+                    continue;
                 }
-                Ok(None) => unreachable!("the registry holds the sender while the request runs"),
-                Ok(Some(ev)) => ev,
             };
+            last_progress = Instant::now();
             match ev {
                 Event::Failed(f) => problem = Some(format!("{}: {}", f.node, f.reason)),
                 Event::Token(t) if t.index as usize != output.len() || t.req != req => {
@@ -260,7 +294,6 @@ pub async fn complete(
                         output.push(t.token);
                         let (delta, stopped) = stream.push(t.token).map_err(|e| ServeError::Failed(e.to_string()))?;
                         if !delta.is_empty() && !on_text(&delta) {
-                            release(ctx, &req, &route);
                             return Err(ServeError::Failed("the client went away".into()));
                         }
                         if stopped {
@@ -272,7 +305,7 @@ pub async fn complete(
                         }
                     };
                     if let Some(finish) = finish {
-                        release(ctx, &req, &route);
+                        registered.release();
                         let rest = stream.finish();
                         if !rest.is_empty() {
                             on_text(&rest);
@@ -299,11 +332,13 @@ pub async fn complete(
             }
         }
         let why = problem.expect("the loop ends with a problem");
-        release(ctx, &req, &route);
+        registered.release();
         if attempts >= MAX_ATTEMPTS {
             return Err(ServeError::Failed(format!("gave up after {attempts} pipelines: {why}")));
         }
         tracing::warn!(%req, attempt = attempts, reason = %why, emitted = output.len(), "resuming the request on a new pipeline");
+        // Give the membership and the scheduler a moment to see the loss and plan around it.
+        tokio::time::sleep(RETRY_PAUSE * attempts).await;
         // The next attempt has a new id: whatever the abandoned pipeline still sends is dropped.
         while rx.try_recv().is_ok() {}
         continue 'attempt;

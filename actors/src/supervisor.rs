@@ -226,7 +226,15 @@ impl Actor for NodeSupervisor {
                         id.state = MemberState::Draining;
                     }
                 }
-                // Nothing runs on this node yet that must move before it goes; later issues wait for that here.
+                // Draining: the scheduler moves this node's layers elsewhere (sequences running on them resume on the
+                // new placement); the requests this node's clients sent run to completion, within the time allowed.
+                let deadline = Instant::now() + st.config.leave_timeout.saturating_sub(Duration::from_millis(1500));
+                while !st.registry.is_empty() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if !st.registry.is_empty() {
+                    tracing::warn!(open = st.registry.len(), "leaving with requests still open: their clients lose their connections");
+                }
                 let told = st.membership.call(MembershipMsg::LeaveCluster, Some(st.config.leave_timeout)).await;
                 if !matches!(told, Ok(ractor::rpc::CallResult::Success(true))) {
                     tracing::warn!("could not tell every peer that this node leaves; they will see it fail instead");

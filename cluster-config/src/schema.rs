@@ -66,7 +66,7 @@ impl Default for ClusterSection {
             seeds: Vec::new(),
             cookie: DEFAULT_COOKIE.into(),
             heartbeat_interval_ms: 250,
-            heartbeat_misses: 4,
+            heartbeat_misses: 6,
         }
     }
 }

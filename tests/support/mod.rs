@@ -43,7 +43,6 @@ pub struct NodeProc {
     pub log: PathBuf,
     pub env: Vec<(String, String)>,
     pub seeds: Vec<String>,
-    pub stopped: bool,
     pub model: PathBuf,
 }
 
@@ -52,9 +51,8 @@ impl NodeProc {
         Pid::from_raw(self.child.as_ref().expect("node is running").id() as i32)
     }
 
-    pub fn signal(&mut self, s: Signal) {
+    pub fn signal(&self, s: Signal) {
         kill(self.pid(), s).unwrap();
-        self.stopped = s == Signal::SIGSTOP;
     }
 
     /// Waits for the process to exit and returns its exit code (None: killed by a signal).
@@ -145,7 +143,6 @@ impl Cluster {
                     .chain(capacities.get(i).map(|c| ("FLOTILLA__NODE__CAPACITY".to_string(), c.to_string())))
                     .collect(),
                 seeds: seeds.clone(),
-                stopped: false,
                 model: model.clone(),
             });
         }
@@ -167,7 +164,6 @@ impl Cluster {
             child: None,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             seeds,
-            stopped: false,
             model: self.nodes[0].model.clone(),
         };
         node.spawn();
@@ -183,6 +179,10 @@ impl Cluster {
 
     pub fn node(&mut self, name: &str) -> &mut NodeProc {
         self.nodes.iter_mut().find(|n| n.name == name).unwrap()
+    }
+
+    pub fn get_node(&self, name: &str) -> &NodeProc {
+        self.nodes.iter().find(|n| n.name == name).unwrap()
     }
 
     /// `flotilla admin status --json` through node `via`, or None if the call failed.

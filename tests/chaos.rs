@@ -1,0 +1,177 @@
+//! Failover under load: a 4-node cluster (one replica per node) serving 64 concurrent requests,
+//! greedy and seeded, while one node is killed, hung or drained. Every request must complete with
+//! exactly the tokens of the single-process engine: no gap, no duplicate, no error.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flotilla_engine::{Model, Pipeline, SamplingParams};
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use support::*;
+
+const REQUESTS: usize = 64;
+
+fn model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", p.display());
+    p
+}
+
+struct Case {
+    prompt: String,
+    temperature: f32,
+    seed: u64,
+    max_tokens: u32,
+}
+
+fn cases() -> Vec<Case> {
+    let prompts = [
+        "The history of the lighthouse begins",
+        "Explain how a compass works.",
+        "Once upon a time",
+        "A list of fruits: apple,",
+        "The main causes of the French Revolution were",
+        "def add(a, b):",
+        "Dear team, this week we",
+        "Why do cats purr? Because",
+    ];
+    (0..REQUESTS)
+        .map(|i| Case {
+            prompt: format!("{} ({})", prompts[i % prompts.len()], i / prompts.len()),
+            temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
+            seed: 7 + i as u64,
+            max_tokens: 24 + (i as u32 * 7) % 17,
+        })
+        .collect()
+}
+
+fn params(c: &Case) -> SamplingParams {
+    // End of sequence is ignored so that every request runs its full length (and is in flight when the fault comes).
+    SamplingParams { temperature: c.temperature, seed: c.seed, max_tokens: c.max_tokens, ignore_eos: true, ..SamplingParams::default() }
+}
+
+/// The single-process engine's tokens for every case, cached in the target directory (the same for every test).
+fn reference() -> Vec<Vec<u32>> {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-reference-v1.json");
+    if let Some(v) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Vec<Vec<u32>>>(&b).ok()) {
+        if v.len() == REQUESTS {
+            return v;
+        }
+    }
+    let mut model = Model::open(model_path()).unwrap();
+    let layers = model.config().n_layers;
+    let pipeline = Pipeline::new(model.load_shards(&[0..layers]).unwrap()).unwrap();
+    let out: Vec<Vec<u32>> = cases()
+        .iter()
+        .map(|c| {
+            let ids = model.tokenizer().encode(&c.prompt, true).unwrap();
+            pipeline.generate(model.tokenizer(), &ids, &params(c), |_| {}).unwrap().output_token_ids
+        })
+        .collect();
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(&out).unwrap()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    out
+}
+
+fn body(c: &Case) -> Value {
+    json!({ "prompt": c.prompt, "max_tokens": c.max_tokens, "temperature": c.temperature, "seed": c.seed,
+            "ignore_eos": true, "return_token_ids": true })
+}
+
+/// Runs the 64 requests against the nodes `via` (round-robin); `fault` runs once tokens are flowing on
+/// `victim`'s worker. Returns after checking every answer.
+fn under_load(c: &Cluster, via: &[usize], victim: &str, fault: impl FnOnce(&Cluster)) {
+    let want = reference();
+    let cases = cases();
+    let done = AtomicUsize::new(0);
+    let cref: &Cluster = c;
+    let results: Vec<(usize, u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, case)| {
+                let done = &done;
+                s.spawn(move || {
+                    let (code, v, _) = cref.post(via[i % via.len()], "/v1/completions", &body(case));
+                    done.fetch_add(1, Ordering::Relaxed);
+                    (i, code, v)
+                })
+            })
+            .collect();
+        // Wait until the victim holds sequences, then strike.
+        let s0 = cref.wait_status(via[0], Duration::from_secs(60), "sequences on the victim", |s| {
+            s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["node"] == victim && w["sequences"].as_u64() > Some(0)))
+        });
+        let running = s0["workers"].as_array().unwrap().iter().find(|w| w["node"] == victim).unwrap()["sequences"].clone();
+        let finished_before = done.load(Ordering::Relaxed);
+        eprintln!("fault on {victim} with {running} sequences there and {finished_before} of {REQUESTS} requests finished");
+        fault(cref);
+        assert!(finished_before < REQUESTS, "the fault came after the load");
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut failures = Vec::new();
+    for (i, code, v) in results {
+        if code != 200 {
+            failures.push(format!("request {i}: HTTP {code}: {v}"));
+            continue;
+        }
+        let ids: Vec<u32> = v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        if ids != want[i] {
+            failures.push(format!("request {i} differs:\n  got  {ids:?}\n  want {:?}", want[i]));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {REQUESTS} requests went wrong:\n{}\n{}", failures.len(), failures.join("\n"), c.logs());
+}
+
+fn four_nodes() -> Cluster {
+    reference();
+    let c = Cluster::start_with(4, &[], Some(&model_path()));
+    for i in 0..4 {
+        c.wait_ready(i, Duration::from_secs(60));
+    }
+    c.wait_status(0, Duration::from_secs(10), "4 replicas", |s| s["scheduler"]["placement"]["replicas"].as_array().map(|r| r.len()) == Some(4));
+    c
+}
+
+#[test]
+fn kill_9_of_a_worker_node_mid_generation() {
+    let c = four_nodes();
+    under_load(&c, &[0, 1], "node4", |c| c.get_node("node4").signal(Signal::SIGKILL));
+}
+
+#[test]
+fn kill_9_of_the_leader_mid_generation() {
+    let c = four_nodes();
+    under_load(&c, &[1, 2], "node1", |c| c.get_node("node1").signal(Signal::SIGKILL));
+    let s = c.status(1).unwrap();
+    assert_eq!(s["leader"], "node2", "{s:#}");
+}
+
+#[test]
+fn a_node_hung_for_ten_seconds_mid_generation() {
+    let c = four_nodes();
+    under_load(&c, &[0, 1], "node3", |c| {
+        c.get_node("node3").signal(Signal::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(10));
+        c.get_node("node3").signal(Signal::SIGCONT);
+    });
+    c.wait_status(0, Duration::from_secs(10), "node3 back", |s| all_up(s, &["node1", "node2", "node3", "node4"]));
+}
+
+#[test]
+fn drain_of_a_node_mid_generation() {
+    let c = four_nodes();
+    let addr = c.nodes[0].cluster.clone();
+    under_load(&c, &[0, 1], "node4", |_| {
+        let out = admin(&addr, COOKIE, &["drain", "node4"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    });
+    let s = c.wait_status(0, Duration::from_secs(5), "node4 draining", |s| state_of(s, "node4").as_deref() == Some("draining"));
+    let p = &s["scheduler"]["placement"]["replicas"];
+    assert!(!p.to_string().contains("node4"), "a draining node holds no layers: {p}");
+}
