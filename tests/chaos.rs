@@ -105,7 +105,7 @@ fn under_load(c: &Cluster, via: &[usize], victim: &str, fault: impl FnOnce(&Clus
             .collect();
         // Wait until the victim holds sequences, then strike.
         let s0 = cref.wait_status(via[0], Duration::from_secs(60), "sequences on the victim", |s| {
-            s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["node"] == victim && w["sequences"].as_u64() > Some(0)))
+            s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["node"] == victim && w["sequences"].as_u64() >= Some(8)))
         });
         let running = s0["workers"].as_array().unwrap().iter().find(|w| w["node"] == victim).unwrap()["sequences"].clone();
         let finished_before = done.load(Ordering::Relaxed);
