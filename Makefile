@@ -24,9 +24,10 @@ model: $(MODEL)
 $(MODEL):
 	bash scripts/fetch-model.sh
 
-## Python packages the independent reference forward (tests/reference) needs.
+## Python packages the tests need: the independent reference forward (tests/reference) and the OpenAI client (tests/api.rs).
 test-deps:
 	@$(PYTHON) -c "import numpy, gguf" 2>/dev/null || $(PYTHON) -m pip install --quiet -r tests/reference/requirements.txt
+	@$(PYTHON) -c "import openai" 2>/dev/null || $(PYTHON) -m pip install --quiet -r tests/requirements-api.txt
 
 build:
 	$(CARGO) build --workspace

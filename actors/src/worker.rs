@@ -147,6 +147,7 @@ impl Compute {
                         for id in ids {
                             self.seqs.remove(&id);
                         }
+                        self.update_stats(0, 0.0);
                     }
                     Job::Assign(a) => {
                         self.run_steps(std::mem::take(&mut steps));

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,7 +18,7 @@ use flotilla_actors::scheduler::{self, SchedulerMsg};
 use flotilla_actors::sessions::{complete, Completion, ServeContext, ServeError};
 use flotilla_actors::wire::Wire;
 use flotilla_actors::worker::member;
-use flotilla_engine::{FinishReason, SamplingParams};
+use flotilla_engine::{ChatMessage, ChatTemplate, FinishReason, SamplingParams};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -25,17 +27,40 @@ use tokio_stream::StreamExt;
 pub struct AppState {
     pub ctx: Arc<ServeContext>,
     pub model_id: String,
+    pub chat: ChatTemplate,
+    /// Bearer tokens accepted on `/v1/*` (none: no authentication).
+    pub api_keys: Vec<String>,
 }
 
 pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    let v1 = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
-        .route("/v1/models", get(models))
-        .route("/v1/completions", post(completions))
+        .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route", "invalid_request_error", None) })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route", "invalid_request_error", None)
+        })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// `Authorization: Bearer KEY` with a key from `http.api_keys`, when any is configured.
+async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if !st.api_keys.is_empty() {
+        let key = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        if !key.is_some_and(|k| st.api_keys.iter().any(|a| a == k)) {
+            let mut r = error(StatusCode::UNAUTHORIZED, "a valid API key is required: Authorization: Bearer KEY", "invalid_request_error", None);
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
 }
 
 /// An error in OpenAI's shape.
@@ -126,9 +151,152 @@ struct CompletionRequest {
     ignore_eos: bool,
     #[serde(default)]
     return_token_ids: bool,
-    // Accepted and ignored, as OpenAI clients send them.
     #[allow(dead_code)]
     user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageIn {
+    role: String,
+    content: Content,
+    #[allow(dead_code)]
+    name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<MessageIn>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<u32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    #[serde(default)]
+    ignore_eos: bool,
+    #[serde(default)]
+    return_token_ids: bool,
+    logprobs: Option<bool>,
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+/// The sampling fields both endpoints share.
+struct Knobs {
+    max_tokens: u32,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    ignore_eos: bool,
+}
+
+impl Knobs {
+    fn params(self) -> Result<SamplingParams, Response> {
+        let bad = |param: &str, msg: String| error(StatusCode::BAD_REQUEST, msg, "invalid_request_error", Some(param));
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        if stop.len() > 16 || stop.iter().any(|s| s.is_empty()) {
+            return Err(bad("stop", "stop takes at most 16 non-empty strings".into()));
+        }
+        if self.max_tokens == 0 {
+            return Err(bad("max_tokens", "max_tokens must be at least 1".into()));
+        }
+        let p = SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k: self.top_k.unwrap_or(0),
+            top_p: self.top_p.unwrap_or(1.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            seed: self.seed.unwrap_or_else(rand::random),
+            max_tokens: self.max_tokens,
+            stop,
+            ignore_eos: self.ignore_eos,
+        };
+        p.validate().map_err(|e| {
+            let msg = e.to_string();
+            let param = ["temperature", "top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty", "max_tokens"]
+                .into_iter()
+                .find(|k| msg.contains(k));
+            error(StatusCode::BAD_REQUEST, msg, "invalid_request_error", param)
+        })?;
+        Ok(p)
+    }
+}
+
+/// The JSON body, or an OpenAI-shaped error (413 when over the size limit, 400 otherwise).
+fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            error(StatusCode::PAYLOAD_TOO_LARGE, "the request body is larger than http.max_body_bytes", "invalid_request_error", None)
+        } else {
+            error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {r}"), "invalid_request_error", None)
+        }
+    })?;
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let v: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            error(StatusCode::BAD_REQUEST, format!("invalid request body: {inner}"), "invalid_request_error", None)
+        } else {
+            error(StatusCode::BAD_REQUEST, format!("invalid request body: {path}: {inner}"), "invalid_request_error", Some(&path))
+        }
+    })?;
+    de.end().map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"), "invalid_request_error", None))?;
+    Ok(v)
+}
+
+fn check_model(st: &AppState, model: &Option<String>, n: Option<u32>) -> Result<(), Response> {
+    if let Some(m) = model {
+        if *m != st.model_id {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("model {m:?} is not served here; this cluster serves {:?}", st.model_id),
+                "invalid_request_error",
+                Some("model"),
+            ));
+        }
+    }
+    if n.is_some_and(|n| n != 1) {
+        return Err(error(StatusCode::BAD_REQUEST, "only n = 1 is supported", "invalid_request_error", Some("n")));
+    }
+    Ok(())
 }
 
 fn unix_s() -> u64 {
@@ -142,23 +310,19 @@ fn finish_name(f: FinishReason) -> &'static str {
     }
 }
 
-async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
-    let req: CompletionRequest = match serde_json::from_slice(&body) {
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Text,
+    Chat,
+}
+
+async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: CompletionRequest = match parse(body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"), "invalid_request_error", None),
+        Err(e) => return e,
     };
-    if let Some(m) = &req.model {
-        if *m != st.model_id {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("model {m:?} is not served here; this cluster serves {:?}", st.model_id),
-                "invalid_request_error",
-                Some("model"),
-            );
-        }
-    }
-    if req.n.is_some_and(|n| n != 1) {
-        return error(StatusCode::BAD_REQUEST, "only n = 1 is supported", "invalid_request_error", Some("n"));
+    if let Err(e) = check_model(&st, &req.model, req.n) {
+        return e;
     }
     let tok = &st.ctx.tokenizer;
     let prompt = match &req.prompt {
@@ -167,70 +331,190 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
         Prompt::Texts(_) => {
             return error(StatusCode::BAD_REQUEST, "exactly one prompt per request is supported", "invalid_request_error", Some("prompt"))
         }
-        Prompt::Tokens(ids) => Ok(ids.clone()),
+        Prompt::Tokens(ids) => match ids.iter().find(|&&t| t as usize >= tok.vocab_size()) {
+            Some(t) => {
+                return error(StatusCode::BAD_REQUEST, format!("token id {t} is outside the vocabulary"), "invalid_request_error", Some("prompt"))
+            }
+            None => Ok(ids.clone()),
+        },
     };
     let prompt = match prompt {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot tokenize the prompt: {e}"), "invalid_request_error", Some("prompt")),
     };
-    let params = SamplingParams {
-        temperature: req.temperature.unwrap_or(1.0),
-        top_k: req.top_k.unwrap_or(0),
-        top_p: req.top_p.unwrap_or(1.0),
-        repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
-        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
-        presence_penalty: req.presence_penalty.unwrap_or(0.0),
-        seed: req.seed.unwrap_or_else(rand::random),
+    let knobs = Knobs {
         max_tokens: req.max_tokens.unwrap_or(16),
-        stop: match req.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        },
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: req.seed,
+        stop: req.stop,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
         ignore_eos: req.ignore_eos,
     };
-    if let Err(e) = params.validate() {
-        return error(StatusCode::BAD_REQUEST, e.to_string(), "invalid_request_error", None);
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    serve(st, Kind::Text, prompt, knobs, req.stream, include_usage, req.return_token_ids).await
+}
+
+async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: ChatRequest = match parse(body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if let Err(e) = check_model(&st, &req.model, req.n) {
+        return e;
     }
-    let id = format!("cmpl-{}-{}", st.ctx.node, rand::random::<u32>());
+    if req.logprobs == Some(true) {
+        return error(StatusCode::BAD_REQUEST, "logprobs are not supported", "invalid_request_error", Some("logprobs"));
+    }
+    if req.messages.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "messages must hold at least one message", "invalid_request_error", Some("messages"));
+    }
+    let mut msgs = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        if !["system", "developer", "user", "assistant", "tool"].contains(&m.role.as_str()) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("messages[{i}].role {:?} is not one of system, user, assistant, tool", m.role),
+                "invalid_request_error",
+                Some("messages"),
+            );
+        }
+        let text = match &m.content {
+            Content::Text(t) => t.clone(),
+            Content::Parts(parts) => {
+                let mut t = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(s)) => t.push_str(s),
+                        _ => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                format!("messages[{i}]: only text content parts are supported"),
+                                "invalid_request_error",
+                                Some("messages"),
+                            )
+                        }
+                    }
+                }
+                t
+            }
+        };
+        let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+        msgs.push(ChatMessage::new(role, text));
+    }
+    let text = match st.chat.render(&msgs, true) {
+        Ok(t) => t,
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, format!("the chat template rejected the messages: {e}"), "invalid_request_error", Some("messages"))
+        }
+    };
+    let prompt = match st.ctx.tokenizer.encode(&text, true) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("cannot tokenize the messages: {e}"), "invalid_request_error", Some("messages")),
+    };
+    let knobs = Knobs {
+        max_tokens: req.max_completion_tokens.or(req.max_tokens).unwrap_or_else(|| (st.ctx.context_length as u32).min(4096)),
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        seed: req.seed,
+        stop: req.stop,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
+        repetition_penalty: req.repetition_penalty,
+        ignore_eos: req.ignore_eos,
+    };
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    serve(st, Kind::Chat, prompt, knobs, req.stream, include_usage, req.return_token_ids).await
+}
+
+/// Runs a request and answers in the endpoint's shape, as one JSON body or as server-sent events.
+async fn serve(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, knobs: Knobs, stream: bool, include_usage: bool, return_ids: bool) -> Response {
+    let params = match knobs.params() {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    if prompt.len() >= st.ctx.context_length {
+        let msg = format!("the prompt has {} tokens; the context window is {}", prompt.len(), st.ctx.context_length);
+        return error(StatusCode::BAD_REQUEST, msg, "invalid_request_error", Some(if kind == Kind::Chat { "messages" } else { "prompt" }));
+    }
+    let (prefix, object) = match kind {
+        Kind::Text => ("cmpl", "text_completion"),
+        Kind::Chat => ("chatcmpl", "chat.completion"),
+    };
+    let id = format!("{prefix}-{}-{:08x}", st.ctx.node, rand::random::<u32>());
     let created = unix_s();
-    if !req.stream {
+    let model = st.model_id.clone();
+    if !stream {
         return match complete(&st.ctx, prompt, params, |_| true).await {
-            Ok(c) => Json(body_of(&id, created, &st.model_id, &c, req.return_token_ids)).into_response(),
+            Ok(c) => {
+                let mut choice = match kind {
+                    Kind::Text => json!({ "index": 0, "text": c.text, "finish_reason": finish_name(c.finish), "logprobs": null }),
+                    Kind::Chat => {
+                        json!({ "index": 0, "message": { "role": "assistant", "content": c.text }, "finish_reason": finish_name(c.finish), "logprobs": null })
+                    }
+                };
+                if return_ids {
+                    choice["token_ids"] = json!(c.tokens);
+                }
+                Json(json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice], "usage": usage(&c) }))
+                    .into_response()
+            }
             Err(e) => serve_error(e),
         };
     }
     // Streaming: the request runs in its own task; a closed channel (client gone) cancels it.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    let chunk_object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
     let chunk = {
-        let (id, model) = (id.clone(), st.model_id.clone());
-        move |text: &str, finish: Option<&str>| {
-            json!({ "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{ "index": 0, "text": text, "finish_reason": finish, "logprobs": null }] })
+        let (id, model) = (id.clone(), model.clone());
+        move |text: Option<&str>, finish: Option<&str>| {
+            let choice = match kind {
+                Kind::Text => json!({ "index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null }),
+                Kind::Chat => {
+                    let delta = match text {
+                        Some(t) => json!({ "content": t }),
+                        None => json!({}),
+                    };
+                    json!({ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": null })
+                }
+            };
+            json!({ "id": id, "object": chunk_object, "created": created, "model": model, "choices": [choice] })
         }
     };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    if kind == Kind::Chat {
+        let mut first = chunk(Some(""), None);
+        first["choices"][0]["delta"]["role"] = json!("assistant");
+        let _ = tx.send(first);
+    }
     let ctx = st.ctx.clone();
-    let return_ids = req.return_token_ids;
-    let model_id = st.model_id.clone();
     tokio::spawn(async move {
         let c2 = chunk.clone();
         let tx2 = tx.clone();
-        let result = complete(&ctx, prompt, params, move |piece| tx2.send(c2(piece, None)).is_ok()).await;
+        let result = complete(&ctx, prompt, params, move |piece| tx2.send(c2(Some(piece), None)).is_ok()).await;
         match result {
             Ok(c) => {
-                let mut last = chunk("", Some(finish_name(c.finish)));
+                let mut last = chunk(None, Some(finish_name(c.finish)));
                 if return_ids {
                     last["choices"][0]["token_ids"] = json!(c.tokens);
                 }
                 let _ = tx.send(last);
                 if include_usage {
-                    let _ = tx.send(json!({ "id": id, "object": "text_completion", "created": created, "model": model_id, "choices": [],
-                        "usage": usage(&c) }));
+                    let _ =
+                        tx.send(json!({ "id": id, "object": chunk_object, "created": created, "model": model, "choices": [], "usage": usage(&c) }));
                 }
             }
             Err(e) => {
-                let _ = tx.send(json!({ "error": { "message": e.to_string(), "type": "server_error", "param": null, "code": null } }));
+                let (status, kind) = match &e {
+                    ServeError::Busy { .. } => (429, "rate_limit_error"),
+                    ServeError::Unavailable(_) => (503, "service_unavailable"),
+                    ServeError::Invalid(_) => (400, "invalid_request_error"),
+                    ServeError::Failed(_) => (500, "server_error"),
+                };
+                let _ = tx.send(json!({ "error": { "message": e.to_string(), "type": kind, "param": null, "code": status } }));
             }
         }
     });
@@ -242,12 +526,4 @@ async fn completions(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 
 fn usage(c: &Completion) -> Value {
     json!({ "prompt_tokens": c.prompt_tokens, "completion_tokens": c.tokens.len(), "total_tokens": c.prompt_tokens + c.tokens.len() })
-}
-
-fn body_of(id: &str, created: u64, model: &str, c: &Completion, return_ids: bool) -> Value {
-    let mut choice = json!({ "index": 0, "text": c.text, "finish_reason": finish_name(c.finish), "logprobs": null });
-    if return_ids {
-        choice["token_ids"] = json!(c.tokens);
-    }
-    json!({ "id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice], "usage": usage(c) })
 }

@@ -86,9 +86,11 @@ async fn serve(config: NodeConfig, model: Model) -> anyhow::Result<i32> {
     let cfg = model.config().clone();
     let ctx = Arc::new(ServeContext::new(config.name.clone(), identity.clone(), registry.clone(), model.tokenizer().clone(), cfg.context_length));
     let max_body = config.max_body_bytes;
+    let api_keys = config.api_keys.clone();
     let args = SupervisorArgs { config, exit_code: exit_code.clone(), identity, registry, n_layers: cfg.n_layers as u32 };
     let (sup, handle) = Actor::spawn(Some("supervisor".into()), NodeSupervisor, args).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let app = crate::http::router(Arc::new(crate::http::AppState { ctx, model_id }), max_body);
+    let state = crate::http::AppState { ctx, model_id, chat: model.chat_template().clone(), api_keys };
+    let app = crate::http::router(Arc::new(state), max_body);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {
             tracing::error!(error = %e, "the HTTP server stopped");
