@@ -159,6 +159,9 @@ fn dropped_streams_free_their_caches_on_every_stage() {
     for i in 0..3 {
         c.wait_ready(i, Duration::from_secs(60));
     }
+    c.wait_status(0, Duration::from_secs(30), "one 3-stage pipeline loaded", |s| {
+        s["scheduler"]["ready"] == true && s["scheduler"]["placement"]["replicas"][0].as_array().map(|r| r.len()) == Some(3)
+    });
     // What the kept streams must produce: the single-process engine's tokens.
     let mut model = flotilla_engine::Model::open(model_path()).unwrap();
     let layers = model.config().n_layers;
@@ -175,7 +178,8 @@ fn dropped_streams_free_their_caches_on_every_stage() {
             .map(|i| {
                 let url = url.clone();
                 s.spawn(move || {
-                    let body = json!({ "prompt": format!("Dropped story {i}:"), "max_tokens": 400, "temperature": 0, "stream": true, "ignore_eos": true });
+                    let body =
+                        json!({ "prompt": format!("Dropped story {i}:"), "max_tokens": 400, "temperature": 0, "stream": true, "ignore_eos": true });
                     stream_and_drop(&url, &body, 3);
                 })
             })
@@ -185,7 +189,8 @@ fn dropped_streams_free_their_caches_on_every_stage() {
             .map(|p| {
                 let url = url.clone();
                 s.spawn(move || {
-                    let body = json!({ "prompt": p, "max_tokens": 48, "temperature": 0, "stream": true, "ignore_eos": true, "return_token_ids": true });
+                    let body =
+                        json!({ "prompt": p, "max_tokens": 48, "temperature": 0, "stream": true, "ignore_eos": true, "return_token_ids": true });
                     stream_ids(&url, &body)
                 })
             })

@@ -128,14 +128,58 @@ fn under_load(c: &Cluster, via: &[usize], victim: &str, fault: impl FnOnce(&Clus
     assert!(failures.is_empty(), "{} of {REQUESTS} requests went wrong:\n{}\n{}", failures.len(), failures.join("\n"), c.logs());
 }
 
+fn replicas(s: &Value) -> usize {
+    s["scheduler"]["placement"]["replicas"].as_array().map(|r| r.len()).unwrap_or(0)
+}
+
 fn four_nodes() -> Cluster {
     reference();
     let c = Cluster::start_with(4, &[], Some(&model_path()));
     for i in 0..4 {
         c.wait_ready(i, Duration::from_secs(60));
     }
-    c.wait_status(0, Duration::from_secs(10), "4 replicas", |s| s["scheduler"]["placement"]["replicas"].as_array().map(|r| r.len()) == Some(4));
+    c.wait_status(0, Duration::from_secs(10), "4 replicas", |s| replicas(s) == 4);
     c
+}
+
+#[test]
+fn two_nodes_joining_under_load_take_work() {
+    reference();
+    // Eight running requests per replica: the rest wait in the queue and go to the new replicas once they are loaded.
+    let env = [("FLOTILLA__PARALLELISM__MAX_BATCH", "8")];
+    let mut c = Cluster::start_with(2, &env, Some(&model_path()));
+    for i in 0..2 {
+        c.wait_ready(i, Duration::from_secs(60));
+    }
+    let newcomers = std::sync::Mutex::new(vec![c.new_node("node3", &env), c.new_node("node4", &env)]);
+    under_load(&c, &[0, 1], "node1", |_| {
+        for n in newcomers.lock().unwrap().iter_mut() {
+            n.spawn();
+        }
+    });
+    c.nodes.extend(newcomers.into_inner().unwrap());
+    let s = c.wait_status(0, Duration::from_secs(10), "4 replicas", |s| replicas(s) == 4 && s["scheduler"]["ready"] == true);
+    for n in ["node3", "node4"] {
+        let w = s["workers"].as_array().unwrap().iter().find(|w| w["node"] == n).unwrap_or_else(|| panic!("no worker stats for {n}: {s:#}"));
+        assert!(w["batches"].as_u64().unwrap() > 0, "{n} took no work: {w}");
+    }
+}
+
+#[test]
+fn a_node_restarted_after_kill_9_takes_layers_again() {
+    let mut c = four_nodes();
+    c.node("node3").signal(Signal::SIGKILL);
+    c.node("node3").wait_exit(Duration::from_secs(5));
+    c.wait_status(0, Duration::from_secs(5), "3 replicas", |s| replicas(s) == 3 && !s["scheduler"]["placement"].to_string().contains("node3"));
+    c.restart(2);
+    let s = c.wait_status(0, Duration::from_secs(30), "node3 serves again", |s| {
+        replicas(s) == 4 && s["scheduler"]["ready"] == true && s["scheduler"]["placement"].to_string().contains("node3")
+    });
+    assert_eq!(state_of(&s, "node3").as_deref(), Some("up"));
+    let (code, v, _) = c.post(2, "/v1/completions", &body(&cases()[0]));
+    assert_eq!(code, 200, "{v}");
+    let ids: Vec<u32> = v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(ids, reference()[0]);
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod client;
 pub mod failure_detector;
 pub mod membership;
+pub mod metrics;
 pub mod placement;
 pub mod protocol;
 pub mod scheduler;

@@ -103,6 +103,8 @@ pub enum SessionEventKind {
 pub struct BeatOutcome {
     pub node_id: u64,
     pub result: Result<Beat, String>,
+    /// Round trip of the call, in seconds.
+    pub rtt_s: f64,
 }
 
 /// The outcome of a dial.
@@ -364,8 +366,13 @@ impl MembershipState {
         }
     }
 
-    /// Tells the local scheduler about a new leader or a change of members.
+    /// Tells the local scheduler about a new leader or a change of members (and updates the membership gauges).
     fn publish_view(&mut self) {
+        let m = crate::metrics::m();
+        for s in [MemberState::Joining, MemberState::Up, MemberState::Suspect, MemberState::Down, MemberState::Draining, MemberState::Left] {
+            m.cluster_nodes.with_label_values(&[state_name(s)]).set(self.view.count(s) as i64);
+        }
+        m.placement_epoch.set(self.identity().placement_epoch as i64);
         let leader = self.view.leader().map(|m| m.name.clone());
         let key = (leader.clone(), self.view.members().map(|m| (m.name.clone(), m.incarnation, m.state, m.capacity.to_bits())).collect::<Vec<_>>());
         if self.published.as_ref() == Some(&key) {
@@ -439,6 +446,7 @@ impl MembershipState {
                     }
                     self.fd.forget(&name);
                     self.fd.track(&name, now);
+                    crate::metrics::m().heartbeat_misses.with_label_values(&[name.as_str()]);
                     self.peers.insert(node_id, Peer { name, actor, last: None, beat_in_flight: false });
                 }
             }
@@ -462,6 +470,7 @@ impl MembershipState {
             let actor = p.actor.clone();
             let me = myself.clone();
             tokio::spawn(async move {
+                let sent = Instant::now();
                 let result = actor
                     .call(|port| MembershipMsg::Heartbeat(Wire::Ok(beat), port), Some(timeout))
                     .await
@@ -471,7 +480,7 @@ impl MembershipState {
                         ractor::rpc::CallResult::Timeout => Err("heartbeat timed out".into()),
                         ractor::rpc::CallResult::SenderError => Err("session closed before the answer".into()),
                     });
-                let _ = me.cast(MembershipMsg::BeatDone(Wire::Ok(BeatOutcome { node_id, result })));
+                let _ = me.cast(MembershipMsg::BeatDone(Wire::Ok(BeatOutcome { node_id, result, rtt_s: sent.elapsed().as_secs_f64() })));
             });
         }
     }
@@ -750,9 +759,14 @@ impl Actor for Membership {
                 }
                 Wire::Bad(e) => reply(port, Wire::Bad(format!("undecodable heartbeat: {e}"))),
             },
-            MembershipMsg::BeatDone(Wire::Ok(BeatOutcome { node_id, result })) => {
+            MembershipMsg::BeatDone(Wire::Ok(BeatOutcome { node_id, result, rtt_s })) => {
                 let Some(p) = st.peers.get_mut(&node_id) else { return Ok(()) };
                 p.beat_in_flight = false;
+                let m = crate::metrics::m();
+                match &result {
+                    Ok(_) => m.heartbeat_rtt.with_label_values(&[p.name.as_str()]).observe(rtt_s),
+                    Err(_) => m.heartbeat_misses.with_label_values(&[p.name.as_str()]).inc(),
+                }
                 match result {
                     Ok(beat) => {
                         p.last = Some(beat.from.clone());
@@ -865,6 +879,7 @@ impl Actor for Membership {
                 SessionEventKind::Disconnected => {
                     if let Some(addr) = st.unauthenticated.remove(&ev.node_id) {
                         st.rejected_sessions += 1;
+                        crate::metrics::m().rejected_sessions.inc();
                         tracing::warn!(peer_addr = %addr, "a cluster connection closed before authenticating (wrong cookie, or not a flotilla node)");
                     }
                     st.sessions.remove(&ev.node_id);

@@ -112,6 +112,7 @@ impl SchedulerState {
                     id.placement_epoch
                 };
                 p.epoch = epoch;
+                crate::metrics::m().rebalances.inc();
                 tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved_layers(prev.as_ref(), &p), "new placement");
                 self.error = None;
                 self.loaded.clear();
@@ -231,7 +232,24 @@ impl Actor for Scheduler {
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, _st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        crate::metrics::m().is_leader.set(0);
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        self.dispatch(myself, msg, st).await?;
+        let m = crate::metrics::m();
+        m.is_leader.set(st.active as i64);
+        m.requests_waiting.set(st.waiting.len() as i64);
+        m.cluster_replicas.set(st.placement.as_ref().map_or(0, |p| p.replicas.len() as i64));
+        m.cluster_requests_running.set(st.running.iter().map(|&r| r as i64).sum());
+        Ok(())
+    }
+}
+
+impl Scheduler {
+    async fn dispatch(&self, _myself: ActorRef<SchedulerMsg>, msg: SchedulerMsg, st: &mut SchedulerState) -> Result<(), ActorProcessingErr> {
         match msg {
             SchedulerMsg::View(Wire::Ok(v)) => {
                 let active = v.leader.as_deref() == Some(st.args.node.as_str());

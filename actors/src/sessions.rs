@@ -107,6 +107,22 @@ impl Actor for Sessions {
     }
 }
 
+/// Counts a request in `flotilla_num_requests_running` while it lives.
+struct RunningGauge;
+
+impl RunningGauge {
+    fn new() -> Self {
+        crate::metrics::m().requests_running.inc();
+        RunningGauge
+    }
+}
+
+impl Drop for RunningGauge {
+    fn drop(&mut self) {
+        crate::metrics::m().requests_running.dec();
+    }
+}
+
 /// What a node needs to serve requests.
 pub struct ServeContext {
     pub node: String,
@@ -246,6 +262,10 @@ pub async fn complete(
     }
     let (tx, mut rx) = unbounded_channel();
     let mut registered = Registered { ctx, id: None, tx, route: None };
+    let m = crate::metrics::m();
+    let _running = RunningGauge::new();
+    let started = Instant::now();
+    let mut last_token: Option<Instant> = None;
 
     let mut stream = TextStream::new(&ctx.tokenizer, &params.stop);
     let mut output: Vec<u32> = Vec::new();
@@ -253,7 +273,17 @@ pub async fn complete(
     'attempt: loop {
         attempts += 1;
         let req = registered.renew();
-        let route = admit(ctx, &req, prompt.len() + output.len(), params.max_tokens).await?;
+        let asked = Instant::now();
+        let route = admit(ctx, &req, prompt.len() + output.len(), params.max_tokens).await.inspect_err(|e| {
+            let reason = match e {
+                ServeError::Busy { .. } => "busy",
+                ServeError::Unavailable(_) => "unavailable",
+                ServeError::Invalid(_) => "invalid",
+                ServeError::Failed(_) => "failed",
+            };
+            m.request_failures.with_label_values(&[reason]).inc();
+        })?;
+        m.queue_time.observe(asked.elapsed().as_secs_f64());
         registered.route = Some((req.clone(), route.clone()));
         let mut tokens = prompt.clone();
         tokens.extend_from_slice(&output);
@@ -288,12 +318,20 @@ pub async fn complete(
                     tracing::warn!(%req, index = t.index, expected = output.len(), "ignoring an out-of-order token")
                 }
                 Event::Token(t) => {
+                    let now = Instant::now();
+                    match last_token {
+                        None => m.ttft.observe(now.duration_since(started).as_secs_f64()),
+                        Some(prev) => m.itl.observe(now.duration_since(prev).as_secs_f64()),
+                    }
+                    last_token = Some(now);
                     let finish = if !params.ignore_eos && ctx.tokenizer.stop_ids().contains(&t.token) {
                         Some(FinishReason::Stop)
                     } else {
                         output.push(t.token);
                         let (delta, stopped) = stream.push(t.token).map_err(|e| ServeError::Failed(e.to_string()))?;
                         if !delta.is_empty() && !on_text(&delta) {
+                            m.request_failures.with_label_values(&["cancelled"]).inc();
+                            m.generation_tokens.inc_by(output.len() as u64);
                             return Err(ServeError::Failed("the client went away".into()));
                         }
                         if stopped {
@@ -306,6 +344,10 @@ pub async fn complete(
                     };
                     if let Some(finish) = finish {
                         registered.release();
+                        m.request_success.with_label_values(&[if finish == FinishReason::Stop { "stop" } else { "length" }]).inc();
+                        m.e2e.observe(started.elapsed().as_secs_f64());
+                        m.prompt_tokens.inc_by(prompt.len() as u64);
+                        m.generation_tokens.inc_by(output.len() as u64);
                         let rest = stream.finish();
                         if !rest.is_empty() {
                             on_text(&rest);
@@ -334,8 +376,10 @@ pub async fn complete(
         let why = problem.expect("the loop ends with a problem");
         registered.release();
         if attempts >= MAX_ATTEMPTS {
+            m.request_failures.with_label_values(&["failed"]).inc();
             return Err(ServeError::Failed(format!("gave up after {attempts} pipelines: {why}")));
         }
+        m.requests_resumed.inc();
         tracing::warn!(%req, attempt = attempts, reason = %why, emitted = output.len(), "resuming the request on a new pipeline");
         // Give the membership and the scheduler a moment to see the loss and plan around it.
         tokio::time::sleep(RETRY_PAUSE * attempts).await;

@@ -95,6 +95,7 @@ impl<T: Serialize + DeserializeOwned> ractor::BytesConvertable for Wire<T> {
             Ok(v) => Wire::Ok(v),
             Err(e) => {
                 BAD_MESSAGES.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::m().bad_messages.inc();
                 tracing::warn!(error = %e, "dropping an undecodable message from a peer");
                 Wire::Bad(e)
             }

@@ -176,8 +176,10 @@ impl Compute {
             Some(role) => {
                 self.current = None;
                 self.seqs.clear();
+                let t0 = Instant::now();
                 match self.load(&role) {
                     Ok(shard) => {
+                        crate::metrics::m().shard_load_seconds.observe(t0.elapsed().as_secs_f64());
                         tracing::info!(epoch = a.epoch, replica = role.replica, stage = role.stage, layers = ?(role.start..role.end), "layers loaded");
                         self.current = Some(Current { role, since: a.epoch, shard });
                         None
@@ -316,6 +318,8 @@ impl Compute {
                 }
                 if !onward.is_empty() {
                     let next = next.expect("a middle stage has a next stage");
+                    let bytes: usize = onward.iter().map(|w| w.hidden.len()).sum();
+                    crate::metrics::m().activation_bytes_sent.with_label_values(&[next.as_str()]).inc_by(bytes as u64);
                     match member::<WorkerMsg>(&group(&next)) {
                         Some(wk) if wk.cast(WorkerMsg::Step(Wire::Ok(onward.clone()))).is_ok() => {}
                         _ => {
@@ -349,7 +353,19 @@ impl Compute {
         s.loaded = self.current.is_some();
         s.sequences = self.seqs.len() as u32;
         s.kv_bytes = self.seqs.values().map(|q| q.cache.size_bytes() as u64).sum();
+        let m = crate::metrics::m();
+        m.sequences_held.set(s.sequences as i64);
+        m.kv_cache_bytes.set(s.kv_bytes as i64);
+        m.layers_held.set(s.role.as_ref().map_or(0, |r| (r.end - r.start) as i64));
+        if let Some(c) = &self.current {
+            // Full context for every sequence the scheduler may send (max_batch is not known here: 32, the default).
+            let per_pos: u64 = c.shard.new_cache().size_bytes_per_position() as u64;
+            let cap = per_pos * c.shard.config().context_length as u64 * 32;
+            m.kv_cache_usage.set(if cap == 0 { 0.0 } else { s.kv_bytes as f64 / cap as f64 });
+        }
         if batch > 0 {
+            m.batch_size.observe(batch as f64);
+            m.forward_seconds.observe(secs);
             s.last_batch = batch;
             s.batches += 1;
             s.forward_seconds += secs;

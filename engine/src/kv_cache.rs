@@ -44,6 +44,11 @@ impl KvCache {
     }
 
     /// Bytes held by cached keys and values.
+    /// Bytes one more position takes (keys and values of every layer).
+    pub fn size_bytes_per_position(&self) -> usize {
+        2 * self.keys.len() * self.kv_dim * 4
+    }
+
     pub fn size_bytes(&self) -> usize {
         self.keys.iter().chain(&self.values).map(|v| v.len() * 4).sum()
     }

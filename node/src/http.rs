@@ -41,6 +41,7 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
+        .route("/metrics", get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], flotilla_actors::metrics::render()) }))
         .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route", "invalid_request_error", None) })
         .method_not_allowed_fallback(|| async {

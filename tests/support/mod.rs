@@ -77,7 +77,7 @@ impl NodeProc {
         s
     }
 
-    fn spawn(&mut self) {
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["node", "--name", &self.name, "--cluster-listen", &self.cluster, "--http-listen", &self.http])
@@ -95,6 +95,15 @@ impl NodeProc {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().expect("spawn flotilla node"));
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            let _ = c.wait();
+        }
     }
 }
 
@@ -155,8 +164,16 @@ impl Cluster {
 
     /// Adds and starts another node seeded with the existing ones, with extra environment.
     pub fn add(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
+        let mut node = self.new_node(name, env);
+        node.spawn();
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Another node seeded with the existing ones, not started yet (`spawn` starts it).
+    pub fn new_node(&self, name: &str, env: &[(&str, &str)]) -> NodeProc {
         let seeds = self.nodes.iter().map(|n| n.cluster.clone()).collect();
-        let mut node = NodeProc {
+        NodeProc {
             log: self.dir.path().join(format!("{name}.log")),
             name: name.into(),
             cluster: format!("127.0.0.1:{}", free_port()),
@@ -165,10 +182,7 @@ impl Cluster {
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             seeds,
             model: self.nodes[0].model.clone(),
-        };
-        node.spawn();
-        self.nodes.push(node);
-        self.nodes.len() - 1
+        }
     }
 
     /// Starts node `i` again with the same name, ports and environment.

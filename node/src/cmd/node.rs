@@ -83,6 +83,7 @@ async fn serve(config: NodeConfig, model: Model) -> anyhow::Result<i32> {
         .model_id
         .clone()
         .unwrap_or_else(|| config.model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
+    flotilla_actors::metrics::init(&config.name, &model_id);
     let cfg = model.config().clone();
     let ctx = Arc::new(ServeContext::new(config.name.clone(), identity.clone(), registry.clone(), model.tokenizer().clone(), cfg.context_length));
     let max_body = config.max_body_bytes;
