@@ -40,8 +40,11 @@ const ADMIT_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_ATTEMPTS: u32 = 8;
 /// How often a waiting request checks that every stage of its pipeline is still in the mesh.
 const LIVENESS_CHECK: Duration = Duration::from_millis(100);
-/// Pause before re-admission, times the attempt number.
+/// Pause before re-admission, times the number of earlier retries.
 const RETRY_PAUSE: Duration = Duration::from_millis(150);
+/// A route through a node that is gone is asked for again after this pause, up to this many times (5 s).
+const STALE_ROUTE_PAUSE: Duration = Duration::from_millis(25);
+const MAX_STALE_ROUTES: u32 = 200;
 
 enum Event {
     Token(TokenOut),
@@ -270,6 +273,7 @@ pub async fn complete(
     let mut stream = TextStream::new(&ctx.tokenizer, &params.stop);
     let mut output: Vec<u32> = Vec::new();
     let mut attempts = 0;
+    let mut stale_routes = 0;
     'attempt: loop {
         attempts += 1;
         let req = registered.renew();
@@ -285,6 +289,18 @@ pub async fn complete(
         })?;
         m.queue_time.observe(asked.elapsed().as_secs_f64());
         registered.route = Some((req.clone(), route.clone()));
+        if let Some(gone) = route.stages.iter().find(|n| member::<WorkerMsg>(&worker::group(n)).is_none()) {
+            // The scheduler has not yet planned around a node that just left: ask again shortly, without counting an attempt.
+            registered.release();
+            if stale_routes >= MAX_STALE_ROUTES {
+                return Err(ServeError::Unavailable(format!("the placement still uses {gone}, which is gone")));
+            }
+            stale_routes += 1;
+            attempts -= 1;
+            tokio::time::sleep(STALE_ROUTE_PAUSE).await;
+            continue 'attempt;
+        }
+        tracing::debug!(%req, epoch = route.epoch, replica = route.replica, stages = ?route.stages, attempt = attempts, resume_at = output.len(), "admitted");
         let mut tokens = prompt.clone();
         tokens.extend_from_slice(&output);
         let first = SeqWork {
@@ -343,6 +359,7 @@ pub async fn complete(
                         }
                     };
                     if let Some(finish) = finish {
+                        tracing::debug!(%req, tokens = output.len(), ?finish, "finished");
                         registered.release();
                         m.request_success.with_label_values(&[if finish == FinishReason::Stop { "stop" } else { "length" }]).inc();
                         m.e2e.observe(started.elapsed().as_secs_f64());
@@ -381,8 +398,8 @@ pub async fn complete(
         }
         m.requests_resumed.inc();
         tracing::warn!(%req, attempt = attempts, reason = %why, emitted = output.len(), "resuming the request on a new pipeline");
-        // Give the membership and the scheduler a moment to see the loss and plan around it.
-        tokio::time::sleep(RETRY_PAUSE * attempts).await;
+        // Later attempts give the membership and the scheduler more time to see a loss and plan around it.
+        tokio::time::sleep(RETRY_PAUSE * (attempts - 1)).await;
         // The next attempt has a new id: whatever the abandoned pipeline still sends is dropped.
         while rx.try_recv().is_ok() {}
         continue 'attempt;

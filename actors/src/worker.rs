@@ -206,6 +206,7 @@ impl Compute {
     }
 
     fn fail(&self, failures: &mut BTreeMap<String, SessionBatch>, req: &ReqId, reason: String) {
+        tracing::debug!(%req, %reason, "step refused");
         failures.entry(req.origin.clone()).or_default().failures.push(SeqFailure { req: req.clone(), node: self.node.clone(), reason });
     }
 
@@ -281,6 +282,7 @@ impl Compute {
                     }
                 }
             };
+            tracing::trace!(req = %w.req, stage = cur.role.stage, start = w.start, tokens = w.tokens.len(), "step");
             batch.push((w, seq, hidden));
         }
         if batch.is_empty() {
