@@ -15,12 +15,6 @@ use support::*;
 
 const REQUESTS: usize = 64;
 
-fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", p.display());
-    p
-}
-
 struct Case {
     prompt: String,
     temperature: f32,

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -81,9 +80,7 @@ fn counters_equal_what_was_served_and_the_format_parses() {
 
 #[test]
 fn a_killed_node_and_a_resumed_request_show_up() {
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(model.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", model.display());
-    let c = Cluster::start_with(3, &[], Some(&model));
+    let c = Cluster::start_with(3, &[], Some(&model_path()));
     for i in 0..3 {
         c.wait_ready(i, Duration::from_secs(60));
     }

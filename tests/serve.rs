@@ -4,19 +4,12 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use flotilla_engine::{Model, Pipeline, SamplingParams};
 use serde_json::{json, Value};
 use support::*;
-
-fn model_path() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", p.display());
-    p
-}
 
 /// One request of the mixed load: greedy and seeded sampling, prompts of 1 to ~60 tokens.
 #[derive(Clone)]

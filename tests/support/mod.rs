@@ -16,6 +16,13 @@ use serde_json::Value;
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 pub const COOKIE: &str = "test-cookie";
 
+/// The real model (SmolLM2-135M-Instruct Q4_1), fetched by `scripts/fetch-model.sh`.
+pub fn model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (make test does)", p.display());
+    p
+}
+
 /// A port nobody listens on right now, below the kernel's ephemeral range (32768 and up) so that no
 /// outgoing connection or port-0 listener takes it before the node binds it. Each test process
 /// (nextest runs one per test) draws from its own block of ports.
