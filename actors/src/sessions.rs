@@ -170,6 +170,8 @@ pub struct Completion {
 /// Where a request currently runs.
 #[derive(Clone)]
 struct Route {
+    /// Stage 0's worker, looked up once per attempt (not per token).
+    stage0: Option<ActorRef<WorkerMsg>>,
     epoch: u64,
     replica: u32,
     stages: Vec<String>,
@@ -184,7 +186,10 @@ async fn admit(ctx: &ServeContext, req: &ReqId, prompt_tokens: usize, max_tokens
     let sched = leader_scheduler(ctx)?;
     let ask = AdmitReq { req: req.clone(), prompt_tokens: prompt_tokens as u32, max_tokens };
     match sched.call(|p| SchedulerMsg::Admit(Wire::Ok(ask), p), Some(ADMIT_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch, replica, stages }))) => Ok(Route { epoch, replica, stages }),
+        Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch, replica, stages }))) => {
+            let stage0 = member::<WorkerMsg>(&worker::group(&stages[0]));
+            Ok(Route { stage0, epoch, replica, stages })
+        }
         Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Busy { queued }))) => Err(ServeError::Busy { queued }),
         Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Unavailable(why)))) => Err(ServeError::Unavailable(why)),
         Ok(ractor::rpc::CallResult::Success(Wire::Bad(e))) => Err(ServeError::Failed(format!("undecodable admission: {e}"))),
@@ -195,7 +200,7 @@ async fn admit(ctx: &ServeContext, req: &ReqId, prompt_tokens: usize, max_tokens
 
 fn send_step(route: &Route, w: SeqWork) -> Result<(), String> {
     let stage0 = &route.stages[0];
-    let wk = member::<WorkerMsg>(&worker::group(stage0)).ok_or_else(|| format!("stage 0 node {stage0} is unreachable"))?;
+    let wk = route.stage0.as_ref().ok_or_else(|| format!("stage 0 node {stage0} is unreachable"))?;
     wk.cast(WorkerMsg::Step(Wire::Ok(vec![w]))).map_err(|e| format!("stage 0 node {stage0}: {e}"))
 }
 

@@ -113,6 +113,8 @@ struct Current {
     /// Epoch since which the role has not changed: work admitted since then may run here.
     since: u64,
     shard: Shard,
+    /// KV bytes of 32 sequences (the default `max_batch`) at full context: the denominator of the usage ratio.
+    kv_capacity: u64,
 }
 
 /// One sequence's state at this stage.
@@ -181,7 +183,8 @@ impl Compute {
                     Ok(shard) => {
                         crate::metrics::m().shard_load_seconds.observe(t0.elapsed().as_secs_f64());
                         tracing::info!(epoch = a.epoch, replica = role.replica, stage = role.stage, layers = ?(role.start..role.end), "layers loaded");
-                        self.current = Some(Current { role, since: a.epoch, shard });
+                        let kv_capacity = (shard.new_cache().size_bytes_per_position() * shard.config().context_length * 32) as u64;
+                        self.current = Some(Current { role, since: a.epoch, shard, kv_capacity });
                         None
                     }
                     Err(e) => {
@@ -360,10 +363,7 @@ impl Compute {
         m.kv_cache_bytes.set(s.kv_bytes as i64);
         m.layers_held.set(s.role.as_ref().map_or(0, |r| (r.end - r.start) as i64));
         if let Some(c) = &self.current {
-            // Full context for every sequence the scheduler may send (max_batch is not known here: 32, the default).
-            let per_pos: u64 = c.shard.new_cache().size_bytes_per_position() as u64;
-            let cap = per_pos * c.shard.config().context_length as u64 * 32;
-            m.kv_cache_usage.set(if cap == 0 { 0.0 } else { s.kv_bytes as f64 / cap as f64 });
+            m.kv_cache_usage.set(if c.kv_capacity == 0 { 0.0 } else { s.kv_bytes as f64 / c.kv_capacity as f64 });
         }
         if batch > 0 {
             m.batch_size.observe(batch as f64);
