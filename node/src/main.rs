@@ -35,6 +35,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Benchmarks (`flotilla bench engine`).
     Bench(cmd::bench::BenchArgs),
+    /// Probe a node's HTTP endpoint (default `/ready`): exit 0 when it answers 200 (container health checks).
+    Health(cmd::health::HealthArgs),
 }
 
 fn main() {
@@ -52,6 +54,7 @@ fn main() {
         Command::Up(args) => cmd::up::run(args),
         Command::Generate(args) => cmd::generate::run(args).map(|()| 0),
         Command::Bench(args) => cmd::bench::run(args).map(|()| 0),
+        Command::Health(args) => cmd::health::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
