@@ -127,8 +127,12 @@ fn replicas(s: &Value) -> usize {
 }
 
 fn four_nodes() -> Cluster {
+    four_nodes_with(&[])
+}
+
+fn four_nodes_with(env: &[(&str, &str)]) -> Cluster {
     reference();
-    let c = Cluster::start_with(4, &[], Some(&model_path()));
+    let c = Cluster::start_with(4, env, Some(&model_path()));
     for i in 0..4 {
         c.wait_ready(i, Duration::from_secs(60));
     }
@@ -170,6 +174,11 @@ fn a_node_restarted_after_kill_9_takes_layers_again() {
         replicas(s) == 4 && s["scheduler"]["ready"] == true && s["scheduler"]["placement"].to_string().contains("node3")
     });
     assert_eq!(state_of(&s, "node3").as_deref(), Some("up"));
+    let r = &s["scheduler"]["rebalance"];
+    assert!(
+        r["ready_at_ms"].is_u64() && r["pending"] == json!([]) && r["moved_layers"].as_u64() > Some(0),
+        "the rebalance that gave node3 layers is over: {r}"
+    );
     let (code, v, _) = c.post(2, "/v1/completions", &body(&cases()[0]));
     assert_eq!(code, 200, "{v}");
     let ids: Vec<u32> = v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
@@ -212,4 +221,40 @@ fn drain_of_a_node_mid_generation() {
     let s = c.wait_status(0, Duration::from_secs(5), "node4 draining", |s| state_of(s, "node4").as_deref() == Some("draining"));
     let p = &s["scheduler"]["placement"]["replicas"];
     assert!(!p.to_string().contains("node4"), "a draining node holds no layers: {p}");
+}
+
+#[test]
+fn a_cut_link_between_two_nodes_heals() {
+    // node2 cuts its link to node4 for 3 s while its clients' requests run on every replica, node4's
+    // included: node2 sees node4 down and moves those requests elsewhere; the leader (node1) still sees
+    // node4 up and keeps it in the placement; after the cut both reconnect and every request is correct.
+    let c = four_nodes_with(&[("FLOTILLA__NODE__FAULT_INJECTION", "true")]);
+    let addr = c.nodes[1].cluster.clone();
+    under_load(&c, &[1], "node4", |c| {
+        let out = admin(&addr, COOKIE, &["cut-link", "node2", "node4", "--ms", "3000"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let s = c.wait_status(1, Duration::from_secs(3), "node2 sees node4 down", |s| state_of(s, "node4").as_deref() == Some("down"));
+        assert_eq!(s["leader"], "node1", "{s:#}");
+        let s = c.status(0).unwrap();
+        assert_eq!(state_of(&s, "node4").as_deref(), Some("up"), "the leader still reaches node4: {s:#}");
+    });
+    let names = ["node1", "node2", "node3", "node4"];
+    c.wait_status(1, Duration::from_secs(15), "node2 sees node4 again", |s| all_up(s, &names));
+    c.wait_status(3, Duration::from_secs(15), "node4 sees node2 again", |s| all_up(s, &names));
+    let s = c.wait_status(0, Duration::from_secs(5), "4 replicas", |s| replicas(s) == 4 && s["scheduler"]["ready"] == true);
+    let w = s["workers"].as_array().unwrap().iter().find(|w| w["node"] == "node4").unwrap_or_else(|| panic!("no worker stats for node4: {s:#}"));
+    assert!(w["batches"].as_u64().unwrap() > 0, "node4 served: {w}");
+}
+
+#[test]
+fn cut_link_needs_fault_injection() {
+    let c = Cluster::start(2, &[]);
+    for i in 0..2 {
+        c.wait_ready(i, Duration::from_secs(60));
+    }
+    let out = admin(&c.nodes[0].cluster, COOKIE, &["cut-link", "node1", "node2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fault injection is disabled"), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = c.status(0).unwrap();
+    assert!(all_up(&s, &["node1", "node2"]), "{s:#}");
 }

@@ -194,6 +194,8 @@ pub struct MembershipState {
     revivable: BTreeSet<(String, u64)>,
     /// What the local scheduler was last told: leader and (name, incarnation, state, capacity) of each member.
     published: Option<(Option<String>, Vec<(String, u64, MemberState, u64)>)>,
+    /// Fault injection (`admin cut-link`): peers whose link this node keeps closed until the instant.
+    cut_links: HashMap<String, Instant>,
     ticker: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -519,6 +521,27 @@ impl MembershipState {
         }
     }
 
+    /// Whether the link to `peer` is cut by fault injection now (forgets cuts that have ended).
+    fn link_cut(&mut self, peer: &str) -> bool {
+        let now = Instant::now();
+        self.cut_links.retain(|_, until| *until > now);
+        self.cut_links.contains_key(peer)
+    }
+
+    /// Closes every session to `peer` (fault injection).
+    fn cut_sessions(&self, peer: &str) {
+        for (&node_id, s) in &self.sessions {
+            if s.peer == peer {
+                self.evict_session(node_id, &format!("link to {peer} cut by fault injection"));
+            }
+        }
+        for (&node_id, p) in &self.peers {
+            if p.name == peer && !self.sessions.contains_key(&node_id) {
+                self.evict_session(node_id, &format!("link to {peer} cut by fault injection"));
+            }
+        }
+    }
+
     /// Stops the session to a peer that stopped answering, so that it reconnects (and rejoins) when it comes back.
     fn evict_session(&self, node_id: u64, reason: &str) {
         let node = self.args.node_server.clone();
@@ -540,6 +563,14 @@ impl MembershipState {
         let mut targets: BTreeSet<String> = self.args.seeds.iter().cloned().collect();
         targets.extend(self.view.members().filter(|m| m.state != MemberState::Left).map(|m| m.cluster_addr.clone()));
         targets.remove(&me.cluster_addr);
+        let cut: Vec<String> = self.cut_links.keys().cloned().collect();
+        for peer in cut {
+            if self.link_cut(&peer) {
+                if let Some(m) = self.view.get(&peer) {
+                    targets.remove(&m.cluster_addr);
+                }
+            }
+        }
         let connected: BTreeSet<&str> = self.sessions.values().map(|s| s.connection_string.as_str()).collect();
         for addr in targets {
             let d = self.dials.entry(addr.clone()).or_insert_with(|| Dial { backoff: MIN_DIAL_BACKOFF, ..Default::default() });
@@ -618,6 +649,20 @@ impl MembershipState {
                     }
                 }
             }
+            AdminRequest::CutLink { peer, ms, .. } => {
+                if !self.args.fault_injection {
+                    AdminReply::Error(format!("fault injection is disabled on {name} (node.fault_injection = false)"))
+                } else if peer == name {
+                    AdminReply::Error(format!("{name} has no link to itself"))
+                } else if self.view.get(&peer).is_none() {
+                    AdminReply::Error(format!("no node named {peer} in the cluster"))
+                } else {
+                    tracing::warn!(%peer, ms, "fault injection: cutting the link");
+                    self.cut_links.insert(peer.clone(), Instant::now() + Duration::from_millis(ms));
+                    self.cut_sessions(&peer);
+                    AdminReply::Done(format!("link {name} <-> {peer} cut for {ms} ms"))
+                }
+            }
         };
         drop(id);
         self.refresh_self();
@@ -681,6 +726,7 @@ impl Actor for Membership {
             answered_once: false,
             revivable: BTreeSet::new(),
             published: None,
+            cut_links: HashMap::new(),
             ticker: None,
         };
         // Sessions that exist already (after a restart of this actor).
@@ -817,7 +863,7 @@ impl Actor for Membership {
                     AdminRequest::Status => None,
                     AdminRequest::Rebalance => st.view.leader().map(|m| m.name.clone()),
                     AdminRequest::Drain(n) | AdminRequest::Undrain(n) | AdminRequest::Shutdown(n) => Some(n.clone()),
-                    AdminRequest::InjectPanic { node, .. } => Some(node.clone()),
+                    AdminRequest::InjectPanic { node, .. } | AdminRequest::CutLink { node, .. } => Some(node.clone()),
                 };
                 match target {
                     Some(t) if t != me => match st.peer_by_name(&t) {
@@ -868,6 +914,10 @@ impl Actor for Membership {
                         if let Some(d) = st.dials.get_mut(&cs) {
                             d.backoff = MIN_DIAL_BACKOFF;
                             d.pending_until = None;
+                        }
+                        if st.link_cut(&peer) {
+                            // Fault injection: the peer (or a transitive connect) dialled through a cut link.
+                            st.evict_session(ev.node_id, &format!("link to {peer} cut by fault injection"));
                         }
                         st.sessions.insert(ev.node_id, Session { peer, connection_string: cs });
                     }

@@ -81,6 +81,14 @@ pub enum AdminRequest {
         node: String,
         child: String,
     },
+    /// Chaos testing: `node` closes its connection to `peer` and refuses every reconnection, in either
+    /// direction, for `ms` milliseconds (a cut link; both stay connected to everyone else). Refused
+    /// unless `node.fault_injection` is set on `node`.
+    CutLink {
+        node: String,
+        peer: String,
+        ms: u64,
+    },
 }
 
 /// A membership change, kept in a short log for `admin status`.

@@ -17,7 +17,7 @@ use crate::placement::{moved_layers, plan, NodeInfo, Placement};
 use crate::protocol::SCOPE;
 use crate::view::{Member, MemberState};
 use crate::wire::Wire;
-use crate::work::{AdmitReply, AdmitReq, Assignment, Loaded, Release, Role, SchedulerStatus};
+use crate::work::{AdmitReply, AdmitReq, Assignment, Loaded, RebalanceStatus, Release, Role, SchedulerStatus};
 use crate::worker::{member, WorkerMsg};
 
 /// Process group of the scheduler on `node`.
@@ -73,6 +73,8 @@ pub struct SchedulerState {
     running: Vec<u32>,
     waiting: VecDeque<(AdmitReq, RpcReplyPort<Wire<AdmitReply>>)>,
     error: Option<String>,
+    /// The latest placement change (`pending` is filled in when status is asked).
+    rebalance: Option<RebalanceStatus>,
 }
 
 impl SchedulerState {
@@ -90,6 +92,12 @@ impl SchedulerState {
             running: self.running.clone(),
             waiting: self.waiting.len() as u32,
             error: self.error.clone().or_else(|| (!self.failed.is_empty()).then(|| format!("{:?}", self.failed))),
+            rebalance: self.rebalance.clone().map(|mut r| {
+                if let Some(p) = &self.placement {
+                    r.pending = p.nodes().into_iter().filter(|n| !self.loaded.contains(*n)).map(String::from).collect();
+                }
+                r
+            }),
         }
     }
 
@@ -113,7 +121,16 @@ impl SchedulerState {
                 };
                 p.epoch = epoch;
                 crate::metrics::m().rebalances.inc();
-                tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved_layers(prev.as_ref(), &p), "new placement");
+                let moved = moved_layers(prev.as_ref(), &p);
+                tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved, "new placement");
+                self.rebalance = Some(RebalanceStatus {
+                    epoch,
+                    from_epoch: prev.as_ref().map(|q| q.epoch),
+                    moved_layers: moved,
+                    planned_at_ms: crate::membership::unix_ms(),
+                    ready_at_ms: None,
+                    pending: Vec::new(),
+                });
                 self.error = None;
                 self.loaded.clear();
                 self.failed.clear();
@@ -146,6 +163,7 @@ impl SchedulerState {
                     tracing::warn!(error = %e, "no full placement");
                 }
                 self.placement = None;
+                self.rebalance = None;
                 self.error = Some(e.to_string());
                 self.refuse_waiting();
             }
@@ -159,11 +177,14 @@ impl SchedulerState {
         }
     }
 
-    /// The replica with the fewest running requests per unit of capacity that has room.
-    fn pick(&self) -> Option<usize> {
+    /// The replica with the fewest running requests per unit of capacity that has room, among those that
+    /// avoid every node in `avoid` when there are such replicas.
+    fn pick(&self, avoid: &[String]) -> Option<usize> {
         let p = self.placement.as_ref()?;
         let cap: BTreeMap<&str, f64> = self.members.iter().map(|m| (m.name.as_str(), m.capacity)).collect();
-        (0..p.replicas.len()).filter(|&r| self.running[r] < self.args.max_batch).min_by(|&a, &b| {
+        let clear = |r: usize| !p.replicas[r].iter().any(|s| avoid.contains(&s.node));
+        let any_clear = (0..p.replicas.len()).any(clear);
+        (0..p.replicas.len()).filter(|&r| !any_clear || clear(r)).filter(|&r| self.running[r] < self.args.max_batch).min_by(|&a, &b| {
             let load = |r: usize| {
                 let c: f64 = p.replicas[r].iter().map(|s| cap.get(s.node.as_str()).copied().unwrap_or(1.0)).sum::<f64>() / p.replicas[r].len() as f64;
                 (self.running[r] as f64 + 1.0) / c
@@ -183,7 +204,7 @@ impl SchedulerState {
             return;
         };
         if self.ready() && self.waiting.is_empty() {
-            if let Some(r) = self.pick() {
+            if let Some(r) = self.pick(&req.avoid) {
                 self.running[r] += 1;
                 let stages = p.replicas[r].iter().map(|a| a.node.clone()).collect();
                 let _ = port.send(Wire::Ok(AdmitReply::Admitted { epoch: p.epoch, replica: r as u32, stages }));
@@ -199,7 +220,7 @@ impl SchedulerState {
 
     fn drain_waiting(&mut self) {
         while self.ready() && !self.waiting.is_empty() {
-            let Some(r) = self.pick() else { return };
+            let Some(r) = self.pick(&self.waiting[0].0.avoid) else { return };
             let (_, port) = self.waiting.pop_front().expect("not empty");
             if port.is_closed() {
                 continue;
@@ -229,6 +250,7 @@ impl Actor for Scheduler {
             running: Vec::new(),
             waiting: VecDeque::new(),
             error: None,
+            rebalance: None,
         })
     }
 
@@ -263,6 +285,7 @@ impl Scheduler {
                     st.drain_waiting();
                 } else {
                     st.placement = None;
+                    st.rebalance = None;
                     st.error = Some("this scheduler is not the leader".into());
                     st.refuse_waiting();
                 }
@@ -283,7 +306,14 @@ impl Scheduler {
                         }
                     }
                     if st.ready() {
-                        tracing::info!(epoch = l.epoch, "placement ready: every worker has its layers");
+                        if let Some(r) = st.rebalance.as_mut().filter(|r| r.epoch == l.epoch && r.ready_at_ms.is_none()) {
+                            r.ready_at_ms = Some(crate::membership::unix_ms());
+                            tracing::info!(
+                                epoch = l.epoch,
+                                took_ms = r.ready_at_ms.unwrap_or(0).saturating_sub(r.planned_at_ms),
+                                "placement ready: every worker has its layers"
+                            );
+                        }
                     }
                     st.drain_waiting();
                 }

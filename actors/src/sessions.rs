@@ -10,7 +10,7 @@
 //! again and sends the prompt plus every token emitted so far, so the new pipeline continues at the
 //! next token index; seeded sampling depends only on (seed, index), so the output is unchanged.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -182,9 +182,11 @@ fn leader_scheduler(ctx: &ServeContext) -> Result<ActorRef<SchedulerMsg>, ServeE
     member::<SchedulerMsg>(&scheduler::group(&leader)).ok_or_else(|| ServeError::Unavailable(format!("the leader {leader} has no scheduler")))
 }
 
-async fn admit(ctx: &ServeContext, req: &ReqId, prompt_tokens: usize, max_tokens: u32) -> Result<Route, ServeError> {
+async fn admit(ctx: &ServeContext, req: &ReqId, prompt_tokens: usize, max_tokens: u32, avoid: &BTreeSet<String>) -> Result<Route, ServeError> {
     let sched = leader_scheduler(ctx)?;
-    let ask = AdmitReq { req: req.clone(), prompt_tokens: prompt_tokens as u32, max_tokens };
+    // Only nodes still unreachable from here: a link that healed is usable again.
+    let avoid = avoid.iter().filter(|n| member::<WorkerMsg>(&worker::group(n)).is_none()).cloned().collect();
+    let ask = AdmitReq { req: req.clone(), prompt_tokens: prompt_tokens as u32, max_tokens, avoid };
     match sched.call(|p| SchedulerMsg::Admit(Wire::Ok(ask), p), Some(ADMIT_TIMEOUT)).await {
         Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch, replica, stages }))) => {
             let stage0 = member::<WorkerMsg>(&worker::group(&stages[0]));
@@ -279,11 +281,13 @@ pub async fn complete(
     let mut output: Vec<u32> = Vec::new();
     let mut attempts = 0;
     let mut stale_routes = 0;
+    // Stage nodes this session found gone (killed, hung, or only cut off from this node).
+    let mut unreachable: BTreeSet<String> = BTreeSet::new();
     'attempt: loop {
         attempts += 1;
         let req = registered.renew();
         let asked = Instant::now();
-        let route = admit(ctx, &req, prompt.len() + output.len(), params.max_tokens).await.inspect_err(|e| {
+        let route = admit(ctx, &req, prompt.len() + output.len(), params.max_tokens, &unreachable).await.inspect_err(|e| {
             let reason = match e {
                 ServeError::Busy { .. } => "busy",
                 ServeError::Unavailable(_) => "unavailable",
@@ -295,7 +299,9 @@ pub async fn complete(
         m.queue_time.observe(asked.elapsed().as_secs_f64());
         registered.route = Some((req.clone(), route.clone()));
         if let Some(gone) = route.stages.iter().find(|n| member::<WorkerMsg>(&worker::group(n)).is_none()) {
-            // The scheduler has not yet planned around a node that just left: ask again shortly, without counting an attempt.
+            // The scheduler has not yet planned around a node that just left (or that only this node cannot
+            // reach): ask again shortly, avoiding it, without counting an attempt.
+            unreachable.insert(gone.clone());
             registered.release();
             if stale_routes >= MAX_STALE_ROUTES {
                 return Err(ServeError::Unavailable(format!("the placement still uses {gone}, which is gone")));
@@ -325,6 +331,7 @@ pub async fn complete(
                 _ = check.tick() => {
                     // A stage whose node left the mesh (killed, hung and evicted, partitioned) sends nothing more: resume elsewhere now.
                     if let Some(gone) = route.stages.iter().find(|n| member::<WorkerMsg>(&worker::group(n)).is_none()) {
+                        unreachable.insert(gone.clone());
                         problem = Some(format!("stage node {gone} is gone"));
                     } else if last_progress.elapsed() > STEP_TIMEOUT {
                         problem = Some(format!("no token within {STEP_TIMEOUT:?}"));

@@ -118,6 +118,10 @@ pub struct AdmitReq {
     pub req: ReqId,
     pub prompt_tokens: u32,
     pub max_tokens: u32,
+    /// Nodes the session cannot reach now (a stage it found gone): replicas through them are avoided
+    /// while another one exists.
+    #[serde(default)]
+    pub avoid: Vec<String>,
 }
 
 /// The scheduler's answer.
@@ -157,4 +161,23 @@ pub struct SchedulerStatus {
     pub running: Vec<u32>,
     pub waiting: u32,
     pub error: Option<String>,
+    /// The change to the current placement epoch: in progress while `ready` is false.
+    #[serde(default)]
+    pub rebalance: Option<RebalanceStatus>,
+}
+
+/// How the active scheduler's latest placement change is going.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RebalanceStatus {
+    pub epoch: u64,
+    /// The epoch it replaces (none for the first placement this scheduler made).
+    pub from_epoch: Option<u64>,
+    /// Layers that nodes must load because they did not hold them before.
+    pub moved_layers: u32,
+    /// Unix time in milliseconds when it was planned.
+    pub planned_at_ms: u64,
+    /// When the last worker reported its layers loaded (none while in progress).
+    pub ready_at_ms: Option<u64>,
+    /// Nodes of the placement that have not yet reported their layers loaded.
+    pub pending: Vec<String>,
 }

@@ -54,6 +54,17 @@ pub enum AdminCommand {
         /// membership or admin
         child: String,
     },
+    /// Chaos testing: NODE closes its link to PEER and refuses reconnections both ways for --ms
+    /// milliseconds (both stay connected to the other nodes); needs node.fault_injection on NODE.
+    CutLink {
+        #[arg(value_name = "NODE")]
+        target: String,
+        #[arg(value_name = "PEER")]
+        peer: String,
+        /// How long the link stays cut.
+        #[arg(long, default_value_t = 3000)]
+        ms: u64,
+    },
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<i32> {
@@ -67,6 +78,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<i32> {
         AdminCommand::Rebalance => AdminRequest::Rebalance,
         AdminCommand::Shutdown { target } => AdminRequest::Shutdown(target),
         AdminCommand::InjectPanic { target, child } => AdminRequest::InjectPanic { node: target, child },
+        AdminCommand::CutLink { target, peer, ms } => AdminRequest::CutLink { node: target, peer, ms },
     };
     let cookie = args.cookie.unwrap_or_else(|| DEFAULT_COOKIE.to_string());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -116,6 +128,24 @@ fn print_status(s: &ClusterStatus) {
         Some(sch) => {
             let state = if sch.ready { "ready".to_string() } else { format!("not ready: {}", sch.error.as_deref().unwrap_or("loading")) };
             println!("placement ({state}; running {:?}, waiting {}):", sch.running, sch.waiting);
+            if let Some(r) = &sch.rebalance {
+                let from = r.from_epoch.map_or("none".to_string(), |e| e.to_string());
+                match r.ready_at_ms {
+                    None => println!(
+                        "  rebalance in progress: epoch {from} -> {}, {} layers to load, for {:.1} s; waiting for {}",
+                        r.epoch,
+                        r.moved_layers,
+                        flotilla_actors::membership::unix_ms().saturating_sub(r.planned_at_ms) as f64 / 1000.0,
+                        r.pending.join(", ")
+                    ),
+                    Some(t) => println!(
+                        "  last rebalance: epoch {from} -> {}, {} layers loaded, took {:.2} s",
+                        r.epoch,
+                        r.moved_layers,
+                        t.saturating_sub(r.planned_at_ms) as f64 / 1000.0
+                    ),
+                }
+            }
             if let Some(p) = &sch.placement {
                 println!("  {:<8} {:<6} {:<16} {:<10} {:>6}", "REPLICA", "STAGE", "NODE", "LAYERS", "EPOCH");
                 for (r, rep) in p.replicas.iter().enumerate() {
