@@ -4,8 +4,10 @@ MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 CARGO ?= cargo
 PYTHON ?= python3
 PROMPT ?= Write a haiku about the ocean.
+IMAGE ?= flotilla:latest
+FEATURES ?=
 
-.PHONY: run demo test model build release test-deps fmt clippy
+.PHONY: run demo test model build release docker test-deps fmt clippy
 
 ## Fetch the model, build, and serve: a 3-node local cluster (Ctrl-C stops it).
 run: model release
@@ -34,6 +36,15 @@ build:
 
 release:
 	$(CARGO) build --release -p flotilla-node
+
+## Container image $(IMAGE) from the release binary without its debug info (FEATURES=... builds it with cargo features); the
+## Debian base image is built offline by docker/build-base.sh when docker does not have it. Then:
+## docker compose -f docker/compose.yaml up
+docker:
+	$(CARGO) build --release -p flotilla-node $(if $(FEATURES),--features "$(FEATURES)")
+	mkdir -p target/docker && objcopy --strip-debug target/release/flotilla target/docker/flotilla
+	bash docker/build-base.sh
+	docker build -f docker/Dockerfile --build-arg BINARY=target/docker/flotilla --build-arg FEATURES="$(FEATURES)" -t $(IMAGE) .
 
 fmt:
 	$(CARGO) fmt --all
