@@ -31,6 +31,14 @@ pub struct Role {
     pub next: Option<String>,
 }
 
+impl Role {
+    /// Whether `other` asks this worker for the same computation: the same layers, stage position and
+    /// next stage (the replica's number is only the scheduler's bookkeeping).
+    pub fn same_work(&self, other: &Role) -> bool {
+        (self.stage, self.n_stages, self.start, self.end, &self.next) == (other.stage, other.n_stages, other.start, other.end, &other.next)
+    }
+}
+
 /// The scheduler's instruction to one worker for a placement epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Assignment {

@@ -174,7 +174,14 @@ impl Compute {
                 self.seqs.clear();
                 None
             }
-            Some(role) if self.current.as_ref().is_some_and(|c| c.role == role) => None,
+            Some(role) if self.current.as_ref().is_some_and(|c| c.role.same_work(&role)) => {
+                // Same layers and the same next stage: caches and in-flight work stay valid, even if the
+                // replica was renumbered because another one went away.
+                if let Some(c) = self.current.as_mut() {
+                    c.role = role;
+                }
+                None
+            }
             Some(role) => {
                 self.current = None;
                 self.seqs.clear();
