@@ -258,3 +258,64 @@ fn cut_link_needs_fault_injection() {
     let s = c.status(0).unwrap();
     assert!(all_up(&s, &["node1", "node2"]), "{s:#}");
 }
+
+/// Two nodes as one 2-stage pipeline: losing either leaves too little capacity for a full placement.
+/// Starts 8 requests through node1, kills node2 once it holds sequences, runs `meanwhile`, and returns
+/// every answer in request order.
+fn pipeline_losing_a_stage(resume_wait_ms: &str, meanwhile: impl FnOnce(&mut Cluster)) -> Vec<(u16, Value)> {
+    reference();
+    let env = [("FLOTILLA__PARALLELISM__STAGES", "2"), ("FLOTILLA__HTTP__RESUME_WAIT_MS", resume_wait_ms)];
+    let mut c = Cluster::start_with(2, &env, Some(&model_path()));
+    for i in 0..2 {
+        c.wait_ready(i, Duration::from_secs(60));
+    }
+    let addr = c.nodes[0].http.clone();
+    let cases = cases();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = cases[..8]
+            .iter()
+            .map(|case| {
+                let addr = &addr;
+                s.spawn(move || {
+                    let (code, v, _) = post_to(addr, "/v1/completions", &body(case));
+                    (code, v)
+                })
+            })
+            .collect();
+        c.wait_status(0, Duration::from_secs(60), "sequences on node2", |s| {
+            s["workers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["node"] == "node2" && w["sequences"].as_u64() >= Some(4)))
+        });
+        c.node("node2").signal(Signal::SIGKILL);
+        c.node("node2").wait_exit(Duration::from_secs(5));
+        c.wait_status(0, Duration::from_secs(5), "node2 down", |s| state_of(s, "node2").as_deref() == Some("down"));
+        // A new request is refused at once: there is no full placement.
+        let (code, v, _) = c.post(0, "/v1/completions", &json!({ "prompt": "Hello", "max_tokens": 4 }));
+        assert_eq!(code, 503, "{v}");
+        meanwhile(&mut c);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn requests_under_way_wait_for_capacity_to_come_back() {
+    let results = pipeline_losing_a_stage("60000", |c| {
+        std::thread::sleep(Duration::from_secs(2));
+        c.restart(1);
+    });
+    let want = reference();
+    for (i, (code, v)) in results.iter().enumerate() {
+        assert_eq!(*code, 200, "request {i}: {v}");
+        let ids: Vec<u32> = v["choices"][0]["token_ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want[i], "request {i}");
+    }
+}
+
+#[test]
+fn requests_under_way_fail_clearly_when_capacity_stays_gone() {
+    let results = pipeline_losing_a_stage("1500", |_| {});
+    for (i, (code, v)) in results.iter().enumerate() {
+        assert_eq!(*code, 503, "request {i}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("lost its pipeline") && msg.contains("no full placement came back within 1.5s"), "request {i}: {msg}");
+    }
+}

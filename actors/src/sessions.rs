@@ -45,6 +45,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(150);
 /// A route through a node that is gone is asked for again after this pause, up to this many times (5 s).
 const STALE_ROUTE_PAUSE: Duration = Duration::from_millis(25);
 const MAX_STALE_ROUTES: u32 = 200;
+/// How often a request under way that found no full placement asks again.
+const CAPACITY_POLL: Duration = Duration::from_millis(250);
 
 enum Event {
     Token(TokenOut),
@@ -133,12 +135,21 @@ pub struct ServeContext {
     pub registry: Registry,
     pub tokenizer: Tokenizer,
     pub context_length: usize,
+    /// How long a request under way waits for a full placement to resume on (`http.resume_wait_ms`).
+    pub resume_wait: Duration,
     next_id: AtomicU64,
 }
 
 impl ServeContext {
-    pub fn new(node: String, identity: SharedIdentity, registry: Registry, tokenizer: Tokenizer, context_length: usize) -> Self {
-        Self { node, identity, registry, tokenizer, context_length, next_id: AtomicU64::new(1) }
+    pub fn new(
+        node: String,
+        identity: SharedIdentity,
+        registry: Registry,
+        tokenizer: Tokenizer,
+        context_length: usize,
+        resume_wait: Duration,
+    ) -> Self {
+        Self { node, identity, registry, tokenizer, context_length, resume_wait, next_id: AtomicU64::new(1) }
     }
 }
 
@@ -283,11 +294,31 @@ pub async fn complete(
     let mut stale_routes = 0;
     // Stage nodes this session found gone (killed, hung, or only cut off from this node).
     let mut unreachable: BTreeSet<String> = BTreeSet::new();
+    // Since when a request under way has found no full placement to resume on.
+    let mut no_capacity_since: Option<Instant> = None;
     'attempt: loop {
         attempts += 1;
         let req = registered.renew();
         let asked = Instant::now();
-        let route = admit(ctx, &req, prompt.len() + output.len(), params.max_tokens, &unreachable).await.inspect_err(|e| {
+        let admitted = match admit(ctx, &req, prompt.len() + output.len(), params.max_tokens, &unreachable).await {
+            // A request under way (it lost its pipeline) waits a bounded time for capacity; a new one is refused at once.
+            Err(ServeError::Unavailable(why)) if attempts > 1 => {
+                let since = *no_capacity_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < ctx.resume_wait {
+                    tracing::debug!(%req, reason = %why, "no full placement to resume on yet; waiting");
+                    attempts -= 1;
+                    tokio::time::sleep(CAPACITY_POLL).await;
+                    continue 'attempt;
+                }
+                Err(ServeError::Unavailable(format!(
+                    "the request lost its pipeline after {} tokens and no full placement came back within {:?}: {why}",
+                    output.len(),
+                    ctx.resume_wait
+                )))
+            }
+            other => other,
+        };
+        let route = admitted.inspect_err(|e| {
             let reason = match e {
                 ServeError::Busy { .. } => "busy",
                 ServeError::Unavailable(_) => "unavailable",
@@ -296,6 +327,7 @@ pub async fn complete(
             };
             m.request_failures.with_label_values(&[reason]).inc();
         })?;
+        no_capacity_since = None;
         m.queue_time.observe(asked.elapsed().as_secs_f64());
         registered.route = Some((req.clone(), route.clone()));
         if let Some(gone) = route.stages.iter().find(|n| member::<WorkerMsg>(&worker::group(n)).is_none()) {

@@ -83,11 +83,14 @@ pub struct HttpSection {
     pub queue_limit: usize,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// How long a request already under way waits for a full placement to resume on (after losing
+    /// its pipeline while too little capacity is left) before it fails; new requests get 503 at once.
+    pub resume_wait_ms: u64,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), api_keys: Vec::new(), queue_limit: 256, max_body_bytes: 4 << 20 }
+        Self { listen: "127.0.0.1:8080".into(), api_keys: Vec::new(), queue_limit: 256, max_body_bytes: 4 << 20, resume_wait_ms: 30_000 }
     }
 }
 

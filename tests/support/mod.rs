@@ -235,17 +235,7 @@ impl Cluster {
 
     /// POSTs a JSON body to node `i`'s HTTP API; returns the status and the parsed body.
     pub fn post(&self, i: usize, path: &str, body: &Value) -> (u16, Value, Option<String>) {
-        let url = format!("http://{}{path}", self.nodes[i].http);
-        let r = ureq::post(&url).timeout(Duration::from_secs(120)).set("Content-Type", "application/json").send_string(&body.to_string());
-        let resp = match r {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("POST {url}: {e}"),
-        };
-        let status = resp.status();
-        let retry = resp.header("Retry-After").map(str::to_string);
-        let text = resp.into_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), retry)
+        post_to(&self.nodes[i].http, path, body)
     }
 
     /// GETs a path from node `i`: the status and the body.
@@ -290,6 +280,21 @@ impl Drop for Cluster {
 }
 
 /// Runs `flotilla admin --node ADDR --cookie C ARGS...` (bounded by its own --timeout).
+/// POSTs JSON to `path` on the HTTP address `addr`: the status, the body (JSON when it parses) and `Retry-After`.
+pub fn post_to(addr: &str, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+    let url = format!("http://{addr}{path}");
+    let r = ureq::post(&url).timeout(Duration::from_secs(120)).set("Content-Type", "application/json").send_string(&body.to_string());
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let status = resp.status();
+    let retry = resp.header("Retry-After").map(str::to_string);
+    let text = resp.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), retry)
+}
+
 pub fn admin(addr: &str, cookie: &str, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(["admin", "--node", addr, "--cookie", cookie, "--timeout", "3"])

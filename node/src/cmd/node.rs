@@ -85,7 +85,14 @@ async fn serve(config: NodeConfig, model: Model) -> anyhow::Result<i32> {
         .unwrap_or_else(|| config.model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
     flotilla_actors::metrics::init(&config.name, &model_id);
     let cfg = model.config().clone();
-    let ctx = Arc::new(ServeContext::new(config.name.clone(), identity.clone(), registry.clone(), model.tokenizer().clone(), cfg.context_length));
+    let ctx = Arc::new(ServeContext::new(
+        config.name.clone(),
+        identity.clone(),
+        registry.clone(),
+        model.tokenizer().clone(),
+        cfg.context_length,
+        config.resume_wait,
+    ));
     let max_body = config.max_body_bytes;
     let api_keys = config.api_keys.clone();
     let args = SupervisorArgs { config, exit_code: exit_code.clone(), identity, registry, n_layers: cfg.n_layers as u32 };
