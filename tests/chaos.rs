@@ -4,77 +4,23 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use flotilla_engine::{Model, Pipeline, SamplingParams};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
+use support::load::body;
 use support::*;
 
 const REQUESTS: usize = 64;
 
-struct Case {
-    prompt: String,
-    temperature: f32,
-    seed: u64,
-    max_tokens: u32,
+fn cases() -> Vec<load::Case> {
+    load::cases(REQUESTS, 7, 24)
 }
 
-fn cases() -> Vec<Case> {
-    let prompts = [
-        "The history of the lighthouse begins",
-        "Explain how a compass works.",
-        "Once upon a time",
-        "A list of fruits: apple,",
-        "The main causes of the French Revolution were",
-        "def add(a, b):",
-        "Dear team, this week we",
-        "Why do cats purr? Because",
-    ];
-    (0..REQUESTS)
-        .map(|i| Case {
-            prompt: format!("{} ({})", prompts[i % prompts.len()], i / prompts.len()),
-            temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
-            seed: 7 + i as u64,
-            max_tokens: 24 + (i as u32 * 7) % 17,
-        })
-        .collect()
-}
-
-fn params(c: &Case) -> SamplingParams {
-    // End of sequence is ignored so that every request runs its full length (and is in flight when the fault comes).
-    SamplingParams { temperature: c.temperature, seed: c.seed, max_tokens: c.max_tokens, ignore_eos: true, ..SamplingParams::default() }
-}
-
-/// The single-process engine's tokens for every case, cached in the target directory (the same for every test).
+/// The single-process engine's tokens for every case (cached; the same for every test).
 fn reference() -> Vec<Vec<u32>> {
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos-reference-v1.json");
-    if let Some(v) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Vec<Vec<u32>>>(&b).ok()) {
-        if v.len() == REQUESTS {
-            return v;
-        }
-    }
-    let mut model = Model::open(model_path()).unwrap();
-    let layers = model.config().n_layers;
-    let pipeline = Pipeline::new(model.load_shards(&[0..layers]).unwrap()).unwrap();
-    let out: Vec<Vec<u32>> = cases()
-        .iter()
-        .map(|c| {
-            let ids = model.tokenizer().encode(&c.prompt, true).unwrap();
-            pipeline.generate(model.tokenizer(), &ids, &params(c), |_| {}).unwrap().output_token_ids
-        })
-        .collect();
-    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(&out).unwrap()).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    out
-}
-
-fn body(c: &Case) -> Value {
-    json!({ "prompt": c.prompt, "max_tokens": c.max_tokens, "temperature": c.temperature, "seed": c.seed,
-            "ignore_eos": true, "return_token_ids": true })
+    load::reference("chaos-reference-v2", &cases())
 }
 
 /// Runs the 64 requests against the nodes `via` (round-robin); `fault` runs once tokens are flowing on

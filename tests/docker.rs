@@ -20,8 +20,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_engine::{Model, Pipeline, SamplingParams};
 use serde_json::{json, Value};
+use support::load::body;
 use support::*;
 
 const REQUESTS: usize = 30;
@@ -33,66 +33,13 @@ const DOCKER_COOKIE: &str = "docker-test-cookie";
 // ---------------------------------------------------------------------------------------------
 // The load and its reference answers (as tests/chaos.rs).
 
-struct Case {
-    prompt: String,
-    temperature: f32,
-    seed: u64,
-    max_tokens: u32,
+fn cases() -> Vec<load::Case> {
+    load::cases(REQUESTS, 11, 32)
 }
 
-fn cases() -> Vec<Case> {
-    let prompts = [
-        "The history of the lighthouse begins",
-        "Explain how a compass works.",
-        "Once upon a time",
-        "A list of fruits: apple,",
-        "The main causes of the French Revolution were",
-        "def add(a, b):",
-        "Dear team, this week we",
-        "Why do cats purr? Because",
-    ];
-    (0..REQUESTS)
-        .map(|i| Case {
-            prompt: format!("{} [{}]", prompts[i % prompts.len()], i / prompts.len()),
-            temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
-            seed: 11 + i as u64,
-            max_tokens: 32 + (i as u32 * 7) % 17,
-        })
-        .collect()
-}
-
-fn params(c: &Case) -> SamplingParams {
-    SamplingParams { temperature: c.temperature, seed: c.seed, max_tokens: c.max_tokens, ignore_eos: true, ..SamplingParams::default() }
-}
-
-/// The single-process engine's tokens for every case, cached in the target directory.
-#[allow(clippy::single_range_in_vec_init)] // one shard holding every layer
+/// The single-process engine's tokens for every case (cached in the target directory).
 fn reference() -> Vec<Vec<u32>> {
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("docker-reference-v1.json");
-    if let Some(v) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Vec<Vec<u32>>>(&b).ok()) {
-        if v.len() == REQUESTS {
-            return v;
-        }
-    }
-    let mut model = Model::open(model_path()).unwrap();
-    let layers = model.config().n_layers;
-    let pipeline = Pipeline::new(model.load_shards(&[0..layers]).unwrap()).unwrap();
-    let out: Vec<Vec<u32>> = cases()
-        .iter()
-        .map(|c| {
-            let ids = model.tokenizer().encode(&c.prompt, true).unwrap();
-            pipeline.generate(model.tokenizer(), &ids, &params(c), |_| {}).unwrap().output_token_ids
-        })
-        .collect();
-    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec(&out).unwrap()).unwrap();
-    std::fs::rename(&tmp, &path).unwrap();
-    out
-}
-
-fn body(c: &Case) -> Value {
-    json!({ "prompt": c.prompt, "max_tokens": c.max_tokens, "temperature": c.temperature, "seed": c.seed,
-            "ignore_eos": true, "return_token_ids": true })
+    load::reference("docker-reference-v2", &cases())
 }
 
 fn http_post(url: &str, body: &Value) -> (u16, Value) {

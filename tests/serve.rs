@@ -118,9 +118,15 @@ fn run_load(c: &Cluster) {
     });
 }
 
-/// Shape of the placement as `admin status` reports it: stage sizes of each replica.
-fn shape(c: &Cluster) -> Vec<Vec<u32>> {
-    let s = c.wait_status(0, Duration::from_secs(10), "a placement", |s| s["scheduler"]["ready"] == true);
+/// Shape of the placement as `admin status` reports it: stage sizes of each replica, once a ready
+/// placement uses all `n` nodes (each node's /ready can answer 200 for an earlier placement that the
+/// leader made before every node had joined).
+fn shape(c: &Cluster, n: usize) -> Vec<Vec<u32>> {
+    let s = c.wait_status(0, Duration::from_secs(20), "a ready placement on every node", |s| {
+        let used: usize =
+            s["scheduler"]["placement"]["replicas"].as_array().map_or(0, |r| r.iter().map(|x| x.as_array().map_or(0, |a| a.len())).sum());
+        s["scheduler"]["ready"] == true && used == n
+    });
     s["scheduler"]["placement"]["replicas"]
         .as_array()
         .unwrap()
@@ -135,7 +141,7 @@ fn topology(n: usize, env: &[(&str, &str)], capacities: &[f64], expect: &[&[u32]
     for i in 0..n {
         c.wait_ready(i, Duration::from_secs(60));
     }
-    let got = shape(&c);
+    let got = shape(&c, n);
     let want: Vec<Vec<u32>> = expect.iter().map(|r| r.to_vec()).collect();
     assert_eq!(got, want, "placement");
     run_load(&c);

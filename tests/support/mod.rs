@@ -13,6 +13,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+pub mod load;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 pub const COOKIE: &str = "test-cookie";
 
