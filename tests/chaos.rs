@@ -195,9 +195,8 @@ fn a_cut_link_between_two_nodes_heals() {
 #[test]
 fn cut_link_needs_fault_injection() {
     let c = Cluster::start(2, &[]);
-    for i in 0..2 {
-        c.wait_ready(i, Duration::from_secs(60));
-    }
+    // Both up first (/ready can answer while a node still shows as joining).
+    c.wait_status(0, Duration::from_secs(30), "both up", |s| all_up(s, &["node1", "node2"]));
     let out = admin(&c.nodes[0].cluster, COOKIE, &["cut-link", "node1", "node2"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("fault injection is disabled"), "{}", String::from_utf8_lossy(&out.stderr));

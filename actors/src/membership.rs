@@ -535,11 +535,6 @@ impl MembershipState {
                 self.evict_session(node_id, &format!("link to {peer} cut by fault injection"));
             }
         }
-        for (&node_id, p) in &self.peers {
-            if p.name == peer && !self.sessions.contains_key(&node_id) {
-                self.evict_session(node_id, &format!("link to {peer} cut by fault injection"));
-            }
-        }
     }
 
     /// Stops the session to a peer that stopped answering, so that it reconnects (and rejoins) when it comes back.
@@ -563,13 +558,10 @@ impl MembershipState {
         let mut targets: BTreeSet<String> = self.args.seeds.iter().cloned().collect();
         targets.extend(self.view.members().filter(|m| m.state != MemberState::Left).map(|m| m.cluster_addr.clone()));
         targets.remove(&me.cluster_addr);
-        let cut: Vec<String> = self.cut_links.keys().cloned().collect();
-        for peer in cut {
-            if self.link_cut(&peer) {
-                if let Some(m) = self.view.get(&peer) {
-                    targets.remove(&m.cluster_addr);
-                }
-            }
+        let now = Instant::now();
+        self.cut_links.retain(|_, until| *until > now);
+        for m in self.cut_links.keys().filter_map(|peer| self.view.get(peer)) {
+            targets.remove(&m.cluster_addr);
         }
         let connected: BTreeSet<&str> = self.sessions.values().map(|s| s.connection_string.as_str()).collect();
         for addr in targets {

@@ -307,10 +307,11 @@ impl Scheduler {
                     }
                     if st.ready() {
                         if let Some(r) = st.rebalance.as_mut().filter(|r| r.epoch == l.epoch && r.ready_at_ms.is_none()) {
-                            r.ready_at_ms = Some(crate::membership::unix_ms());
+                            let now = crate::membership::unix_ms();
+                            r.ready_at_ms = Some(now);
                             tracing::info!(
                                 epoch = l.epoch,
-                                took_ms = r.ready_at_ms.unwrap_or(0).saturating_sub(r.planned_at_ms),
+                                took_ms = now.saturating_sub(r.planned_at_ms),
                                 "placement ready: every worker has its layers"
                             );
                         }

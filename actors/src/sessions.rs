@@ -188,6 +188,11 @@ struct Route {
     stages: Vec<String>,
 }
 
+/// Whether `node`'s worker is missing from this node's view of the mesh (left, killed, cut off).
+fn unreachable_node(node: &str) -> bool {
+    member::<WorkerMsg>(&worker::group(node)).is_none()
+}
+
 fn leader_scheduler(ctx: &ServeContext) -> Result<ActorRef<SchedulerMsg>, ServeError> {
     let leader = ctx.identity.lock().expect("identity lock").leader.clone().ok_or_else(|| ServeError::Unavailable("no leader yet".into()))?;
     member::<SchedulerMsg>(&scheduler::group(&leader)).ok_or_else(|| ServeError::Unavailable(format!("the leader {leader} has no scheduler")))
@@ -196,7 +201,7 @@ fn leader_scheduler(ctx: &ServeContext) -> Result<ActorRef<SchedulerMsg>, ServeE
 async fn admit(ctx: &ServeContext, req: &ReqId, prompt_tokens: usize, max_tokens: u32, avoid: &BTreeSet<String>) -> Result<Route, ServeError> {
     let sched = leader_scheduler(ctx)?;
     // Only nodes still unreachable from here: a link that healed is usable again.
-    let avoid = avoid.iter().filter(|n| member::<WorkerMsg>(&worker::group(n)).is_none()).cloned().collect();
+    let avoid = avoid.iter().filter(|n| unreachable_node(n)).cloned().collect();
     let ask = AdmitReq { req: req.clone(), prompt_tokens: prompt_tokens as u32, max_tokens, avoid };
     match sched.call(|p| SchedulerMsg::Admit(Wire::Ok(ask), p), Some(ADMIT_TIMEOUT)).await {
         Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch, replica, stages }))) => {
@@ -330,7 +335,7 @@ pub async fn complete(
         no_capacity_since = None;
         m.queue_time.observe(asked.elapsed().as_secs_f64());
         registered.route = Some((req.clone(), route.clone()));
-        if let Some(gone) = route.stages.iter().find(|n| member::<WorkerMsg>(&worker::group(n)).is_none()) {
+        if let Some(gone) = route.stages.iter().find(|n| unreachable_node(n)) {
             // The scheduler has not yet planned around a node that just left (or that only this node cannot
             // reach): ask again shortly, avoiding it, without counting an attempt.
             unreachable.insert(gone.clone());
@@ -362,7 +367,7 @@ pub async fn complete(
                 ev = rx.recv() => ev.expect("the registry holds the sender while the request runs"),
                 _ = check.tick() => {
                     // A stage whose node left the mesh (killed, hung and evicted, partitioned) sends nothing more: resume elsewhere now.
-                    if let Some(gone) = route.stages.iter().find(|n| member::<WorkerMsg>(&worker::group(n)).is_none()) {
+                    if let Some(gone) = route.stages.iter().find(|n| unreachable_node(n)) {
                         unreachable.insert(gone.clone());
                         problem = Some(format!("stage node {gone} is gone"));
                     } else if last_progress.elapsed() > STEP_TIMEOUT {

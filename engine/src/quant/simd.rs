@@ -229,6 +229,18 @@ mod x86 {
         }
     }
 
+    /// Pointers to the quantized values, scales and sums of `R` activation rows (plain loops: a closure
+    /// would not inherit the callers' target features).
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    fn act_ptrs<const R: usize>(acts: &[Q8Row]) -> ([*const i8; R], [*const f32; R], [*const f32; R]) {
+        let (mut qs, mut d, mut s) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R], [std::ptr::null::<f32>(); R]);
+        for r in 0..R {
+            (qs[r], d[r], s[r]) = (acts[r].qs.as_ptr(), acts[r].d.as_ptr(), acts[r].s.as_ptr());
+        }
+        (qs, d, s)
+    }
+
     /// `R` rows against one weight row, sharing each block's unpacked weights and scales.
     /// `lanes(w, a)` gives the 8 exact lane sums of a block.
     #[inline(always)]
@@ -237,10 +249,7 @@ mod x86 {
         let nb = w.len() / bb;
         debug_assert!(acts.len() == R && out.len() == R);
         debug_assert!(acts.iter().all(|a| a.qs.len() >= nb * QK8 && a.d.len() >= nb && a.s.len() >= nb));
-        let (mut qs, mut d, mut s) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R], [std::ptr::null::<f32>(); R]);
-        for r in 0..R {
-            (qs[r], d[r], s[r]) = (acts[r].qs.as_ptr(), acts[r].d.as_ptr(), acts[r].s.as_ptr());
-        }
+        let (qs, d, s) = act_ptrs::<R>(acts);
         let wp = w.as_ptr();
         let mut even = [_mm256_setzero_ps(); R];
         let mut odd = [_mm256_setzero_ps(); R];
@@ -434,10 +443,7 @@ mod x86 {
         let nb = w.len() / bb;
         debug_assert!(acts.len() == R && out.len() == R);
         debug_assert!(acts.iter().all(|a| a.qs.len() >= nb * QK8 && a.d.len() >= nb && a.s.len() >= nb));
-        let (mut qs, mut d, mut s) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R], [std::ptr::null::<f32>(); R]);
-        for r in 0..R {
-            (qs[r], d[r], s[r]) = (acts[r].qs.as_ptr(), acts[r].d.as_ptr(), acts[r].s.as_ptr());
-        }
+        let (qs, d, s) = act_ptrs::<R>(acts);
         let wp = w.as_ptr();
         let mut acc = [_mm512_setzero_ps(); R];
         let mut mins = [_mm_setzero_ps(); R];
