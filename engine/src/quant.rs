@@ -2,7 +2,10 @@
 
 mod dequant;
 pub mod dot;
+pub mod pack;
 pub mod simd;
+
+use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 use rayon::prelude::*;
@@ -33,6 +36,8 @@ pub struct QWeight {
     row_len: usize,
     row_bytes: usize,
     kernel: Kernel,
+    /// Integer formats are held in the grouped layout of [`pack`] (same size as the GGUF bytes).
+    packed: Option<IntFormat>,
     data: Vec<u8>,
 }
 
@@ -65,7 +70,17 @@ impl QWeight {
         if data.len() != rows * row_bytes {
             return Err(EngineError::TensorShape { name: name.to_string(), expected: vec![rows * row_bytes], actual: vec![data.len()] });
         }
-        Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, data })
+        let (packed, data) = match kernel {
+            Kernel::Int(f) => {
+                let mut out = vec![0u8; data.len()];
+                for (src, dst) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(row_bytes)) {
+                    pack::pack_row(f, src, dst);
+                }
+                (Some(f), out)
+            }
+            Kernel::Dequant => (None, data),
+        };
+        Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, packed, data })
     }
 
     /// Multiplies by dequantized f32 weights and unquantized activations instead of 8-bit integer dots:
@@ -136,7 +151,14 @@ impl QWeight {
             GgmlDType::Q6K => dequant::q6_k,
             _ => unreachable!("format checked in QWeight::new"),
         };
-        if bs == 1 {
+        if let Some(p) = self.packed {
+            let mut blk = [0u8; 34];
+            let blk = &mut blk[..ts];
+            for (i, o) in out.chunks_exact_mut(bs).enumerate() {
+                pack::unpack_block(p, b, i, blk);
+                f(blk, o);
+            }
+        } else if bs == 1 {
             f(b, out);
         } else {
             for (blk, o) in b.chunks_exact(ts).zip(out.chunks_exact_mut(bs)) {
@@ -166,9 +188,12 @@ impl QWeight {
         assert_eq!(x.len(), m * k, "matmul input for {} has {} values, expected {m}x{k}", self.name, x.len());
         match self.kernel {
             Kernel::Int(_) => self.matmul_q8(&quantize_rows(x, k)),
-            Kernel::Dequant => self.run(m, |j, col, wrow| {
-                self.dequantize_row(j, wrow);
-                col.iter_mut().zip(x.chunks_exact(k)).for_each(|(o, a)| *o = dot::dot_f32(wrow, a));
+            Kernel::Dequant => columns(self.rows, m, |cols, tile| {
+                let mut wrow = vec![0f32; k];
+                for (j, col) in cols.zip(tile.chunks_exact_mut(m)) {
+                    self.dequantize_row(j, &mut wrow);
+                    col.iter_mut().zip(x.chunks_exact(k)).for_each(|(o, a)| *o = dot::dot_f32(&wrow, a));
+                }
             }),
         }
     }
@@ -183,15 +208,13 @@ impl QWeight {
         let Kernel::Int(f) = self.kernel else {
             panic!("{} ({:?}) does not take 8-bit activations", self.name, self.dtype);
         };
-        assert!(rows.iter().all(|r| r.qs.len() == self.row_len), "activation width for {}", self.name);
-        self.run(rows.len(), |j, col, _| simd::column(level, f, self.row(j), rows, col))
+        assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
+        columns(self.rows, rows.len(), |cols, tile| simd::tile(level, f, self.rows_bytes(cols), self.row_bytes, rows, tile))
     }
 
-    /// Runs `f(column, out_column, scratch)` for every output column in parallel tasks that each own whole
-    /// columns, then lays the result out row-major `[m, n]`.
-    fn run(&self, m: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
-        let scratch_len = if self.kernel == Kernel::Dequant { self.row_len } else { 0 };
-        columns(self.rows, m, scratch_len, f)
+    /// The bytes of consecutive rows.
+    fn rows_bytes(&self, rows: Range<usize>) -> &[u8] {
+        &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes]
     }
 }
 
@@ -204,16 +227,23 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
     let mut total = 0;
     for w in ws {
         assert!(w.takes_q8(), "{} does not take 8-bit activations", w.name);
-        assert!(rows.iter().all(|r| r.qs.len() == w.row_len), "activation width for {}", w.name);
+        assert!(rows.iter().all(|r| r.len == w.row_len), "activation width for {}", w.name);
         starts.push(total);
         total += w.rows;
     }
     starts.push(total);
-    let all = columns(total, m, 0, |c, col, _| {
-        let i = starts.partition_point(|&s| s <= c) - 1;
-        let w = ws[i];
-        let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
-        simd::column(level, f, w.row(c - starts[i]), rows, col);
+    let all = columns(total, m, |cols, tile| {
+        // a task's columns may span several matrices
+        let (mut c, mut done) = (cols.start, 0);
+        while c < cols.end {
+            let i = starts.partition_point(|&s| s <= c) - 1;
+            let end = cols.end.min(starts[i + 1]);
+            let w = ws[i];
+            let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
+            let len = (end - c) * m;
+            simd::tile(level, f, w.rows_bytes(c - starts[i]..end - starts[i]), w.row_bytes, rows, &mut tile[done..done + len]);
+            (c, done) = (end, done + len);
+        }
     });
     // split each row [m, total] into the matrices' [m, n_i] results
     ws.iter()
@@ -228,9 +258,10 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Computes `n` output columns of `m` values each in parallel tasks owning whole columns, writing
-/// straight into the row-major `[m, n]` result.
-fn columns(n: usize, m: usize, scratch_len: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
+/// Computes `n` output columns of `m` values each in parallel tasks owning whole column ranges:
+/// `f(columns, tile)` fills `tile` column-major (`[columns.len()][m]`), which is then laid out in the
+/// row-major `[m, n]` result.
+fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
     if m == 0 || n == 0 {
         return Vec::new();
     }
@@ -240,10 +271,10 @@ fn columns(n: usize, m: usize, scratch_len: usize, f: impl Fn(usize, &mut [f32],
     let tasks = n.div_ceil(per_task);
     let dst = SharedOut(out.as_mut_ptr());
     let work = |t: usize| {
-        let mut scratch = vec![0f32; scratch_len];
-        let mut col = vec![0f32; m];
-        for j in t * per_task..((t + 1) * per_task).min(n) {
-            f(j, &mut col, &mut scratch);
+        let cols = t * per_task..((t + 1) * per_task).min(n);
+        let mut tile = vec![0f32; cols.len() * m];
+        f(cols.clone(), &mut tile);
+        for (j, col) in cols.zip(tile.chunks_exact(m)) {
             for (i, &v) in col.iter().enumerate() {
                 // SAFETY: task t alone writes columns [t*per_task, (t+1)*per_task) of the m x n buffer,
                 // which outlives the parallel loop.

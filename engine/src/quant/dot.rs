@@ -1,13 +1,19 @@
 //! Activation quantization to 8-bit blocks, and the fixed-order f32 dot product.
 
+use super::pack::{act_index, GROUP};
+
 /// Elements per 8-bit activation block.
 pub const QK8: usize = 32;
 
-/// One row of activations quantized to 8-bit blocks: `x ≈ d * q`, with `s = d * Σq` for formats with a minimum.
+/// One row of activations quantized to 8-bit blocks: `x ≈ d * q`, with `sums = Σq` and `s = d * Σq` per
+/// block. The values are in the grouped layout of [`super::pack`], padded with zero blocks to whole groups
+/// (`d`, `s` and `sums` too); `len` is the unpadded width.
 #[derive(Debug, Clone, Default)]
 pub struct Q8Row {
+    pub len: usize,
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    pub sums: Vec<i32>,
     pub qs: Vec<i8>,
 }
 
@@ -23,24 +29,41 @@ impl Q8Row {
     pub fn quantize_into(&mut self, x: &[f32]) {
         debug_assert_eq!(x.len() % QK8, 0);
         let nb = x.len() / QK8;
+        let padded = nb.div_ceil(GROUP) * GROUP;
+        self.len = x.len();
         self.d.clear();
         self.s.clear();
+        self.sums.clear();
         self.qs.clear();
-        self.qs.reserve(x.len());
-        for blk in x.chunks_exact(QK8) {
+        self.qs.resize(padded * QK8, 0);
+        for (b, blk) in x.chunks_exact(QK8).enumerate() {
             let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
-            for &v in blk {
+            for (j, &v) in blk.iter().enumerate() {
                 let q = (v * id).round() as i8;
                 sum += q as i32;
-                self.qs.push(q);
+                self.qs[act_index(b, j)] = q;
             }
             self.d.push(d);
             self.s.push(d * sum as f32);
+            self.sums.push(sum);
         }
-        debug_assert_eq!(self.d.len(), nb);
+        self.d.resize(padded, 0.0);
+        self.s.resize(padded, 0.0);
+        self.sums.resize(padded, 0);
+    }
+
+    /// Number of (unpadded) blocks.
+    pub fn blocks(&self) -> usize {
+        self.len / QK8
+    }
+
+    /// Value `j` of block `b`.
+    #[inline(always)]
+    pub fn value(&self, b: usize, j: usize) -> i8 {
+        self.qs[act_index(b, j)]
     }
 }
 

@@ -1,32 +1,32 @@
 //! Runtime-selected integer kernels: one weight row (output column) against every activation row.
 //!
 //! Every path computes the same canonical sum, so scalar, AVX2 and AVX-512 VNNI results are
-//! bit-identical on any machine, for any batch size: each 32-value block splits into 8 lanes of 4
-//! products (exact integers); lane `l` accumulates `lane[l] + (dw*da) * p_l` (a multiply then an add,
-//! never fused) in two interleaved sets, even and odd blocks, so two dependency chains run at once;
-//! Q4_1 minimums accumulate `mins + mw*sa` the same way; the result is `reduce(even + odd) + (mins_even +
-//! mins_odd)` with `reduce(l) = ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+//! bit-identical on any machine, for any batch size. Weights and activations are in the grouped layout of
+//! [`super::pack`]. For each block `b` the exact integer dot product `p_b = Σ w·q` (the true signed
+//! weights) goes to lane `l = b % 16` of 16 f32 accumulators as `acc[l] + (dw_b*da_b) * p_b` (a multiply
+//! then an add, never fused), followed for Q4_1 by `+ mw_b*sa_b`; the result is
+//! `reduce(acc)` with `h[i] = acc[i] + acc[i+8]`, then `((h0+h4)+(h2+h6)) + ((h1+h5)+(h3+h7))`.
+//! How the integer sums are formed (and in which order) cannot change them, so the SIMD paths take each
+//! group's 16 blocks at once: eight `dpbusd` (or `maddubs`) leave the 16 block sums in 16 lanes.
 
 use std::sync::OnceLock;
 
 use super::dequant::f16_at;
-use super::dot::{Q8Row, QK8};
+use super::dot::Q8Row;
+use super::pack::{self, GROUP, QK};
 
 /// Instruction-set level of the integer kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// Portable Rust, the reference.
     Scalar,
-    /// AVX2 (`maddubs` + `madd`).
+    /// AVX2 (`maddubs` + `madd`), 256-bit vectors: a group in two halves of 8 blocks.
     Avx2,
-    /// AVX-512 VNNI on 256-bit vectors (`dpbusd`).
+    /// AVX-512 VNNI (`dpbusd`) on 512-bit vectors: a whole group of 16 blocks per register.
     Avx512Vnni,
-    /// AVX-512 VNNI + VBMI on 512-bit vectors: an even and an odd block per instruction, the two halves
-    /// of a register holding exactly the even and odd accumulator sets of the narrower paths.
-    Avx512Zmm,
 }
 
-/// The best level this CPU supports, capped by `FLOTILLA_KERNEL=scalar|avx2|vnni256` when set.
+/// The best level this CPU supports, capped by `FLOTILLA_KERNEL=scalar|avx2` when set.
 pub fn detected() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -34,7 +34,6 @@ pub fn detected() -> Level {
         match std::env::var("FLOTILLA_KERNEL").as_deref() {
             Ok("scalar") => Level::Scalar,
             Ok("avx2") => best.min(Level::Avx2),
-            Ok("vnni256") => best.min(Level::Avx512Vnni),
             _ => best,
         }
     })
@@ -42,30 +41,22 @@ pub fn detected() -> Level {
 
 /// Every level this CPU can run (for tests).
 pub fn supported() -> Vec<Level> {
-    [Level::Scalar, Level::Avx2, Level::Avx512Vnni, Level::Avx512Zmm].into_iter().filter(|&l| l <= best_supported()).collect()
+    [Level::Scalar, Level::Avx2, Level::Avx512Vnni].into_iter().filter(|&l| l <= best_supported()).collect()
 }
 
 fn best_supported() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512vnni")
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c");
+        if avx2
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vbmi")
             && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("f16c")
-        {
-            return Level::Avx512Zmm;
-        }
-        if is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("avx512vnni")
         {
             return Level::Avx512Vnni;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        if avx2 {
             return Level::Avx2;
         }
     }
@@ -91,61 +82,65 @@ impl IntFormat {
     }
 }
 
-/// `out[i] = w · acts[i]` for one weight row `w` in format `f`.
-pub fn column(level: Level, f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+/// `out[j * m + i] = w_j · acts[i]` for the consecutive weight rows `w_j` of `w` (each `row_bytes` long,
+/// grouped layout, format `f`) and the `m` activation rows.
+pub fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, acts: &[Q8Row], out: &mut [f32]) {
+    debug_assert!(acts.iter().all(|a| a.blocks() * f.block_bytes() == row_bytes));
+    debug_assert_eq!(out.len(), w.len() / row_bytes * acts.len());
     match level {
-        Level::Scalar => out.iter_mut().zip(acts).for_each(|(o, a)| *o = row_scalar(f, w, a)),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { x86::column_avx2(f, w, acts, out) },
+        Level::Avx2 => unsafe { x86::tile_avx2(f, w, row_bytes, acts, out) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni => unsafe { x86::column_vnni(f, w, acts, out) },
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512Zmm => unsafe { x86::column_zmm(f, w, acts, out) },
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => out.iter_mut().zip(acts).for_each(|(o, a)| *o = row_scalar(f, w, a)),
+        Level::Avx512Vnni => unsafe { x86::tile_avx512(f, w, row_bytes, acts, out) },
+        _ => {
+            for (wr, col) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(acts.len())) {
+                col.iter_mut().zip(acts).for_each(|(o, a)| *o = row_scalar(f, wr, a));
+            }
+        }
     }
 }
 
-/// Scale and minimum of a block.
+/// The fixed reduction of the 16 lanes.
 #[inline(always)]
-fn scales(f: IntFormat, b: &[u8]) -> (f32, f32) {
-    (f16_at(b, 0), if f == IntFormat::Q4_1 { f16_at(b, 2) } else { 0.0 })
+fn reduce(a: [f32; GROUP]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|i| a[i] + a[i + 8]);
+    ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]))
 }
 
-/// Weight value `j` (0..32) of a block, as the signed integer the dot product uses.
-#[inline(always)]
-fn weight(f: IntFormat, b: &[u8], j: usize) -> i32 {
-    match f {
-        IntFormat::Q4_0 => (if j < 16 { b[2 + j] & 0xF } else { b[2 + j - 16] >> 4 }) as i32 - 8,
-        IntFormat::Q4_1 => (if j < 16 { b[4 + j] & 0xF } else { b[4 + j - 16] >> 4 }) as i32,
-        IntFormat::Q8_0 => (b[2 + j] as i8) as i32,
-    }
-}
-
-/// The fixed reduction of the 8 lanes.
-#[inline(always)]
-fn reduce(l: [f32; 8]) -> f32 {
-    let a = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
-    (a[0] + a[2]) + (a[1] + a[3])
-}
-
-/// The canonical dot product of one weight row with one activation row.
+/// The canonical dot product of one weight row (grouped layout) with one activation row.
 pub fn row_scalar(f: IntFormat, w: &[u8], a: &Q8Row) -> f32 {
-    let mut lanes = [[0f32; 8]; 2];
-    let mut mins = [0f32; 2];
-    for (blk, b) in w.chunks_exact(f.block_bytes()).enumerate() {
-        let (dw, mw) = scales(f, b);
-        let dd = dw * a.d[blk];
-        let q8 = &a.qs[blk * QK8..(blk + 1) * QK8];
-        for (l, lane) in lanes[blk % 2].iter_mut().enumerate() {
-            let p: i32 = (4 * l..4 * l + 4).map(|j| weight(f, b, j) * q8[j] as i32).sum();
-            *lane = *lane + dd * p as f32;
-        }
+    let nb = a.blocks();
+    let mut acc = [0f32; GROUP];
+    for b in 0..nb {
+        let (base, g, i) = pack::locate(f, nb, b);
+        let grp = &w[base..base + g * f.block_bytes()];
+        let s = pack::scales_at(f, g);
+        let dw = f16_at(grp, s + 2 * i);
+        let p: i32 = (0..QK)
+            .map(|j| {
+                let w = match f {
+                    IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                        let byte = grp[(j % 16) / 4 * 4 * g + 4 * i + j % 4];
+                        let nib = (if j < 16 { byte & 0xF } else { byte >> 4 }) as i32;
+                        if f == IntFormat::Q4_0 {
+                            nib - 8
+                        } else {
+                            nib
+                        }
+                    }
+                    IntFormat::Q8_0 => grp[j / 4 * 4 * g + 4 * i + j % 4] as i8 as i32,
+                };
+                w * a.value(b, j) as i32
+            })
+            .sum();
+        let l = b % GROUP;
+        let mut t = acc[l] + (dw * a.d[b]) * p as f32;
         if f == IntFormat::Q4_1 {
-            mins[blk % 2] = mins[blk % 2] + mw * a.s[blk];
+            t = t + f16_at(grp, s + 2 * g + 2 * i) * a.s[b];
         }
+        acc[l] = t;
     }
-    reduce(std::array::from_fn(|l| lanes[0][l] + lanes[1][l])) + (mins[0] + mins[1])
+    reduce(acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -153,356 +148,336 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// How far ahead of the block being multiplied the weights are prefetched, in bytes: single-stream
-    /// decode streams ~100 MB of weights per token, and the hardware prefetcher alone leaves about 15%
-    /// of the decode speed on the table (measured on the 512-bit path).
+    /// How far ahead of the group being multiplied the weights are prefetched, in bytes: single-stream
+    /// decode streams ~100 MB of weights per token, and the hardware prefetcher alone leaves speed on the
+    /// table.
     const PREFETCH: usize = 1024;
 
-    /// The 32 weights of a block as bytes, signed for Q4_0 (centred) and Q8_0.
+    /// Bytes of activation values per group (the padded, full-group layout).
+    const ACT_GROUP: usize = GROUP * QK;
+
+    /// Activation rows sharing one unpacking of a group's weights.
+    const ROWS_512: usize = 8;
+    const ROWS_256: usize = 4;
+
+    /// Pointers to the values, scales, scaled sums and integer sums of `R` activation rows (plain loops:
+    /// a closure would not inherit the callers' target features).
     #[inline(always)]
-    unsafe fn weights(f: IntFormat, b: *const u8) -> __m256i {
-        match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                let off = if f == IntFormat::Q4_0 { 2 } else { 4 };
-                let q = _mm_loadu_si128(b.add(off) as *const __m128i);
-                let m = _mm_set1_epi8(0x0F);
-                let v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(q), m), _mm_and_si128(q, m));
-                if f == IntFormat::Q4_0 {
-                    _mm256_sub_epi8(v, _mm256_set1_epi8(8))
-                } else {
-                    v
-                }
-            }
-            IntFormat::Q8_0 => _mm256_loadu_si256(b.add(2) as *const __m256i),
+    #[allow(clippy::type_complexity)]
+    fn act_ptrs<const R: usize>(acts: &[Q8Row]) -> ([*const i8; R], [*const f32; R], [*const f32; R], [*const i32; R]) {
+        let mut p = ([std::ptr::null(); R], [std::ptr::null(); R], [std::ptr::null(); R], [std::ptr::null(); R]);
+        for r in 0..R {
+            (p.0[r], p.1[r], p.2[r], p.3[r]) = (acts[r].qs.as_ptr(), acts[r].d.as_ptr(), acts[r].s.as_ptr(), acts[r].sums.as_ptr());
+        }
+        p
+    }
+
+    /// Prefetches the weights `PREFETCH` bytes past a group of `len` bytes at `p` (the rows of a matrix
+    /// are contiguous, and prefetches never fault).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8, len: usize) {
+        let mut off = 0;
+        while off < len {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off + PREFETCH) as *const i8);
+            off += 64;
         }
     }
 
-    /// f16 to f32 with F16C: exact, so equal to the scalar conversion.
     #[inline(always)]
-    unsafe fn f16c(b: *const u8) -> f32 {
-        _mm256_cvtss_f32(f16c8(b))
-    }
-
-    /// The f16 at `b` converted exactly, in all 8 lanes. Broadcasting the bits first avoids an insert
-    /// into a live register (a false dependency that serialised the block loop).
-    #[inline(always)]
-    unsafe fn f16c8(b: *const u8) -> __m256 {
-        let bits = (b as *const i16).read_unaligned();
-        _mm256_cvtph_ps(_mm_set1_epi16(bits))
-    }
-
-    #[inline(always)]
-    unsafe fn reduce8(acc: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    unsafe fn reduce8(h: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
-    /// One block of one weight row against `R` activation rows, into one accumulator set.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn step<const R: usize>(
-        f: IntFormat,
-        b: *const u8,
-        blk: usize,
-        qs: &[*const i8; R],
-        d: &[*const f32; R],
-        s: &[*const f32; R],
-        acc: &mut [__m256; R],
-        mins: &mut [f32; R],
-        lanes: &impl Fn(__m256i, __m256i) -> __m256i,
-    ) {
-        let wv = weights(f, b);
-        let wu = if f == IntFormat::Q4_1 { wv } else { _mm256_sign_epi8(wv, wv) };
-        let dw = f16c8(b);
-        let mw = if f == IntFormat::Q4_1 { f16c(b.add(2)) } else { 0.0 };
-        for r in 0..R {
-            let av = _mm256_loadu_si256(qs[r].add(blk * QK8) as *const __m256i);
-            let av = if f == IntFormat::Q4_1 { av } else { _mm256_sign_epi8(av, wv) };
-            let p = lanes(wu, av);
-            // the same f32 product as the scalar `dw * da`, in every lane
-            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*d[r].add(blk)));
-            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p)));
-            if f == IntFormat::Q4_1 {
-                mins[r] = mins[r] + mw * *s[r].add(blk);
-            }
-        }
-    }
+    // ---- AVX-512 VNNI: a group of 16 blocks per register ----
 
-    /// Pointers to the quantized values, scales and sums of `R` activation rows (plain loops: a closure
-    /// would not inherit the callers' target features).
-    #[inline(always)]
-    #[allow(clippy::type_complexity)]
-    fn act_ptrs<const R: usize>(acts: &[Q8Row]) -> ([*const i8; R], [*const f32; R], [*const f32; R]) {
-        let (mut qs, mut d, mut s) = ([std::ptr::null::<i8>(); R], [std::ptr::null::<f32>(); R], [std::ptr::null::<f32>(); R]);
-        for r in 0..R {
-            (qs[r], d[r], s[r]) = (acts[r].qs.as_ptr(), acts[r].d.as_ptr(), acts[r].s.as_ptr());
-        }
-        (qs, d, s)
-    }
-
-    /// `R` rows against one weight row, sharing each block's unpacked weights and scales.
-    /// `lanes(w, a)` gives the 8 exact lane sums of a block.
-    #[inline(always)]
-    unsafe fn rows<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32], lanes: impl Fn(__m256i, __m256i) -> __m256i) {
-        let bb = f.block_bytes();
-        let nb = w.len() / bb;
-        debug_assert!(acts.len() == R && out.len() == R);
-        debug_assert!(acts.iter().all(|a| a.qs.len() >= nb * QK8 && a.d.len() >= nb && a.s.len() >= nb));
-        let (qs, d, s) = act_ptrs::<R>(acts);
-        let wp = w.as_ptr();
-        let mut even = [_mm256_setzero_ps(); R];
-        let mut odd = [_mm256_setzero_ps(); R];
-        let mut mins_even = [0f32; R];
-        let mut mins_odd = [0f32; R];
-        let mut blk = 0;
-        while blk + 2 <= nb {
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(blk * bb + PREFETCH) as *const i8);
-            step::<R>(f, wp.add(blk * bb), blk, &qs, &d, &s, &mut even, &mut mins_even, &lanes);
-            step::<R>(f, wp.add((blk + 1) * bb), blk + 1, &qs, &d, &s, &mut odd, &mut mins_odd, &lanes);
-            blk += 2;
-        }
-        if blk < nb {
-            step::<R>(f, wp.add(blk * bb), blk, &qs, &d, &s, &mut even, &mut mins_even, &lanes);
-        }
-        for r in 0..R {
-            out[r] = reduce8(_mm256_add_ps(even[r], odd[r])) + (mins_even[r] + mins_odd[r]);
-        }
-    }
-
-    /// All rows, four at a time.
-    #[inline(always)]
-    unsafe fn all_rows(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32], lanes: impl Fn(__m256i, __m256i) -> __m256i + Copy) {
-        let mut r = 0;
-        while r + 4 <= acts.len() {
-            rows::<4>(f, w, &acts[r..r + 4], &mut out[r..r + 4], lanes);
-            r += 4;
-        }
-        match acts.len() - r {
-            3 => rows::<3>(f, w, &acts[r..], &mut out[r..], lanes),
-            2 => rows::<2>(f, w, &acts[r..], &mut out[r..], lanes),
-            1 => rows::<1>(f, w, &acts[r..], &mut out[r..], lanes),
-            _ => {}
-        }
-    }
-
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn column_avx2(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-        let ones = _mm256_set1_epi16(1);
-        let lanes = move |wv, av| _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones);
-        // one specialised copy per format
-        match f {
-            IntFormat::Q4_0 => all_rows(IntFormat::Q4_0, w, acts, out, lanes),
-            IntFormat::Q4_1 => all_rows(IntFormat::Q4_1, w, acts, out, lanes),
-            IntFormat::Q8_0 => all_rows(IntFormat::Q8_0, w, acts, out, lanes),
-        }
-    }
-
-    #[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
-    pub(super) unsafe fn column_vnni(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-        let lanes = |wv, av| _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av);
-        match f {
-            IntFormat::Q4_0 => all_rows(IntFormat::Q4_0, w, acts, out, lanes),
-            IntFormat::Q4_1 => all_rows(IntFormat::Q4_1, w, acts, out, lanes),
-            IntFormat::Q8_0 => all_rows(IntFormat::Q8_0, w, acts, out, lanes),
-        }
-    }
-
-    /// The 32 weights of two consecutive blocks (`b`, `b + bb`) as bytes, block 0 in the low 256 bits:
-    /// the same byte order per block as [`weights`]. Q4_1's are unsigned; Q4_0's and Q8_0's signed.
-    #[inline(always)]
-    unsafe fn weights2(f: IntFormat, b: *const u8, bb: usize) -> __m512i {
-        match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                let off = if f == IntFormat::Q4_0 { 2 } else { 4 };
-                let q = _mm256_set_m128i(_mm_loadu_si128(b.add(bb + off) as *const __m128i), _mm_loadu_si128(b.add(off) as *const __m128i));
-                let m = _mm256_set1_epi8(0x0F);
-                let lo = _mm256_and_si256(q, m); // [lo0 | lo1]
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m); // [hi0 | hi1]
-                let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi); // [lo0 lo1 hi0 hi1]
-                let z = _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z); // [lo0 hi0 lo1 hi1]
-                if f == IntFormat::Q4_0 {
-                    _mm512_sub_epi8(z, _mm512_set1_epi8(8))
-                } else {
-                    z
-                }
-            }
-            IntFormat::Q8_0 => _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_loadu_si256(b.add(2) as *const __m256i)),
-                _mm256_loadu_si256(b.add(bb + 2) as *const __m256i),
-            ),
-        }
-    }
-
-    /// Weights and scales of a block pair, unpacked once and shared by every activation row.
-    struct Pair {
-        /// Q4_1: unsigned weights; others: absolute values (the sign goes onto the activations).
-        wu: __m512i,
-        /// Bytes whose weight is negative (signed formats).
-        neg: __mmask64,
-        /// `[dw0 x 8 | dw1 x 8]`
+    /// A group's weights unpacked once for every activation row: 8 registers of unsigned bytes (chunk
+    /// `k` of each block in lane `b`), the scales and minimums as f32, the lanes that hold blocks.
+    struct Group512 {
+        w: [__m512i; 8],
         dw: __m512,
-        /// Q4_1: `[mw0, mw1, 0, 0]`.
-        mw: __m128,
-    }
-
-    /// Permutation indices of [`pair`] for one format (made once per weight row).
-    struct PairIdx {
-        /// bytes `[qs0, qs0, qs1, qs1]`: low nibbles from the first copy of each block, high from the second
-        bytes: __m512i,
-        /// f16 words `[d0 x 8, d1 x 8]`, then `[m0, m1, ...]`
-        words: __m512i,
+        mw: __m512,
+        lanes: __mmask16,
     }
 
     #[inline(always)]
-    unsafe fn pair_idx(f: IntFormat) -> PairIdx {
-        let bb = f.block_bytes();
-        let off = if f == IntFormat::Q4_0 { 2 } else { 4 };
-        let mut bytes = [0u8; 64];
-        for (i, v) in bytes.iter_mut().enumerate() {
-            *v = ((if i < 32 { off } else { bb + off }) + i % 16) as u8;
+    unsafe fn load512(p: *const u8, full: bool, bytes: usize) -> __m512i {
+        if full {
+            _mm512_loadu_si512(p as *const _)
+        } else {
+            _mm512_maskz_loadu_epi8((1u64 << bytes) - 1, p as *const i8)
         }
-        let (d0, d1) = (0u16, (bb / 2) as u16);
-        let mut words = [0u16; 32];
-        for (i, v) in words.iter_mut().enumerate().take(16) {
-            *v = if i < 8 { d0 } else { d1 };
-        }
-        words[16] = d0 + 1;
-        words[17] = d1 + 1;
-        PairIdx { bytes: _mm512_loadu_si512(bytes.as_ptr() as *const _), words: _mm512_loadu_si512(words.as_ptr() as *const _) }
     }
 
-    /// For the 4-bit formats, one masked load of both blocks, then byte and word permutes (VBMI) that
-    /// place the nibbles and the f16 scales; Q8_0 (68 bytes per pair) loads its two halves.
     #[inline(always)]
-    unsafe fn pair(f: IntFormat, b: *const u8, bb: usize, idx: &PairIdx) -> Pair {
+    unsafe fn scales512(p: *const u8, full: bool, g: usize) -> __m512 {
+        let h = if full { _mm256_loadu_si256(p as *const __m256i) } else { _mm256_maskz_loadu_epi16((1u16 << g) - 1, p as *const i16) };
+        _mm512_cvtph_ps(h)
+    }
+
+    /// Chunk `k` of a group's activation values (a closure would not inherit the target features).
+    #[inline(always)]
+    unsafe fn ld512(a: *const i8, k: usize) -> __m512i {
+        _mm512_loadu_si512(a.add(k * 64) as *const _)
+    }
+
+    /// Q4_0 and Q8_0 weights become unsigned (`+8`, `+128`); the kernel subtracts the offset times the
+    /// activations' sum.
+    #[inline(always)]
+    unsafe fn group512(f: IntFormat, grp: *const u8, g: usize) -> Group512 {
+        let full = g == GROUP;
+        let mut w = [_mm512_setzero_si512(); 8];
         match f {
             IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                let raw = _mm512_maskz_loadu_epi8((1u64 << (2 * bb)) - 1, b as *const i8);
-                let q = _mm512_permutexvar_epi8(idx.bytes, raw);
-                let hi = _mm512_srli_epi16::<4>(q);
-                let v = _mm512_and_si512(_mm512_mask_blend_epi8(0xFFFF_0000_FFFF_0000, q, hi), _mm512_set1_epi8(0x0F));
-                let words = _mm512_permutexvar_epi16(idx.words, raw);
-                let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(words));
-                if f == IntFormat::Q4_1 {
-                    let mw = _mm_cvtph_ps(_mm256_castsi256_si128(_mm512_extracti64x4_epi64::<1>(words)));
-                    let mw = _mm_castsi128_ps(_mm_move_epi64(_mm_castps_si128(mw))); // [m0, m1, 0, 0]
-                    Pair { wu: v, neg: 0, dw, mw }
-                } else {
-                    let wv = _mm512_sub_epi8(v, _mm512_set1_epi8(8));
-                    Pair { wu: _mm512_abs_epi8(wv), neg: _mm512_movepi8_mask(wv), dw, mw: _mm_setzero_ps() }
+                let m = _mm512_set1_epi8(0x0F);
+                for c in 0..4 {
+                    let v = load512(grp.add(c * 4 * g), full, 4 * g);
+                    w[c] = _mm512_and_si512(v, m);
+                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
                 }
             }
             IntFormat::Q8_0 => {
-                let wv = weights2(f, b, bb);
-                let bits = |p: *const u8| (p as *const i16).read_unaligned();
-                let dw = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(bits(b.add(bb))), _mm_set1_epi16(bits(b))));
-                Pair { wu: _mm512_abs_epi8(wv), neg: _mm512_movepi8_mask(wv), dw, mw: _mm_setzero_ps() }
+                let m = _mm512_set1_epi8(-128);
+                for (k, wk) in w.iter_mut().enumerate() {
+                    *wk = _mm512_xor_si512(load512(grp.add(k * 4 * g), full, 4 * g), m);
+                }
             }
         }
+        let s = pack::scales_at(f, g);
+        let dw = scales512(grp.add(s), full, g);
+        let mw = if f == IntFormat::Q4_1 { scales512(grp.add(s + 2 * g), full, g) } else { _mm512_setzero_ps() };
+        Group512 { w, dw, mw, lanes: if full { !0 } else { (1u16 << g) - 1 } }
     }
 
-    /// Two blocks of one weight row against `R` activation rows: lanes 0..8 go to the even set, 8..16
-    /// to the odd set, each lane `acc + (dw*da) * p` exactly as in [`step`]; Q4_1's minimums in lanes
-    /// 0 (even) and 1 (odd) of `mins`, `mins + mw*s` as in the scalar chain.
+    /// `R` activation rows against one weight row.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn step2<const R: usize>(
-        f: IntFormat,
-        b: *const u8,
-        bb: usize,
-        blk: usize,
-        qs: &[*const i8; R],
-        d: &[*const f32; R],
-        s: &[*const f32; R],
-        acc: &mut [__m512; R],
-        mins: &mut [__m128; R],
-        idx: &PairIdx,
-    ) {
-        let w = pair(f, b, bb, idx);
-        let pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        for r in 0..R {
-            let av = _mm512_loadu_si512(qs[r].add(blk * QK8) as *const _);
-            let av = if f == IntFormat::Q4_1 { av } else { _mm512_mask_sub_epi8(av, w.neg, _mm512_setzero_si512(), av) };
-            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w.wu, av);
-            let da = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(d[r].add(blk) as *const f64))));
-            let dd = _mm512_mul_ps(w.dw, da);
-            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p)));
-            if f == IntFormat::Q4_1 {
-                let s2 = _mm_castpd_ps(_mm_load_sd(s[r].add(blk) as *const f64));
-                mins[r] = _mm_add_ps(mins[r], _mm_mul_ps(w.mw, s2));
-            }
-        }
-    }
-
-    /// `R` rows against one weight row, two blocks per step; an odd last block takes the 256-bit VNNI
-    /// step on the even half, continuing the same chain.
-    #[inline(always)]
-    unsafe fn rows_zmm<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    unsafe fn rows512<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
         let bb = f.block_bytes();
         let nb = w.len() / bb;
         debug_assert!(acts.len() == R && out.len() == R);
-        debug_assert!(acts.iter().all(|a| a.qs.len() >= nb * QK8 && a.d.len() >= nb && a.s.len() >= nb));
-        let (qs, d, s) = act_ptrs::<R>(acts);
+        debug_assert!(acts.iter().all(|a| a.qs.len() >= nb.div_ceil(GROUP) * ACT_GROUP && a.d.len() >= nb.div_ceil(GROUP) * GROUP));
+        let (qs, d, s, sums) = act_ptrs::<R>(acts);
         let wp = w.as_ptr();
         let mut acc = [_mm512_setzero_ps(); R];
-        let mut mins = [_mm_setzero_ps(); R];
-        let idx = pair_idx(f);
-        let mut blk = 0;
-        while blk + 2 <= nb {
-            // the rows of a matrix are contiguous: fetch ahead into the next rows (prefetches never fault)
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(blk * bb + PREFETCH) as *const i8);
-            step2::<R>(f, wp.add(blk * bb), bb, blk, &qs, &d, &s, &mut acc, &mut mins, &idx);
-            blk += 2;
+        let mut gi = 0;
+        while gi * GROUP < nb {
+            let g = (nb - gi * GROUP).min(GROUP);
+            let grp = wp.add(gi * GROUP * bb);
+            prefetch(grp, g * bb);
+            let gw = group512(f, grp, g);
+            for r in 0..R {
+                let a = qs[r].add(gi * ACT_GROUP);
+                let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), gw.w[0], ld512(a, 0));
+                let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), gw.w[1], ld512(a, 1));
+                i0 = _mm512_dpbusd_epi32(i0, gw.w[2], ld512(a, 2));
+                i1 = _mm512_dpbusd_epi32(i1, gw.w[3], ld512(a, 3));
+                i0 = _mm512_dpbusd_epi32(i0, gw.w[4], ld512(a, 4));
+                i1 = _mm512_dpbusd_epi32(i1, gw.w[5], ld512(a, 5));
+                i0 = _mm512_dpbusd_epi32(i0, gw.w[6], ld512(a, 6));
+                i1 = _mm512_dpbusd_epi32(i1, gw.w[7], ld512(a, 7));
+                let mut p = _mm512_add_epi32(i0, i1);
+                match f {
+                    IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(_mm512_loadu_si512(sums[r].add(gi * GROUP) as *const _))),
+                    IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(_mm512_loadu_si512(sums[r].add(gi * GROUP) as *const _))),
+                    IntFormat::Q4_1 => {}
+                }
+                let dd = _mm512_mul_ps(gw.dw, _mm512_loadu_ps(d[r].add(gi * GROUP)));
+                let mut t = _mm512_add_ps(acc[r], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p)));
+                if f == IntFormat::Q4_1 {
+                    t = _mm512_add_ps(t, _mm512_mul_ps(gw.mw, _mm512_loadu_ps(s[r].add(gi * GROUP))));
+                }
+                acc[r] = _mm512_mask_mov_ps(acc[r], gw.lanes, t);
+            }
+            gi += 1;
         }
-        // (plain loops: a closure would not inherit the target features and would call the intrinsics)
-        let mut even = [_mm256_setzero_ps(); R];
-        let mut odd = [_mm256_setzero_ps(); R];
-        let mut mins_even = [0f32; R];
         for r in 0..R {
-            even[r] = _mm512_castps512_ps256(acc[r]);
-            odd[r] = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
-            mins_even[r] = _mm_cvtss_f32(mins[r]);
-        }
-        if blk < nb {
-            let lanes = |wv, av| _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, av);
-            step::<R>(f, wp.add(blk * bb), blk, &qs, &d, &s, &mut even, &mut mins_even, &lanes);
-        }
-        for r in 0..R {
-            let mins_odd = _mm_cvtss_f32(_mm_movehdup_ps(mins[r]));
-            out[r] = reduce8(_mm256_add_ps(even[r], odd[r])) + (mins_even[r] + mins_odd);
+            let lo = _mm512_castps512_ps256(acc[r]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
+            out[r] = reduce8(_mm256_add_ps(lo, hi));
         }
     }
 
-    #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
-    pub(super) unsafe fn column_zmm(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-        #[inline(always)]
-        unsafe fn all(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
-            let mut r = 0;
-            while r + ZMM_ROWS <= acts.len() {
-                rows_zmm::<ZMM_ROWS>(f, w, &acts[r..r + ZMM_ROWS], &mut out[r..r + ZMM_ROWS]);
-                r += ZMM_ROWS;
+    /// Activation rows `r0..r0 + R` against every weight row of `w`: those rows' activations stay in the
+    /// first-level cache while the weight rows stream past.
+    macro_rules! tile_fn {
+        ($name:ident, $rows:ident, $features:literal, $max:expr, [$($n:literal),*]) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: &mut [f32]) {
+                #[inline(always)]
+                unsafe fn chunk<const R: usize>(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: &mut [f32], r0: usize) {
+                    let m = acts.len();
+                    for (j, wr) in w.chunks_exact(rb).enumerate() {
+                        $rows::<R>(f, wr, &acts[r0..r0 + R], &mut out[j * m + r0..j * m + r0 + R]);
+                    }
+                }
+                #[inline(always)]
+                unsafe fn all(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: &mut [f32]) {
+                    let mut r = 0;
+                    while r + $max <= acts.len() {
+                        chunk::<{ $max }>(f, w, rb, acts, out, r);
+                        r += $max;
+                    }
+                    match acts.len() - r {
+                        0 => {}
+                        $($n => chunk::<$n>(f, w, rb, acts, out, r),)*
+                        _ => unreachable!("fewer rows than a chunk are left"),
+                    }
+                }
+                // one specialised copy per format
+                match f {
+                    IntFormat::Q4_0 => all(IntFormat::Q4_0, w, rb, acts, out),
+                    IntFormat::Q4_1 => all(IntFormat::Q4_1, w, rb, acts, out),
+                    IntFormat::Q8_0 => all(IntFormat::Q8_0, w, rb, acts, out),
+                }
             }
-            let (a, o) = (&acts[r..], &mut out[r..]);
-            match a.len() {
-                0 => {}
-                1 => rows_zmm::<1>(f, w, a, o),
-                2 => rows_zmm::<2>(f, w, a, o),
-                3 => rows_zmm::<3>(f, w, a, o),
-                4 => rows_zmm::<4>(f, w, a, o),
-                5 => rows_zmm::<5>(f, w, a, o),
-                6 => rows_zmm::<6>(f, w, a, o),
-                7 => rows_zmm::<7>(f, w, a, o),
-                _ => unreachable!("fewer than ZMM_ROWS rows are left"),
-            }
+        };
+    }
+
+    tile_fn!(tile_avx512, rows512, "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni", ROWS_512, [1, 2, 3, 4, 5, 6, 7]);
+
+    // ---- AVX2: a group in two halves of 8 blocks ----
+
+    /// Half `h` of a group's weights: 8 registers of bytes (Q4: unsigned nibbles; Q8_0: absolute values,
+    /// with the signed values kept to move their signs onto the activations), scales, the lanes in use.
+    struct Half256 {
+        w: [__m256i; 8],
+        signs: [__m256i; 8],
+        dw: __m256,
+        mw: __m256,
+        lanes: __m256,
+        blocks: usize,
+    }
+
+    #[inline(always)]
+    unsafe fn load256(p: *const u8, blocks: usize, mask: __m256i) -> __m256i {
+        if blocks == 8 {
+            _mm256_loadu_si256(p as *const __m256i)
+        } else {
+            _mm256_maskload_epi32(p as *const i32, mask)
         }
+    }
+
+    #[inline(always)]
+    unsafe fn scales256(p: *const u8, blocks: usize) -> __m256 {
+        let h = if blocks == 8 {
+            _mm_loadu_si128(p as *const __m128i)
+        } else {
+            let mut buf = [0u16; 8];
+            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr() as *mut u8, 2 * blocks);
+            _mm_loadu_si128(buf.as_ptr() as *const __m128i)
+        };
+        _mm256_cvtph_ps(h)
+    }
+
+    #[inline(always)]
+    unsafe fn half256(f: IntFormat, grp: *const u8, g: usize, h: usize) -> Half256 {
+        let blocks = g.saturating_sub(8 * h).min(8);
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(blocks as i32), idx);
+        let mut w = [_mm256_setzero_si256(); 8];
+        let mut signs = [_mm256_setzero_si256(); 8];
         match f {
-            IntFormat::Q4_0 => all(IntFormat::Q4_0, w, acts, out),
-            IntFormat::Q4_1 => all(IntFormat::Q4_1, w, acts, out),
-            IntFormat::Q8_0 => all(IntFormat::Q8_0, w, acts, out),
+            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                let m = _mm256_set1_epi8(0x0F);
+                for c in 0..4 {
+                    let v = load256(grp.add(c * 4 * g + 32 * h), blocks, mask);
+                    w[c] = _mm256_and_si256(v, m);
+                    w[c + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
+                }
+            }
+            IntFormat::Q8_0 => {
+                for k in 0..8 {
+                    let v = load256(grp.add(k * 4 * g + 32 * h), blocks, mask);
+                    signs[k] = v;
+                    w[k] = _mm256_sign_epi8(v, v);
+                }
+            }
+        }
+        let s = pack::scales_at(f, g) + 16 * h;
+        let dw = scales256(grp.add(s), blocks);
+        let mw = if f == IntFormat::Q4_1 { scales256(grp.add(s + 2 * g), blocks) } else { _mm256_setzero_ps() };
+        Half256 { w, signs, dw, mw, lanes: _mm256_castsi256_ps(mask), blocks }
+    }
+
+    #[inline(always)]
+    unsafe fn ld256(a: *const i8, k: usize) -> __m256i {
+        _mm256_loadu_si256(a.add(k * 64) as *const __m256i)
+    }
+
+    /// The 8 block sums of half `h` of a group for the activation values at `a` (that group's start).
+    #[inline(always)]
+    unsafe fn sums256(f: IntFormat, hw: &Half256, a: *const i8, h: usize, sums: *const i32) -> __m256i {
+        let a = a.add(32 * h);
+        let ones = _mm256_set1_epi16(1);
+        match f {
+            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                // nibble x 8-bit pairs stay within i16 even summed over all 8 chunks (8 * 2 * 15 * 127)
+                let mut p0 = _mm256_maddubs_epi16(hw.w[0], ld256(a, 0));
+                let mut p1 = _mm256_maddubs_epi16(hw.w[1], ld256(a, 1));
+                for k in (2..8).step_by(2) {
+                    p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(hw.w[k], ld256(a, k)));
+                    p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(hw.w[k + 1], ld256(a, k + 1)));
+                }
+                let p = _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
+                if f == IntFormat::Q4_0 {
+                    _mm256_sub_epi32(p, _mm256_slli_epi32::<3>(_mm256_loadu_si256(sums as *const __m256i)))
+                } else {
+                    p
+                }
+            }
+            IntFormat::Q8_0 => {
+                let mut p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(hw.w[0], _mm256_sign_epi8(ld256(a, 0), hw.signs[0])), ones);
+                let mut p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hw.w[1], _mm256_sign_epi8(ld256(a, 1), hw.signs[1])), ones);
+                for k in (2..8).step_by(2) {
+                    p0 = _mm256_add_epi32(p0, _mm256_madd_epi16(_mm256_maddubs_epi16(hw.w[k], _mm256_sign_epi8(ld256(a, k), hw.signs[k])), ones));
+                    p1 = _mm256_add_epi32(
+                        p1,
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(hw.w[k + 1], _mm256_sign_epi8(ld256(a, k + 1), hw.signs[k + 1])), ones),
+                    );
+                }
+                _mm256_add_epi32(p0, p1)
+            }
         }
     }
 
-    /// Activation rows sharing one unpacking of a weight block pair on the 512-bit path.
-    const ZMM_ROWS: usize = 8;
+    /// `R` activation rows against one weight row.
+    #[inline(always)]
+    unsafe fn rows256<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+        let bb = f.block_bytes();
+        let nb = w.len() / bb;
+        debug_assert!(acts.len() == R && out.len() == R);
+        debug_assert!(acts.iter().all(|a| a.qs.len() >= nb.div_ceil(GROUP) * ACT_GROUP && a.d.len() >= nb.div_ceil(GROUP) * GROUP));
+        let (qs, d, s, sums) = act_ptrs::<R>(acts);
+        let wp = w.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut gi = 0;
+        while gi * GROUP < nb {
+            let g = (nb - gi * GROUP).min(GROUP);
+            let grp = wp.add(gi * GROUP * bb);
+            prefetch(grp, g * bb);
+            for h in 0..2 {
+                if 8 * h >= g {
+                    break;
+                }
+                let hw = half256(f, grp, g, h);
+                let at = gi * GROUP + 8 * h;
+                for r in 0..R {
+                    let p = sums256(f, &hw, qs[r].add(gi * ACT_GROUP), h, sums[r].add(at));
+                    let dd = _mm256_mul_ps(hw.dw, _mm256_loadu_ps(d[r].add(at)));
+                    let mut t = _mm256_add_ps(acc[r][h], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p)));
+                    if f == IntFormat::Q4_1 {
+                        t = _mm256_add_ps(t, _mm256_mul_ps(hw.mw, _mm256_loadu_ps(s[r].add(at))));
+                    }
+                    acc[r][h] = if hw.blocks == 8 { t } else { _mm256_blendv_ps(acc[r][h], t, hw.lanes) };
+                }
+            }
+            gi += 1;
+        }
+        for r in 0..R {
+            out[r] = reduce8(_mm256_add_ps(acc[r][0], acc[r][1]));
+        }
+    }
+
+    tile_fn!(tile_avx2, rows256, "avx2,f16c", ROWS_256, [1, 2, 3]);
 }

@@ -86,8 +86,48 @@ fn matmul_rows_do_not_depend_on_batch_or_threads() {
 #[test]
 fn q8_row_of_zeros_is_zero() {
     let r = Q8Row::quantize(&[0.0; 64]);
-    assert_eq!(r.d, vec![0.0, 0.0]);
+    assert_eq!((r.len, r.blocks()), (64, 2));
+    assert!(r.d.iter().chain(&r.s).all(|&v| v == 0.0) && r.sums.iter().all(|&v| v == 0));
     assert!(r.qs.iter().all(|&q| q == 0));
+}
+
+#[test]
+fn q8_row_keeps_every_value_in_the_grouped_layout() {
+    // 17 blocks: a full group and a one-block tail, padded to two groups
+    let x: Vec<f32> = (0..17 * 32).map(|i| ((i * 37 % 255) as f32 - 127.0) / 127.0).collect();
+    let r = Q8Row::quantize(&x);
+    assert_eq!((r.qs.len(), r.d.len()), (2 * 16 * 32, 32));
+    for b in 0..17 {
+        let sum: i32 = (0..32).map(|j| r.value(b, j) as i32).sum();
+        assert_eq!(r.sums[b], sum);
+        for j in 0..32 {
+            assert_eq!(r.value(b, j), (x[b * 32 + j] / r.d[b]).round() as i8, "block {b} value {j}");
+        }
+    }
+    assert!(r.d[17..].iter().all(|&d| d == 0.0));
+}
+
+#[test]
+fn packing_a_row_keeps_every_block() {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for blocks in [1, 2, 15, 16, 17, 18, 31, 33, 48] {
+            let ts = dtype.type_size();
+            let gguf: Vec<u8> = (0..blocks * ts).map(|i| (i * 131 % 251) as u8).collect();
+            let f = match dtype {
+                GgmlDType::Q4_0 => simd::IntFormat::Q4_0,
+                GgmlDType::Q4_1 => simd::IntFormat::Q4_1,
+                _ => simd::IntFormat::Q8_0,
+            };
+            let mut packed = vec![0u8; gguf.len()];
+            pack::pack_row(f, &gguf, &mut packed);
+            assert_ne!(packed, gguf, "{dtype:?} {blocks}");
+            let mut blk = vec![0u8; ts];
+            for b in 0..blocks {
+                pack::unpack_block(f, &packed, b, &mut blk);
+                assert_eq!(blk, gguf[b * ts..(b + 1) * ts], "{dtype:?} {blocks} blocks, block {b}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -127,7 +167,7 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     let levels = supported();
     eprintln!("kernel levels on this CPU: {levels:?}");
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-        for &(k, n, m) in &[(32, 1, 1), (64, 7, 3), (96, 33, 5), (576, 50, 1), (1536, 19, 8), (256, 3, 33)] {
+        for &(k, n, m) in &[(32, 1, 1), (64, 7, 3), (96, 33, 5), (576, 50, 1), (1536, 19, 8), (256, 3, 33), (544, 5, 9), (992, 4, 17), (512, 3, 2)] {
             for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
                 let mut x = random(m * k, 4);
                 x[0] = 0.0;
