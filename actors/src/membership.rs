@@ -553,7 +553,6 @@ impl MembershipState {
     }
 
     fn dial(&mut self, myself: &ActorRef<MembershipMsg>) {
-        let now = Instant::now();
         let me = self.identity();
         let mut targets: BTreeSet<String> = self.args.seeds.iter().cloned().collect();
         targets.extend(self.view.members().filter(|m| m.state != MemberState::Left).map(|m| m.cluster_addr.clone()));

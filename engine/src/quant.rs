@@ -188,11 +188,14 @@ impl QWeight {
         assert_eq!(x.len(), m * k, "matmul input for {} has {} values, expected {m}x{k}", self.name, x.len());
         match self.kernel {
             Kernel::Int(_) => self.matmul_q8(&quantize_rows(x, k)),
-            Kernel::Dequant => columns(self.rows, m, |cols, tile| {
+            Kernel::Dequant => columns(self.rows, m, |cols, out| {
                 let mut wrow = vec![0f32; k];
-                for (j, col) in cols.zip(tile.chunks_exact_mut(m)) {
+                for (jj, j) in cols.enumerate() {
                     self.dequantize_row(j, &mut wrow);
-                    col.iter_mut().zip(x.chunks_exact(k)).for_each(|(o, a)| *o = dot::dot_f32(&wrow, a));
+                    for (i, a) in x.chunks_exact(k).enumerate() {
+                        // SAFETY: as promised by `columns`
+                        unsafe { *out.ptr.add(i * out.stride + jj) = dot::dot_f32(&wrow, a) };
+                    }
                 }
             }),
         }
@@ -209,7 +212,8 @@ impl QWeight {
             panic!("{} ({:?}) does not take 8-bit activations", self.name, self.dtype);
         };
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
-        columns(self.rows, rows.len(), |cols, tile| simd::tile(level, f, self.rows_bytes(cols), self.row_bytes, rows, tile))
+        // SAFETY: as promised by `columns`
+        columns(self.rows, rows.len(), |cols, out| unsafe { simd::tile(level, f, self.rows_bytes(cols), self.row_bytes, rows, out) })
     }
 
     /// The bytes of consecutive rows.
@@ -232,17 +236,20 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
         total += w.rows;
     }
     starts.push(total);
-    let all = columns(total, m, |cols, tile| {
+    let all = columns(total, m, |cols, out| {
         // a task's columns may span several matrices
-        let (mut c, mut done) = (cols.start, 0);
+        let mut c = cols.start;
         while c < cols.end {
             let i = starts.partition_point(|&s| s <= c) - 1;
             let end = cols.end.min(starts[i + 1]);
             let w = ws[i];
             let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
-            let len = (end - c) * m;
-            simd::tile(level, f, w.rows_bytes(c - starts[i]..end - starts[i]), w.row_bytes, rows, &mut tile[done..done + len]);
-            (c, done) = (end, done + len);
+            // SAFETY: columns c..end of the task's columns, as promised by `columns`
+            unsafe {
+                let at = simd::Out { ptr: out.ptr.add(c - cols.start), stride: out.stride };
+                simd::tile(level, f, w.rows_bytes(c - starts[i]..end - starts[i]), w.row_bytes, rows, at);
+            }
+            c = end;
         }
     });
     // split each row [m, total] into the matrices' [m, n_i] results
@@ -259,9 +266,9 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
 }
 
 /// Computes `n` output columns of `m` values each in parallel tasks owning whole column ranges:
-/// `f(columns, tile)` fills `tile` column-major (`[columns.len()][m]`), which is then laid out in the
-/// row-major `[m, n]` result.
-fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+/// `f(columns, out)` writes the results of `columns` through `out` (which points at the first of them in
+/// the row-major `[m, n]` result) and nothing else.
+fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Vec<f32> {
     if m == 0 || n == 0 {
         return Vec::new();
     }
@@ -272,15 +279,9 @@ fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, &mut [f32]) + Sync) -> V
     let dst = SharedOut(out.as_mut_ptr());
     let work = |t: usize| {
         let cols = t * per_task..((t + 1) * per_task).min(n);
-        let mut tile = vec![0f32; cols.len() * m];
-        f(cols.clone(), &mut tile);
-        for (j, col) in cols.zip(tile.chunks_exact(m)) {
-            for (i, &v) in col.iter().enumerate() {
-                // SAFETY: task t alone writes columns [t*per_task, (t+1)*per_task) of the m x n buffer,
-                // which outlives the parallel loop.
-                unsafe { dst.write(i * n + j, v) };
-            }
-        }
+        // SAFETY: task t alone writes columns [t*per_task, (t+1)*per_task) of the m x n buffer, which
+        // outlives the parallel loop.
+        f(cols.clone(), simd::Out { ptr: unsafe { dst.column(cols.start) }, stride: n });
     };
     if tasks > 1 && threads > 1 {
         (0..tasks).into_par_iter().for_each(work);
@@ -297,9 +298,9 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
     /// # Safety
-    /// `at` is in bounds and no other task writes it.
-    unsafe fn write(&self, at: usize, v: f32) {
-        *self.0.add(at) = v;
+    /// `j` is within the buffer.
+    unsafe fn column(&self, j: usize) -> *mut f32 {
+        self.0.add(j)
     }
 }
 

@@ -82,19 +82,40 @@ impl IntFormat {
     }
 }
 
-/// `out[j * m + i] = w_j · acts[i]` for the consecutive weight rows `w_j` of `w` (each `row_bytes` long,
-/// grouped layout, format `f`) and the `m` activation rows.
-pub fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, acts: &[Q8Row], out: &mut [f32]) {
+/// Where a tile's results go: the result of weight row `j` (counted from the tile's first) and activation
+/// row `i` at `ptr + i * stride + j`.
+#[derive(Debug, Clone, Copy)]
+pub struct Out {
+    pub ptr: *mut f32,
+    pub stride: usize,
+}
+
+impl Out {
+    /// # Safety
+    /// The element is in bounds of the buffer and no other thread writes it.
+    #[inline(always)]
+    unsafe fn put(self, j: usize, i: usize, v: f32) {
+        *self.ptr.add(i * self.stride + j) = v;
+    }
+}
+
+/// `w_j · acts[i]` into `out` for the consecutive weight rows `w_j` of `w` (each `row_bytes` long, grouped
+/// layout, format `f`) and every activation row.
+///
+/// # Safety
+/// `out` covers `w.len() / row_bytes` columns of `acts.len()` rows that only this call writes.
+pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, acts: &[Q8Row], out: Out) {
     debug_assert!(acts.iter().all(|a| a.blocks() * f.block_bytes() == row_bytes));
-    debug_assert_eq!(out.len(), w.len() / row_bytes * acts.len());
     match level {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { x86::tile_avx2(f, w, row_bytes, acts, out) },
+        Level::Avx2 => x86::tile_avx2(f, w, row_bytes, acts, out),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni => unsafe { x86::tile_avx512(f, w, row_bytes, acts, out) },
+        Level::Avx512Vnni => x86::tile_avx512(f, w, row_bytes, acts, out),
         _ => {
-            for (wr, col) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(acts.len())) {
-                col.iter_mut().zip(acts).for_each(|(o, a)| *o = row_scalar(f, wr, a));
+            for (j, wr) in w.chunks_exact(row_bytes).enumerate() {
+                for (i, a) in acts.iter().enumerate() {
+                    out.put(j, i, row_scalar(f, wr, a));
+                }
             }
         }
     }
@@ -252,10 +273,10 @@ mod x86 {
 
     /// `R` activation rows against one weight row.
     #[inline(always)]
-    unsafe fn rows512<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    unsafe fn rows512<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out) {
         let bb = f.block_bytes();
         let nb = w.len() / bb;
-        debug_assert!(acts.len() == R && out.len() == R);
+        debug_assert!(acts.len() == R);
         debug_assert!(acts.iter().all(|a| a.qs.len() >= nb.div_ceil(GROUP) * ACT_GROUP && a.d.len() >= nb.div_ceil(GROUP) * GROUP));
         let (qs, d, s, sums) = act_ptrs::<R>(acts);
         let wp = w.as_ptr();
@@ -294,7 +315,7 @@ mod x86 {
         for r in 0..R {
             let lo = _mm512_castps512_ps256(acc[r]);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
-            out[r] = reduce8(_mm256_add_ps(lo, hi));
+            out.put(0, r, reduce8(_mm256_add_ps(lo, hi)));
         }
     }
 
@@ -303,16 +324,15 @@ mod x86 {
     macro_rules! tile_fn {
         ($name:ident, $rows:ident, $features:literal, $max:expr, [$($n:literal),*]) => {
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: &mut [f32]) {
+            pub(super) unsafe fn $name(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out) {
                 #[inline(always)]
-                unsafe fn chunk<const R: usize>(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: &mut [f32], r0: usize) {
-                    let m = acts.len();
+                unsafe fn chunk<const R: usize>(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out, r0: usize) {
                     for (j, wr) in w.chunks_exact(rb).enumerate() {
-                        $rows::<R>(f, wr, &acts[r0..r0 + R], &mut out[j * m + r0..j * m + r0 + R]);
+                        $rows::<R>(f, wr, &acts[r0..r0 + R], Out { ptr: out.ptr.add(r0 * out.stride + j), stride: out.stride });
                     }
                 }
                 #[inline(always)]
-                unsafe fn all(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: &mut [f32]) {
+                unsafe fn all(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out) {
                     let mut r = 0;
                     while r + $max <= acts.len() {
                         chunk::<{ $max }>(f, w, rb, acts, out, r);
@@ -443,10 +463,10 @@ mod x86 {
 
     /// `R` activation rows against one weight row.
     #[inline(always)]
-    unsafe fn rows256<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: &mut [f32]) {
+    unsafe fn rows256<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out) {
         let bb = f.block_bytes();
         let nb = w.len() / bb;
-        debug_assert!(acts.len() == R && out.len() == R);
+        debug_assert!(acts.len() == R);
         debug_assert!(acts.iter().all(|a| a.qs.len() >= nb.div_ceil(GROUP) * ACT_GROUP && a.d.len() >= nb.div_ceil(GROUP) * GROUP));
         let (qs, d, s, sums) = act_ptrs::<R>(acts);
         let wp = w.as_ptr();
@@ -475,7 +495,7 @@ mod x86 {
             gi += 1;
         }
         for r in 0..R {
-            out[r] = reduce8(_mm256_add_ps(acc[r][0], acc[r][1]));
+            out.put(0, r, reduce8(_mm256_add_ps(acc[r][0], acc[r][1])));
         }
     }
 
