@@ -27,6 +27,23 @@ impl Q8Row {
 
     /// As `quantize`, reusing this row's buffers.
     pub fn quantize_into(&mut self, x: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2. The same element-wise IEEE operations as the portable build (no
+            // fused or reassociated arithmetic), so the bits are the same on every machine.
+            return unsafe { self.quantize_avx2(x) };
+        }
+        self.fill(x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        self.fill(x)
+    }
+
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32]) {
         debug_assert_eq!(x.len() % QK8, 0);
         let nb = x.len() / QK8;
         let padded = nb.div_ceil(GROUP) * GROUP;
@@ -36,15 +53,12 @@ impl Q8Row {
         self.sums.clear();
         self.qs.clear();
         self.qs.resize(padded * QK8, 0);
+        let mut q = [0i8; QK8];
         for (b, blk) in x.chunks_exact(QK8).enumerate() {
-            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (j, &v) in blk.iter().enumerate() {
-                let q = (v * id).round() as i8;
-                sum += q as i32;
-                self.qs[act_index(b, j)] = q;
+            let (d, sum) = quantize_block(blk.try_into().expect("32 values"), &mut q);
+            let at = act_index(b, 0);
+            for (k, c) in q.chunks_exact(4).enumerate() {
+                self.qs[at + k * 4 * GROUP..][..4].copy_from_slice(c);
             }
             self.d.push(d);
             self.s.push(d * sum as f32);
@@ -65,6 +79,32 @@ impl Q8Row {
     pub fn value(&self, b: usize, j: usize) -> i8 {
         self.qs[act_index(b, j)]
     }
+}
+
+/// One block: `d = max|x| / 127`, `q = round(x * (1/d))` (halves away from zero), returns `(d, Σq)`.
+/// Written so the compiler can vectorize it: the maximum in 8 lanes (exact in any order) and the rounding
+/// as truncation plus a correction (exact for these magnitudes; NaN gives 0 as `f32::round` would).
+#[inline(always)]
+fn quantize_block(blk: &[f32; QK8], q: &mut [i8; QK8]) -> (f32, i32) {
+    let mut m = [0f32; 8];
+    for c in blk.chunks_exact(8) {
+        for l in 0..8 {
+            m[l] = m[l].max(c[l].abs());
+        }
+    }
+    let amax = m.iter().fold(0f32, |a, &v| a.max(v));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(blk) {
+        let x = v * id;
+        let t = x as i32;
+        let r = x - t as f32;
+        let n = (t + (r >= 0.5) as i32 - (r <= -0.5) as i32).clamp(-128, 127);
+        *o = n as i8;
+        sum += n;
+    }
+    (d, sum)
 }
 
 /// Fixed-order f32 dot product (8 interleaved partial sums, combined in a fixed tree).

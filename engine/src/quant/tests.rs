@@ -101,10 +101,29 @@ fn q8_row_keeps_every_value_in_the_grouped_layout() {
         let sum: i32 = (0..32).map(|j| r.value(b, j) as i32).sum();
         assert_eq!(r.sums[b], sum);
         for j in 0..32 {
-            assert_eq!(r.value(b, j), (x[b * 32 + j] / r.d[b]).round() as i8, "block {b} value {j}");
+            assert_eq!(r.value(b, j), (x[b * 32 + j] * (1.0 / r.d[b])).round() as i8, "block {b} value {j}");
         }
     }
     assert!(r.d[17..].iter().all(|&d| d == 0.0));
+}
+
+#[test]
+fn q8_rounding_is_round_half_away_from_zero() {
+    // d = 1 (max 127), so the values are rounded as they are: ties, near-ties, NaN
+    let mut x = vec![0f32; 32];
+    x[0] = 127.0;
+    let cases = [(0.5, 1), (-0.5, -1), (1.5, 2), (-2.5, -3), (0.49999997, 0), (-0.49999997, 0), (2.4999998, 2), (126.5, 127), (f32::NAN, 0)];
+    for (i, &(v, _)) in cases.iter().enumerate() {
+        x[i + 1] = v;
+    }
+    let r = Q8Row::quantize(&x);
+    assert_eq!(r.d[0], 1.0);
+    for (i, &(v, want)) in cases.iter().enumerate() {
+        assert_eq!(r.value(0, i + 1), want, "{v}");
+        if !v.is_nan() {
+            assert_eq!(want, v.round() as i8);
+        }
+    }
 }
 
 #[test]
