@@ -3,8 +3,8 @@
 //! Every path computes the same canonical sum, so scalar, AVX2 and AVX-512 VNNI results are
 //! bit-identical on any machine, for any batch size. Weights and activations are in the grouped layout of
 //! [`super::pack`]. For each block `b` the exact integer dot product `p_b = Σ w·q` (the true signed
-//! weights) goes to lane `l = b % 16` of 16 f32 accumulators as `acc[l] + (dw_b*da_b) * p_b` (a multiply
-//! then an add, never fused), followed for Q4_1 by `+ mw_b*sa_b`; the result is
+//! weights) goes to lane `l = b % 16` of 16 f32 accumulators as `acc[l] + (dw_b*da_b) * p_b`, for Q4_1
+//! `acc[l] + ((dw_b*da_b) * p_b + mw_b*sa_b)` (multiplies then adds, never fused); the result is
 //! `reduce(acc)` with `h[i] = acc[i] + acc[i+8]`, then `((h0+h4)+(h2+h6)) + ((h1+h5)+(h3+h7))`.
 //! How the integer sums are formed (and in which order) cannot change them, so the SIMD paths take each
 //! group's 16 blocks at once: eight `dpbusd` (or `maddubs`) leave the 16 block sums in 16 lanes.
@@ -155,11 +155,11 @@ pub fn row_scalar(f: IntFormat, w: &[u8], a: &Q8Row) -> f32 {
             })
             .sum();
         let l = b % GROUP;
-        let mut t = acc[l] + (dw * a.d[b]) * p as f32;
+        let mut term = (dw * a.d[b]) * p as f32;
         if f == IntFormat::Q4_1 {
-            t = t + f16_at(grp, s + 2 * g + 2 * i) * a.s[b];
+            term = term + f16_at(grp, s + 2 * g + 2 * i) * a.s[b];
         }
-        acc[l] = t;
+        acc[l] = acc[l] + term;
     }
     reduce(acc)
 }
@@ -271,18 +271,133 @@ mod x86 {
         Group512 { w, dw, mw, lanes: if full { !0 } else { (1u16 << g) - 1 } }
     }
 
+    /// The short last group (1 to 8 blocks) of a chunk of activation rows, transposed so that one register
+    /// holds that group of several rows: lane `rr * gp + i` is block `i` of row `rr` of the panel (`gp`, the
+    /// group's size rounded up to a power of two, lanes per row). Eight `dpbusd` then serve `16 / gp` rows
+    /// instead of one, for weights broadcast to every row's lanes.
+    pub(super) struct Panels {
+        g: usize,
+        gp: usize,
+        /// rows per panel
+        per: usize,
+        /// panels in use
+        n: usize,
+        qs: [[__m512i; 8]; 4],
+        d: [__m512; 4],
+        s: [__m512; 4],
+        sums: [__m512i; 4],
+    }
+
+    /// Panels of `acts` for weight rows of `rb` bytes, if their last group is short enough to gain.
+    #[inline(always)]
+    pub(super) unsafe fn panels512<const R: usize>(f: IntFormat, rb: usize, acts: &[Q8Row]) -> Option<Panels> {
+        let nb = rb / f.block_bytes();
+        let g = nb % GROUP;
+        if g == 0 || g > 8 {
+            return None;
+        }
+        let gp = g.next_power_of_two();
+        let per = GROUP / gp;
+        let n = R.div_ceil(per);
+        let t0 = nb - g;
+        let mut qs = [[[0i8; 64]; 8]; 4];
+        let (mut d, mut s, mut sums) = ([[0f32; GROUP]; 4], [[0f32; GROUP]; 4], [[0i32; GROUP]; 4]);
+        for (r, a) in acts.iter().enumerate().take(R) {
+            let (q, lane0) = (r / per, (r % per) * gp);
+            for i in 0..g {
+                for (k, dst) in qs[q].iter_mut().enumerate() {
+                    let src = t0 * QK + k * 64 + 4 * i;
+                    dst[4 * (lane0 + i)..4 * (lane0 + i) + 4].copy_from_slice(&a.qs[src..src + 4]);
+                }
+                d[q][lane0 + i] = a.d[t0 + i];
+                s[q][lane0 + i] = a.s[t0 + i];
+                sums[q][lane0 + i] = a.sums[t0 + i];
+            }
+        }
+        let mut p = Panels {
+            g,
+            gp,
+            per,
+            n,
+            qs: [[_mm512_setzero_si512(); 8]; 4],
+            d: [_mm512_setzero_ps(); 4],
+            s: [_mm512_setzero_ps(); 4],
+            sums: [_mm512_setzero_si512(); 4],
+        };
+        for q in 0..n {
+            for k in 0..8 {
+                p.qs[q][k] = _mm512_loadu_si512(qs[q][k].as_ptr() as *const _);
+            }
+            p.d[q] = _mm512_loadu_ps(d[q].as_ptr());
+            p.s[q] = _mm512_loadu_ps(s[q].as_ptr());
+            p.sums[q] = _mm512_loadu_si512(sums[q].as_ptr() as *const _);
+        }
+        Some(p)
+    }
+
+    /// The `bytes` at `p` (at most `4 * gp`) repeated every `4 * gp` bytes, zeros filling each repeat.
+    #[inline(always)]
+    unsafe fn bcast512(p: *const u8, bytes: usize, gp: usize) -> __m512i {
+        match gp {
+            1 => _mm512_set1_epi32((p as *const i32).read_unaligned()),
+            2 => _mm512_broadcastq_epi64(_mm_maskz_loadu_epi8((1u16 << bytes) - 1, p as *const i8)),
+            4 => _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(((1u32 << bytes) - 1) as u16, p as *const i8)),
+            _ => _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi8(((1u64 << bytes) - 1) as u32, p as *const i8)),
+        }
+    }
+
+    /// `g` f16 values at `p` as f32, repeated every `gp` lanes (zeros filling each repeat).
+    #[inline(always)]
+    unsafe fn bcast_scales512(p: *const u8, g: usize, gp: usize) -> __m512 {
+        let h = match gp {
+            1 => _mm256_set1_epi16((p as *const i16).read_unaligned()),
+            2 => _mm256_set1_epi32((p as *const i32).read_unaligned()),
+            4 => _mm256_broadcastq_epi64(_mm_maskz_loadu_epi16((1u8 << g) - 1, p as *const i16)),
+            _ => _mm256_broadcastsi128_si256(_mm_maskz_loadu_epi16(((1u16 << g) - 1) as u8, p as *const i16)),
+        };
+        _mm512_cvtph_ps(h)
+    }
+
+    /// A short last group's weights, broadcast to every row of a panel; `lanes` are the group's own.
+    #[inline(always)]
+    unsafe fn tail512(f: IntFormat, grp: *const u8, g: usize, gp: usize) -> Group512 {
+        let mut w = [_mm512_setzero_si512(); 8];
+        match f {
+            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                let m = _mm512_set1_epi8(0x0F);
+                for c in 0..4 {
+                    let v = bcast512(grp.add(c * 4 * g), 4 * g, gp);
+                    w[c] = _mm512_and_si512(v, m);
+                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
+                }
+            }
+            IntFormat::Q8_0 => {
+                let m = _mm512_set1_epi8(-128);
+                for (k, wk) in w.iter_mut().enumerate() {
+                    *wk = _mm512_xor_si512(bcast512(grp.add(k * 4 * g), 4 * g, gp), m);
+                }
+            }
+        }
+        let s = pack::scales_at(f, g);
+        let dw = bcast_scales512(grp.add(s), g, gp);
+        let mw = if f == IntFormat::Q4_1 { bcast_scales512(grp.add(s + 2 * g), g, gp) } else { _mm512_setzero_ps() };
+        Group512 { w, dw, mw, lanes: (1u16 << g) - 1 }
+    }
+
     /// `R` activation rows against one weight row.
     #[inline(always)]
-    unsafe fn rows512<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out) {
+    unsafe fn rows512<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out, tail: &Option<Panels>) {
         let bb = f.block_bytes();
         let nb = w.len() / bb;
+        // a short last group goes through the panels when there are any
+        let grouped = if tail.is_some() { nb / GROUP * GROUP } else { nb };
         debug_assert!(acts.len() == R);
         debug_assert!(acts.iter().all(|a| a.qs.len() >= nb.div_ceil(GROUP) * ACT_GROUP && a.d.len() >= nb.div_ceil(GROUP) * GROUP));
         let (qs, d, s, sums) = act_ptrs::<R>(acts);
         let wp = w.as_ptr();
         let mut acc = [_mm512_setzero_ps(); R];
         let mut gi = 0;
-        while gi * GROUP < nb {
+        while gi * GROUP < grouped {
             let g = (nb - gi * GROUP).min(GROUP);
             let grp = wp.add(gi * GROUP * bb);
             prefetch(grp, g * bb);
@@ -304,13 +419,46 @@ mod x86 {
                     IntFormat::Q4_1 => {}
                 }
                 let dd = _mm512_mul_ps(gw.dw, _mm512_loadu_ps(d[r].add(gi * GROUP)));
-                let mut t = _mm512_add_ps(acc[r], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p)));
+                let mut term = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p));
                 if f == IntFormat::Q4_1 {
-                    t = _mm512_add_ps(t, _mm512_mul_ps(gw.mw, _mm512_loadu_ps(s[r].add(gi * GROUP))));
+                    term = _mm512_add_ps(term, _mm512_mul_ps(gw.mw, _mm512_loadu_ps(s[r].add(gi * GROUP))));
                 }
-                acc[r] = _mm512_mask_mov_ps(acc[r], gw.lanes, t);
+                acc[r] = _mm512_mask_add_ps(acc[r], gw.lanes, acc[r], term);
             }
             gi += 1;
+        }
+        if let Some(pn) = tail {
+            let grp = wp.add(grouped * bb);
+            prefetch(grp, pn.g * bb);
+            let tw = tail512(f, grp, pn.g, pn.gp);
+            let mut terms = [_mm512_setzero_ps(); 4];
+            for (q, term) in terms.iter_mut().enumerate().take(pn.n) {
+                let a = &pn.qs[q];
+                let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), tw.w[0], a[0]);
+                let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), tw.w[1], a[1]);
+                i0 = _mm512_dpbusd_epi32(i0, tw.w[2], a[2]);
+                i1 = _mm512_dpbusd_epi32(i1, tw.w[3], a[3]);
+                i0 = _mm512_dpbusd_epi32(i0, tw.w[4], a[4]);
+                i1 = _mm512_dpbusd_epi32(i1, tw.w[5], a[5]);
+                i0 = _mm512_dpbusd_epi32(i0, tw.w[6], a[6]);
+                i1 = _mm512_dpbusd_epi32(i1, tw.w[7], a[7]);
+                let mut p = _mm512_add_epi32(i0, i1);
+                match f {
+                    IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(pn.sums[q])),
+                    IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(pn.sums[q])),
+                    IntFormat::Q4_1 => {}
+                }
+                *term = _mm512_mul_ps(_mm512_mul_ps(tw.dw, pn.d[q]), _mm512_cvtepi32_ps(p));
+                if f == IntFormat::Q4_1 {
+                    *term = _mm512_add_ps(*term, _mm512_mul_ps(tw.mw, pn.s[q]));
+                }
+            }
+            // row r's terms sit in lanes (r % per) * gp .. + g of panel r / per
+            let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            for r in 0..R {
+                let idx = _mm512_add_epi32(iota, _mm512_set1_epi32(((r % pn.per) * pn.gp) as i32));
+                acc[r] = _mm512_mask_add_ps(acc[r], tw.lanes, acc[r], _mm512_permutexvar_ps(idx, terms[r / pn.per]));
+            }
         }
         for r in 0..R {
             let lo = _mm512_castps512_ps256(acc[r]);
@@ -322,13 +470,15 @@ mod x86 {
     /// Activation rows `r0..r0 + R` against every weight row of `w`: those rows' activations stay in the
     /// first-level cache while the weight rows stream past.
     macro_rules! tile_fn {
-        ($name:ident, $rows:ident, $features:literal, $max:expr, [$($n:literal),*]) => {
+        ($name:ident, $rows:ident, $prep:ident, $features:literal, $max:expr, [$($n:literal),*]) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out) {
                 #[inline(always)]
                 unsafe fn chunk<const R: usize>(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out, r0: usize) {
+                    let acts = &acts[r0..r0 + R];
+                    let prep = $prep::<R>(f, rb, acts);
                     for (j, wr) in w.chunks_exact(rb).enumerate() {
-                        $rows::<R>(f, wr, &acts[r0..r0 + R], Out { ptr: out.ptr.add(r0 * out.stride + j), stride: out.stride });
+                        $rows::<R>(f, wr, acts, Out { ptr: out.ptr.add(r0 * out.stride + j), stride: out.stride }, &prep);
                     }
                 }
                 #[inline(always)]
@@ -354,7 +504,7 @@ mod x86 {
         };
     }
 
-    tile_fn!(tile_avx512, rows512, "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni", ROWS_512, [1, 2, 3, 4, 5, 6, 7]);
+    tile_fn!(tile_avx512, rows512, panels512, "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni", ROWS_512, [1, 2, 3, 4, 5, 6, 7]);
 
     // ---- AVX2: a group in two halves of 8 blocks ----
 
@@ -461,9 +611,12 @@ mod x86 {
         }
     }
 
+    #[inline(always)]
+    unsafe fn no_prep<const R: usize>(_: IntFormat, _: usize, _: &[Q8Row]) {}
+
     /// `R` activation rows against one weight row.
     #[inline(always)]
-    unsafe fn rows256<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out) {
+    unsafe fn rows256<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out, _: &()) {
         let bb = f.block_bytes();
         let nb = w.len() / bb;
         debug_assert!(acts.len() == R);
@@ -485,10 +638,11 @@ mod x86 {
                 for r in 0..R {
                     let p = sums256(f, &hw, qs[r].add(gi * ACT_GROUP), h, sums[r].add(at));
                     let dd = _mm256_mul_ps(hw.dw, _mm256_loadu_ps(d[r].add(at)));
-                    let mut t = _mm256_add_ps(acc[r][h], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p)));
+                    let mut term = _mm256_mul_ps(dd, _mm256_cvtepi32_ps(p));
                     if f == IntFormat::Q4_1 {
-                        t = _mm256_add_ps(t, _mm256_mul_ps(hw.mw, _mm256_loadu_ps(s[r].add(at))));
+                        term = _mm256_add_ps(term, _mm256_mul_ps(hw.mw, _mm256_loadu_ps(s[r].add(at))));
                     }
+                    let t = _mm256_add_ps(acc[r][h], term);
                     acc[r][h] = if hw.blocks == 8 { t } else { _mm256_blendv_ps(acc[r][h], t, hw.lanes) };
                 }
             }
@@ -499,5 +653,5 @@ mod x86 {
         }
     }
 
-    tile_fn!(tile_avx2, rows256, "avx2,f16c", ROWS_256, [1, 2, 3]);
+    tile_fn!(tile_avx2, rows256, no_prep, "avx2,f16c", ROWS_256, [1, 2, 3]);
 }

@@ -186,7 +186,22 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     let levels = supported();
     eprintln!("kernel levels on this CPU: {levels:?}");
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-        for &(k, n, m) in &[(32, 1, 1), (64, 7, 3), (96, 33, 5), (576, 50, 1), (1536, 19, 8), (256, 3, 33), (544, 5, 9), (992, 4, 17), (512, 3, 2)] {
+        for &(k, n, m) in &[
+            (32, 1, 1),
+            (64, 7, 3),
+            (96, 33, 5),
+            (576, 50, 1),
+            (1536, 19, 8),
+            (256, 3, 33),
+            (544, 5, 9),
+            (992, 4, 17),
+            (512, 3, 2),
+            (160, 3, 13),
+            (224, 2, 8),
+            (704, 5, 11),
+            (384, 3, 4),
+            (128, 2, 16),
+        ] {
             for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
                 let mut x = random(m * k, 4);
                 x[0] = 0.0;
