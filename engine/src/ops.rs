@@ -99,9 +99,74 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_head: usize, n
     }
 }
 
-/// One query head over all query rows; `emit(row, output)` receives each row's result.
+/// One query head over all query rows; `emit(row, output)` receives each row's result. Built for AVX2
+/// where the CPU has it: the same element-wise operations in the same order, so the same bits.
 #[allow(clippy::too_many_arguments)]
 fn attention_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    h: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    emit: impl FnMut(usize, &[f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { attention_head_avx2(q, k, v, start, h, n_head, n_head_kv, head_dim, emit) };
+    }
+    attention_head_any::<Portable>(q, k, v, start, h, n_head, n_head_kv, head_dim, emit)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_head_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    start: usize,
+    h: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    emit: impl FnMut(usize, &[f32]),
+) {
+    attention_head_any::<Avx>(q, k, v, start, h, n_head, n_head_kv, head_dim, emit)
+}
+
+/// The f32 dot product an attention build uses (all give the same bits as [`dot_f32`]).
+trait Dot {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+}
+
+struct Portable;
+
+impl Dot for Portable {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot_f32(a, b)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx;
+
+#[cfg(target_arch = "x86_64")]
+impl Dot for Avx {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only used by the AVX2 build of the attention
+        unsafe { crate::quant::dot::dot_f32_avx(a, b) }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_head_any<D: Dot>(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -122,7 +187,10 @@ fn attention_head(
         let visible = start + t + 1;
         let qh = &qrow[h * head_dim..(h + 1) * head_dim];
         scores.clear();
-        scores.extend((0..visible).map(|j| dot_f32(qh, &k[j * kv_dim + kvh * head_dim..][..head_dim]) * scale));
+        // (plain loops: a closure would not inherit the caller's target features)
+        for j in 0..visible {
+            scores.push(D::dot(qh, &k[j * kv_dim + kvh * head_dim..][..head_dim]) * scale);
+        }
         let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
         for s in scores.iter_mut() {
@@ -137,7 +205,9 @@ fn attention_head(
             }
         }
         let inv = 1.0 / sum;
-        oh.iter_mut().for_each(|o| *o *= inv);
+        for o in oh.iter_mut() {
+            *o *= inv;
+        }
         emit(t, &oh);
     }
 }

@@ -108,17 +108,45 @@ fn quantize_block(blk: &[f32; QK8], q: &mut [i8; QK8]) -> (f32, i32) {
 }
 
 /// Fixed-order f32 dot product (8 interleaved partial sums, combined in a fixed tree).
+#[inline]
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut p = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            p[l] += a[c * 8 + l] * b[c * 8 + l];
+            p[l] += x[l] * y[l];
         }
     }
     let mut tail = 0f32;
-    for i in chunks * 8..a.len() {
-        tail += a[i] * b[i];
+    for (x, y) in ta.iter().zip(tb) {
+        tail += x * y;
     }
     ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])) + tail
+}
+
+/// [`dot_f32`] on 256-bit vectors: lane `l` is partial sum `l`, so the bits are the same.
+///
+/// # Safety
+/// The CPU has AVX and SSE3.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,sse3")]
+#[inline]
+pub unsafe fn dot_f32_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len()) / 8 * 8;
+    let mut p = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        p = _mm256_add_ps(p, _mm256_mul_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i))));
+        i += 8;
+    }
+    let mut tail = 0f32;
+    for (x, y) in a[n..].iter().zip(&b[n..]) {
+        tail += x * y;
+    }
+    // [p0+p4, p1+p5, p2+p6, p3+p7], then (s0+s1) + (s2+s3)
+    let s = _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps::<1>(p));
+    let h = _mm_hadd_ps(s, s);
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + tail
 }

@@ -228,3 +228,17 @@ fn every_simd_level_is_bit_identical_to_scalar() {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx_f32_dot_is_bit_identical() {
+    if !is_x86_feature_detected!("avx") {
+        eprintln!("skipped: no AVX");
+        return;
+    }
+    for n in [1, 7, 8, 9, 64, 100, 576] {
+        let (a, b) = (random(n, 1), random(n, 2));
+        let got = unsafe { dot::dot_f32_avx(&a, &b) };
+        assert_eq!(got.to_bits(), dot::dot_f32(&a, &b).to_bits(), "n={n}");
+    }
+}
