@@ -177,6 +177,9 @@ mod x86 {
     /// Bytes of activation values per group (the padded, full-group layout).
     const ACT_GROUP: usize = GROUP * QK;
 
+    /// Bytes of weight rows that every chunk of activation rows passes over before the next slice.
+    const SLICE_BYTES: usize = 192 * 1024;
+
     /// Activation rows sharing one unpacking of a group's weights.
     const ROWS_512: usize = 8;
     const ROWS_256: usize = 4;
@@ -483,15 +486,21 @@ mod x86 {
                 }
                 #[inline(always)]
                 unsafe fn all(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out) {
-                    let mut r = 0;
-                    while r + $max <= acts.len() {
-                        chunk::<{ $max }>(f, w, rb, acts, out, r);
-                        r += $max;
-                    }
-                    match acts.len() - r {
-                        0 => {}
-                        $($n => chunk::<$n>(f, w, rb, acts, out, r),)*
-                        _ => unreachable!("fewer rows than a chunk are left"),
+                    // weight rows in slices that stay in the second-level cache while every chunk of
+                    // activation rows passes over them
+                    let per = (SLICE_BYTES / rb).max(1);
+                    for (s, ws) in w.chunks(per * rb).enumerate() {
+                        let out = Out { ptr: out.ptr.add(s * per), stride: out.stride };
+                        let mut r = 0;
+                        while r + $max <= acts.len() {
+                            chunk::<{ $max }>(f, ws, rb, acts, out, r);
+                            r += $max;
+                        }
+                        match acts.len() - r {
+                            0 => {}
+                            $($n => chunk::<$n>(f, ws, rb, acts, out, r),)*
+                            _ => unreachable!("fewer rows than a chunk are left"),
+                        }
                     }
                 }
                 // one specialised copy per format
