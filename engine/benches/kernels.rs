@@ -25,7 +25,7 @@ fn matmul(c: &mut Criterion) {
                 g.bench_with_input(BenchmarkId::new(format!("{level:?}"), m), &m, |b, _| b.iter(|| w.matmul_q8_at(level, &rows)));
             }
             for threads in [1usize, 2] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = flotilla_engine::pool::Pool::new(threads);
                 g.bench_with_input(BenchmarkId::new(format!("best_{threads}t"), m), &m, |b, _| {
                     b.iter(|| pool.install(|| w.matmul_q8_at(flotilla_engine::quant::simd::detected(), &rows)))
                 });

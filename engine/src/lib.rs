@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod model;
 pub mod ops;
+pub mod pool;
 pub mod quant;
 pub mod sampling;
 pub mod shard;

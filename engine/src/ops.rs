@@ -74,27 +74,52 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
 /// parallel when there is enough work, which changes no result.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_head: usize, n_head_kv: usize, head_dim: usize, out: &mut [f32]) {
+    attention_many(&[AttnSeq { q, k, v, start }], n_head, n_head_kv, head_dim, out)
+}
+
+/// One sequence's part of a batched attention: its query rows and its whole cache.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnSeq<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Position of the first query row.
+    pub start: usize,
+}
+
+/// [`attention`] for several sequences whose query rows follow each other in `out`: every (sequence,
+/// head) pair is one task, so a batch of short decode steps runs in parallel as well as a long prompt.
+pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, head_dim: usize, out: &mut [f32]) {
     let q_dim = n_head * head_dim;
-    let rows = q.len() / q_dim;
-    let work = rows * (start + rows) * head_dim * n_head;
-    if work < 1 << 16 || rayon::current_num_threads() == 1 {
-        for h in 0..n_head {
-            attention_head(q, k, v, start, h, n_head, n_head_kv, head_dim, |t, o| out[t * q_dim + h * head_dim..][..head_dim].copy_from_slice(o));
+    let mut row0 = Vec::with_capacity(seqs.len());
+    let (mut rows, mut work) = (0, 0);
+    for s in seqs {
+        let n = s.q.len() / q_dim;
+        row0.push(rows);
+        rows += n;
+        work += n * (s.start + n) * head_dim * n_head;
+    }
+    let unit = |u: usize, emit: &mut dyn FnMut(usize, &[f32])| {
+        let (s, h) = (&seqs[u / n_head], u % n_head);
+        attention_head(s.q, s.k, s.v, s.start, h, n_head, n_head_kv, head_dim, emit);
+    };
+    let units = seqs.len() * n_head;
+    if work < 1 << 16 || crate::pool::current_threads() == 1 {
+        for u in 0..units {
+            let (r0, h) = (row0[u / n_head], u % n_head);
+            unit(u, &mut |t, o| out[(r0 + t) * q_dim + h * head_dim..][..head_dim].copy_from_slice(o));
         }
         return;
     }
-    use rayon::prelude::*;
-    let per_head: Vec<Vec<f32>> = (0..n_head)
-        .into_par_iter()
-        .map(|h| {
-            let mut buf = vec![0f32; rows * head_dim];
-            attention_head(q, k, v, start, h, n_head, n_head_kv, head_dim, |t, o| buf[t * head_dim..(t + 1) * head_dim].copy_from_slice(o));
-            buf
-        })
-        .collect();
-    for (h, buf) in per_head.iter().enumerate() {
+    let results: Vec<Vec<f32>> = crate::pool::map(units, |u| {
+        let mut buf = Vec::with_capacity(seqs[u / n_head].q.len() / n_head);
+        unit(u, &mut |_, o| buf.extend_from_slice(o));
+        buf
+    });
+    for (u, buf) in results.iter().enumerate() {
+        let (r0, h) = (row0[u / n_head], u % n_head);
         for (t, o) in buf.chunks_exact(head_dim).enumerate() {
-            out[t * q_dim + h * head_dim..][..head_dim].copy_from_slice(o);
+            out[(r0 + t) * q_dim + h * head_dim..][..head_dim].copy_from_slice(o);
         }
     }
 }

@@ -8,7 +8,6 @@ pub mod simd;
 use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
-use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
 use dot::Q8Row;
@@ -273,7 +272,7 @@ fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Ve
         return Vec::new();
     }
     let mut out = vec![0f32; m * n];
-    let threads = rayon::current_num_threads();
+    let threads = crate::pool::current_threads();
     let per_task = n.div_ceil(threads * 4).max(MIN_COLS_PER_TASK);
     let tasks = n.div_ceil(per_task);
     let dst = SharedOut(out.as_mut_ptr());
@@ -284,7 +283,7 @@ fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Ve
         f(cols.clone(), simd::Out { ptr: unsafe { dst.column(cols.start) }, stride: n });
     };
     if tasks > 1 && threads > 1 {
-        (0..tasks).into_par_iter().for_each(work);
+        crate::pool::for_each(tasks, work);
     } else {
         (0..tasks).for_each(work);
     }
@@ -306,8 +305,8 @@ impl SharedOut {
 
 /// Quantizes each `k`-wide row of `x` to 8-bit blocks (rows in parallel when there are many).
 pub fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8Row> {
-    if x.len() >= 1 << 15 && rayon::current_num_threads() > 1 {
-        x.par_chunks_exact(k).map(Q8Row::quantize).collect()
+    if x.len() >= 1 << 15 && crate::pool::current_threads() > 1 {
+        crate::pool::map(x.len() / k, |i| Q8Row::quantize(&x[i * k..(i + 1) * k]))
     } else {
         x.chunks_exact(k).map(Q8Row::quantize).collect()
     }

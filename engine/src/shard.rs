@@ -271,24 +271,20 @@ impl Shard {
                 ops::apply_rope(&mut q[r * q_dim..(r + 1) * q_dim], hd, t, cfg.rope_style);
                 ops::apply_rope(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, t, cfg.rope_style);
             }
-            let mut attn = vec![0f32; total * q_dim];
             let mut r0 = 0;
             for (s, &n) in batch.iter_mut().zip(&rows) {
-                let start = s.cache.len();
                 s.cache.push(li, &k[r0 * kv_dim..(r0 + n) * kv_dim], &v[r0 * kv_dim..(r0 + n) * kv_dim]);
-                let (kc, vc) = s.cache.layer(li);
-                ops::attention(
-                    &q[r0 * q_dim..(r0 + n) * q_dim],
-                    kc,
-                    vc,
-                    start,
-                    cfg.n_head,
-                    cfg.n_head_kv,
-                    hd,
-                    &mut attn[r0 * q_dim..(r0 + n) * q_dim],
-                );
                 r0 += n;
             }
+            let mut seqs = Vec::with_capacity(batch.len());
+            let mut r0 = 0;
+            for (s, &n) in batch.iter().zip(&rows) {
+                let (kc, vc) = s.cache.layer(li);
+                seqs.push(ops::AttnSeq { q: &q[r0 * q_dim..(r0 + n) * q_dim], k: kc, v: vc, start: s.cache.len() });
+                r0 += n;
+            }
+            let mut attn = vec![0f32; total * q_dim];
+            ops::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, hd, &mut attn);
             let o = l.wo.matmul(&attn, total);
             ops::add_assign(&mut x, &o);
 

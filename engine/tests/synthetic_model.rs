@@ -115,8 +115,8 @@ fn thread_count_does_not_change_logits() {
     let mut model = Model::open(&m.path).unwrap();
     let shard = model.load_shard(0..4).unwrap();
     let toks: Vec<u32> = (0..40).map(|i| (i * 13 % 270) as u32).collect();
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run_chunked(&shard, &toks, &[40]));
-    let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| run_chunked(&shard, &toks, &[40]));
+    let one = flotilla_engine::pool::Pool::new(1).install(|| run_chunked(&shard, &toks, &[40]));
+    let three = flotilla_engine::pool::Pool::new(3).install(|| run_chunked(&shard, &toks, &[40]));
     assert_bit_identical(&one, &three, "1 vs 3 threads");
 }
 

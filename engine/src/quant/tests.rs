@@ -73,7 +73,7 @@ fn matmul_rows_do_not_depend_on_batch_or_threads() {
     for dtype in ALL {
         let (w, _) = quantized(dtype, n, k, 11);
         let full = w.matmul(&x, 7);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool = crate::pool::Pool::new(3);
         let threaded = pool.install(|| w.matmul(&x, 7));
         assert_eq!(full, threaded, "{dtype:?}");
         for i in 0..7 {

@@ -92,7 +92,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     let layers = model.config().n_layers;
     let shard = model.load_shard(0..layers)?;
     let tokens = prompt(&model, a.prompt_tokens)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.max(1)).build()?;
+    let pool = flotilla_engine::pool::Pool::new(a.threads);
     let (prefill, decode, batched) = pool.install(|| -> anyhow::Result<(f64, f64, Option<f64>)> {
         let mut prefill = Vec::new();
         let mut decode = Vec::new();

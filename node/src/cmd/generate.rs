@@ -84,7 +84,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let prompt = model.tokenizer().encode(&text, true)?;
     let pipeline = Pipeline::new(model.load_shards(&ranges)?)?;
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(args.threads.max(1)).build()?;
+    let pool = flotilla_engine::pool::Pool::new(args.threads);
     let json = args.json;
     let generation = pool.install(|| {
         pipeline.generate(model.tokenizer(), &prompt, &params, |piece| {

@@ -61,7 +61,7 @@ pub fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
 pub fn run(args: NodeArgs) -> anyhow::Result<i32> {
     let config = config(&args)?;
     let threads = if config.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { config.threads };
-    rayon::ThreadPoolBuilder::new().num_threads(threads).thread_name(|i| format!("flotilla-compute-{i}")).build_global()?;
+    flotilla_engine::pool::set_global(threads);
     // The model's header and tokenizer (not its weights: workers load the layers the placement gives them).
     let model = Model::open(&config.model_path).with_context(|| format!("model.path: cannot open {}", config.model_path.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("flotilla-io").enable_all().build()?;
