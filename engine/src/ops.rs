@@ -90,34 +90,41 @@ pub struct AttnSeq<'a> {
 /// [`attention`] for several sequences whose query rows follow each other in `out`: every (sequence,
 /// head) pair is one task, so a batch of short decode steps runs in parallel as well as a long prompt.
 pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, head_dim: usize, out: &mut [f32]) {
+    /// Query rows per task: a long prompt splits into many tasks, so threads share it evenly.
+    const ROWS_PER_TASK: usize = 16;
     let q_dim = n_head * head_dim;
-    let mut row0 = Vec::with_capacity(seqs.len());
+    // tasks: (sequence, head, first row, end row, output row of the first row)
+    let mut units = Vec::new();
     let (mut rows, mut work) = (0, 0);
-    for s in seqs {
+    for (i, s) in seqs.iter().enumerate() {
         let n = s.q.len() / q_dim;
-        row0.push(rows);
+        for h in 0..n_head {
+            for t0 in (0..n).step_by(ROWS_PER_TASK) {
+                units.push((i, h, t0, (t0 + ROWS_PER_TASK).min(n), rows + t0));
+            }
+        }
         rows += n;
         work += n * (s.start + n) * head_dim * n_head;
     }
     let unit = |u: usize, emit: &mut dyn FnMut(usize, &[f32])| {
-        let (s, h) = (&seqs[u / n_head], u % n_head);
-        attention_head(s.q, s.k, s.v, s.start, h, n_head, n_head_kv, head_dim, emit);
+        let (i, h, t0, t1, _) = units[u];
+        let s = &seqs[i];
+        attention_head(&s.q[t0 * q_dim..t1 * q_dim], s.k, s.v, s.start + t0, h, n_head, n_head_kv, head_dim, emit);
     };
-    let units = seqs.len() * n_head;
     if work < 1 << 16 || crate::pool::current_threads() == 1 {
-        for u in 0..units {
-            let (r0, h) = (row0[u / n_head], u % n_head);
+        for u in 0..units.len() {
+            let (_, h, _, _, r0) = units[u];
             unit(u, &mut |t, o| out[(r0 + t) * q_dim + h * head_dim..][..head_dim].copy_from_slice(o));
         }
         return;
     }
-    let results: Vec<Vec<f32>> = crate::pool::map(units, |u| {
-        let mut buf = Vec::with_capacity(seqs[u / n_head].q.len() / n_head);
+    let results: Vec<Vec<f32>> = crate::pool::map(units.len(), |u| {
+        let (_, _, t0, t1, _) = units[u];
+        let mut buf = Vec::with_capacity((t1 - t0) * head_dim);
         unit(u, &mut |_, o| buf.extend_from_slice(o));
         buf
     });
-    for (u, buf) in results.iter().enumerate() {
-        let (r0, h) = (row0[u / n_head], u % n_head);
+    for (&(_, h, _, _, r0), buf) in units.iter().zip(&results) {
         for (t, o) in buf.chunks_exact(head_dim).enumerate() {
             out[(r0 + t) * q_dim + h * head_dim..][..head_dim].copy_from_slice(o);
         }
