@@ -148,9 +148,101 @@ fn attention_head(
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
-        return unsafe { attention_head_avx2(q, k, v, start, h, n_head, n_head_kv, head_dim, emit) };
+        unsafe {
+            return match head_dim {
+                64 => fixed::head::<8>(q, k, v, start, h, n_head, n_head_kv, emit),
+                128 => fixed::head::<16>(q, k, v, start, h, n_head, n_head_kv, emit),
+                _ => attention_head_avx2(q, k, v, start, h, n_head, n_head_kv, head_dim, emit),
+            };
+        }
     }
     attention_head_any::<Portable>(q, k, v, start, h, n_head, n_head_kv, head_dim, emit)
+}
+
+/// The AVX2 attention for a head width of `8 * C`: the query and the output accumulators stay in
+/// registers, and two keys' dot products run interleaved. Every value is computed by the same
+/// operations in the same order as [`attention_head_any`] (lane `l` of a dot sums elements `l, l+8, ...`
+/// in order; each output element adds `p_j * v_j` for `j` in order), so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+mod fixed {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn finish(p: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps::<1>(p));
+        let h = _mm_hadd_ps(s, s);
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn head<const C: usize>(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        start: usize,
+        h: usize,
+        n_head: usize,
+        n_head_kv: usize,
+        mut emit: impl FnMut(usize, &[f32]),
+    ) {
+        let head_dim = 8 * C;
+        let q_dim = n_head * head_dim;
+        let kv_dim = n_head_kv * head_dim;
+        let kvh = h / (n_head / n_head_kv);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut scores: Vec<f32> = Vec::new();
+        let mut oh = [0f32; 128];
+        let (kp, vp) = (k.as_ptr().add(kvh * head_dim), v.as_ptr().add(kvh * head_dim));
+        for (t, qrow) in q.chunks_exact(q_dim).enumerate() {
+            let visible = start + t + 1;
+            assert!(k.len() >= visible * kv_dim && v.len() >= visible * kv_dim, "cache shorter than the visible positions");
+            let mut qv = [_mm256_setzero_ps(); C];
+            for c in 0..C {
+                qv[c] = _mm256_loadu_ps(qrow.as_ptr().add(h * head_dim + 8 * c));
+            }
+            scores.clear();
+            scores.reserve(visible);
+            let mut j = 0;
+            while j + 2 <= visible {
+                let (k0, k1) = (kp.add(j * kv_dim), kp.add((j + 1) * kv_dim));
+                let (mut p0, mut p1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for c in 0..C {
+                    p0 = _mm256_add_ps(p0, _mm256_mul_ps(qv[c], _mm256_loadu_ps(k0.add(8 * c))));
+                    p1 = _mm256_add_ps(p1, _mm256_mul_ps(qv[c], _mm256_loadu_ps(k1.add(8 * c))));
+                }
+                scores.push(finish(p0) * scale);
+                scores.push(finish(p1) * scale);
+                j += 2;
+            }
+            if j < visible {
+                let k0 = kp.add(j * kv_dim);
+                let mut p0 = _mm256_setzero_ps();
+                for c in 0..C {
+                    p0 = _mm256_add_ps(p0, _mm256_mul_ps(qv[c], _mm256_loadu_ps(k0.add(8 * c))));
+                }
+                scores.push(finish(p0) * scale);
+            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let mut o = [_mm256_setzero_ps(); C];
+            for (j, &p) in scores.iter().enumerate() {
+                let (pv, vj) = (_mm256_set1_ps(p), vp.add(j * kv_dim));
+                for c in 0..C {
+                    o[c] = _mm256_add_ps(o[c], _mm256_mul_ps(pv, _mm256_loadu_ps(vj.add(8 * c))));
+                }
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            for c in 0..C {
+                _mm256_storeu_ps(oh.as_mut_ptr().add(8 * c), _mm256_mul_ps(o[c], inv));
+            }
+            emit(t, &oh[..head_dim]);
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -282,6 +374,36 @@ mod tests {
         let mut out = [0f32; 2];
         attention(&q, &k, &v, 0, 1, 1, 2, &mut out);
         assert_eq!(out, [3.0, -1.0]);
+    }
+
+    #[test]
+    fn every_attention_build_gives_the_portable_bits() {
+        // head widths with a fixed-width build (64, 128) and without (40), GQA 6 heads over 2
+        for &hd in &[64usize, 128, 40] {
+            let (n_head, n_kv, rows, start) = (6, 2, 5, 11);
+            let mut x = 0x2545F4914F6CDD1Du64;
+            let mut rnd = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                    })
+                    .collect()
+            };
+            let q = rnd(rows * n_head * hd);
+            let k = rnd((start + rows) * n_kv * hd);
+            let v = rnd((start + rows) * n_kv * hd);
+            let mut got = vec![0f32; q.len()];
+            attention(&q, &k, &v, start, n_head, n_kv, hd, &mut got);
+            let mut want = vec![0f32; q.len()];
+            let q_dim = n_head * hd;
+            for h in 0..n_head {
+                attention_head_any::<Portable>(&q, &k, &v, start, h, n_head, n_kv, hd, |t, o| want[t * q_dim + h * hd..][..hd].copy_from_slice(o));
+            }
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "head width {hd}");
+        }
     }
 
     #[test]

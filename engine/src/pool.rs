@@ -237,7 +237,9 @@ pub fn set_global(threads: usize) -> Arc<Pool> {
 
 /// The pool regions on this thread run on: the installed one, else the global one (all CPUs by default).
 pub fn current() -> Arc<Pool> {
-    CURRENT.with(|c| c.borrow().clone()).unwrap_or_else(|| GLOBAL.get_or_init(|| Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get()))).clone())
+    CURRENT
+        .with(|c| c.borrow().clone())
+        .unwrap_or_else(|| GLOBAL.get_or_init(|| Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get()))).clone())
 }
 
 /// Compute threads of the current pool (1 inside a task).
