@@ -181,7 +181,7 @@ mod x86 {
     const SLICE_BYTES: usize = 192 * 1024;
 
     /// Activation rows sharing one unpacking of a group's weights.
-    const ROWS_512: usize = 8;
+    const ROWS_512: usize = 6;
     const ROWS_256: usize = 4;
 
     /// Pointers to the values, scales, scaled sums and integer sums of `R` activation rows (plain loops:
@@ -513,7 +513,7 @@ mod x86 {
         };
     }
 
-    tile_fn!(tile_avx512, rows512, panels512, "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni", ROWS_512, [1, 2, 3, 4, 5, 6, 7]);
+    tile_fn!(tile_avx512, rows512, panels512, "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni", ROWS_512, [1, 2, 3, 4, 5]);
 
     // ---- AVX2: a group in two halves of 8 blocks ----
 
