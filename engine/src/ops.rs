@@ -109,7 +109,7 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
     let unit = |u: usize, emit: &mut dyn FnMut(usize, &[f32])| {
         let (i, h, t0, t1, _) = units[u];
         let s = &seqs[i];
-        attention_head(&s.q[t0 * q_dim..t1 * q_dim], s.k, s.v, s.start + t0, h, n_head, n_head_kv, head_dim, emit);
+        attention_head(HeadJob { q: &s.q[t0 * q_dim..t1 * q_dim], k: s.k, v: s.v, start: s.start + t0, h, n_head, n_head_kv, head_dim }, emit);
     };
     if work < 1 << 16 || crate::pool::current_threads() == 1 {
         for u in 0..units.len() {
@@ -131,32 +131,34 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
     }
 }
 
-/// One query head over all query rows; `emit(row, output)` receives each row's result. Built for AVX2
-/// where the CPU has it: the same element-wise operations in the same order, so the same bits.
-#[allow(clippy::too_many_arguments)]
-fn attention_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// One query head of one sequence: its query rows, its whole cache, the position of its first row.
+#[derive(Debug, Clone, Copy)]
+struct HeadJob<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
     start: usize,
     h: usize,
     n_head: usize,
     n_head_kv: usize,
     head_dim: usize,
-    emit: impl FnMut(usize, &[f32]),
-) {
+}
+
+/// One query head over all query rows; `emit(row, output)` receives each row's result. Built for AVX2
+/// where the CPU has it: the same element-wise operations in the same order, so the same bits.
+fn attention_head(j: HeadJob<'_>, emit: impl FnMut(usize, &[f32])) {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
         unsafe {
-            return match head_dim {
-                64 => fixed::head::<8>(q, k, v, start, h, n_head, n_head_kv, emit),
-                128 => fixed::head::<16>(q, k, v, start, h, n_head, n_head_kv, emit),
-                _ => attention_head_avx2(q, k, v, start, h, n_head, n_head_kv, head_dim, emit),
+            return match j.head_dim {
+                64 => fixed::head::<8>(j, emit),
+                128 => fixed::head::<16>(j, emit),
+                _ => attention_head_avx2(j, emit),
             };
         }
     }
-    attention_head_any::<Portable>(q, k, v, start, h, n_head, n_head_kv, head_dim, emit)
+    attention_head_any::<Portable>(j, emit)
 }
 
 /// The AVX2 attention for a head width of `8 * C`: the query and the output accumulators stay in
@@ -175,17 +177,8 @@ mod fixed {
     }
 
     #[target_feature(enable = "avx2")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn head<const C: usize>(
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        start: usize,
-        h: usize,
-        n_head: usize,
-        n_head_kv: usize,
-        mut emit: impl FnMut(usize, &[f32]),
-    ) {
+    pub(super) unsafe fn head<const C: usize>(j: super::HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {
+        let super::HeadJob { q, k, v, start, h, n_head, n_head_kv, .. } = j;
         let head_dim = 8 * C;
         let q_dim = n_head * head_dim;
         let kv_dim = n_head_kv * head_dim;
@@ -247,19 +240,8 @@ mod fixed {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attention_head_avx2(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    start: usize,
-    h: usize,
-    n_head: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    emit: impl FnMut(usize, &[f32]),
-) {
-    attention_head_any::<Avx>(q, k, v, start, h, n_head, n_head_kv, head_dim, emit)
+unsafe fn attention_head_avx2(j: HeadJob<'_>, emit: impl FnMut(usize, &[f32])) {
+    attention_head_any::<Avx>(j, emit)
 }
 
 /// The f32 dot product an attention build uses (all give the same bits as [`dot_f32`]).
@@ -289,18 +271,8 @@ impl Dot for Avx {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attention_head_any<D: Dot>(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    start: usize,
-    h: usize,
-    n_head: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    mut emit: impl FnMut(usize, &[f32]),
-) {
+fn attention_head_any<D: Dot>(j: HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {
+    let HeadJob { q, k, v, start, h, n_head, n_head_kv, head_dim } = j;
     let q_dim = n_head * head_dim;
     let kv_dim = n_head_kv * head_dim;
     let kvh = h / (n_head / n_head_kv);
@@ -381,26 +353,17 @@ mod tests {
         // head widths with a fixed-width build (64, 128) and without (40), GQA 6 heads over 2
         for &hd in &[64usize, 128, 40] {
             let (n_head, n_kv, rows, start) = (6, 2, 5, 11);
-            let mut x = 0x2545F4914F6CDD1Du64;
-            let mut rnd = |n: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                    })
-                    .collect()
-            };
-            let q = rnd(rows * n_head * hd);
-            let k = rnd((start + rows) * n_kv * hd);
-            let v = rnd((start + rows) * n_kv * hd);
+            let rnd = crate::quant::tests::random;
+            let q = rnd(rows * n_head * hd, 1);
+            let k = rnd((start + rows) * n_kv * hd, 2);
+            let v = rnd((start + rows) * n_kv * hd, 3);
             let mut got = vec![0f32; q.len()];
             attention(&q, &k, &v, start, n_head, n_kv, hd, &mut got);
             let mut want = vec![0f32; q.len()];
             let q_dim = n_head * hd;
             for h in 0..n_head {
-                attention_head_any::<Portable>(&q, &k, &v, start, h, n_head, n_kv, hd, |t, o| want[t * q_dim + h * hd..][..hd].copy_from_slice(o));
+                let job = HeadJob { q: &q, k: &k, v: &v, start, h, n_head, n_head_kv: n_kv, head_dim: hd };
+                attention_head_any::<Portable>(job, |t, o| want[t * q_dim + h * hd..][..hd].copy_from_slice(o));
             }
             assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "head width {hd}");
         }

@@ -313,4 +313,4 @@ pub fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8Row> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

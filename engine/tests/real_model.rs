@@ -163,3 +163,74 @@ fn config_from_metadata() {
     assert_eq!(c.context_length, 8192, "context length comes from metadata, not capped");
     assert!(c.tied_embeddings);
 }
+
+/// Many sequences at once (so row chunks, short-group panels and parallel attention all see several
+/// rows), split in three stages, on a 2-thread pool: every sequence's logits at every step equal those
+/// of that sequence run alone.
+#[test]
+fn big_mixed_batches_over_three_stages_equal_each_sequence_alone() {
+    let mut model = open();
+    let t = model.tokenizer().clone();
+    let prompts: Vec<Vec<u32>> = (0..24)
+        .map(|i| {
+            let text = ["Hello", "The quick brown fox jumps over the lazy dog", "1 2 3 4", "fn main() {}", "What is the capital of France?"][i % 5];
+            let mut ids = t.encode(&format!("{text} {i}"), true).unwrap();
+            ids.truncate(1 + i % 9);
+            ids
+        })
+        .collect();
+    let whole = model.load_shard(0..30).unwrap();
+    let stages = [model.load_shard(0..7).unwrap(), model.load_shard(7..19).unwrap(), model.load_shard(19..30).unwrap()];
+    let next: Vec<u32> = (0..24).map(|i| 100 + 37 * i as u32).collect();
+    let pool = flotilla_engine::pool::Pool::new(2);
+    pool.install(|| {
+        // alone: prefill, then two decode steps
+        let alone: Vec<Vec<Vec<f32>>> = prompts
+            .iter()
+            .zip(&next)
+            .map(|(p, &n)| {
+                let mut cache = whole.new_cache();
+                let mut out = Vec::new();
+                for input in [p.clone(), vec![n], vec![n + 1]] {
+                    let mut step = [flotilla_engine::SeqStep { cache: &mut cache, input: flotilla_engine::StageInput::Tokens(&input) }];
+                    out.push(whole.forward(&mut step).unwrap().remove(0).into_logits().unwrap());
+                }
+                out
+            })
+            .collect();
+        // batched through three stages: everyone prefills together, then decodes together
+        let mut caches: Vec<Vec<_>> = stages.iter().map(|s| (0..24).map(|_| s.new_cache()).collect()).collect();
+        for step in 0..3 {
+            let inputs: Vec<Vec<u32>> = (0..24).map(|i| if step == 0 { prompts[i].clone() } else { vec![next[i] + step as u32 - 1] }).collect();
+            let mut hidden: Vec<Vec<f32>> = Vec::new();
+            for (si, stage) in stages.iter().enumerate() {
+                let mut steps: Vec<_> = caches[si]
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, c)| flotilla_engine::SeqStep {
+                        cache: c,
+                        input: if si == 0 {
+                            flotilla_engine::StageInput::Tokens(&inputs[i])
+                        } else {
+                            flotilla_engine::StageInput::Hidden(&hidden[i])
+                        },
+                    })
+                    .collect();
+                let outs = stage.forward(&mut steps).unwrap();
+                if si == 2 {
+                    for (i, o) in outs.into_iter().enumerate() {
+                        assert_bit_identical(&o.into_logits().unwrap(), &alone[i][step], &format!("sequence {i} step {step}"));
+                    }
+                } else {
+                    hidden = outs
+                        .into_iter()
+                        .map(|o| match o {
+                            flotilla_engine::StageOutput::Hidden(h) => h,
+                            other => panic!("middle stage gave {other:?}"),
+                        })
+                        .collect();
+                }
+            }
+        }
+    });
+}

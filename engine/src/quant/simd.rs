@@ -240,38 +240,18 @@ mod x86 {
         _mm512_cvtph_ps(h)
     }
 
-    /// Chunk `k` of a group's activation values (a closure would not inherit the target features).
+    /// The 16 lanes of block sums of a group: weights `w` (chunk `k` of every block) against the
+    /// activation chunks at `a + 64k`, in two chains.
     #[inline(always)]
-    unsafe fn ld512(a: *const i8, k: usize) -> __m512i {
-        _mm512_loadu_si512(a.add(k * 64) as *const _)
-    }
-
-    /// Q4_0 and Q8_0 weights become unsigned (`+8`, `+128`); the kernel subtracts the offset times the
-    /// activations' sum.
-    #[inline(always)]
-    unsafe fn group512(f: IntFormat, grp: *const u8, g: usize) -> Group512 {
-        let full = g == GROUP;
-        let mut w = [_mm512_setzero_si512(); 8];
-        match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                let m = _mm512_set1_epi8(0x0F);
-                for c in 0..4 {
-                    let v = load512(grp.add(c * 4 * g), full, 4 * g);
-                    w[c] = _mm512_and_si512(v, m);
-                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
-                }
-            }
-            IntFormat::Q8_0 => {
-                let m = _mm512_set1_epi8(-128);
-                for (k, wk) in w.iter_mut().enumerate() {
-                    *wk = _mm512_xor_si512(load512(grp.add(k * 4 * g), full, 4 * g), m);
-                }
-            }
+    unsafe fn block_sums512(w: &[__m512i; 8], a: *const i8) -> __m512i {
+        let ld = |k: usize| a.add(k * 64) as *const __m512i;
+        let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(ld(0) as *const _));
+        let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_loadu_si512(ld(1) as *const _));
+        for k in (2..8).step_by(2) {
+            i0 = _mm512_dpbusd_epi32(i0, w[k], _mm512_loadu_si512(ld(k) as *const _));
+            i1 = _mm512_dpbusd_epi32(i1, w[k + 1], _mm512_loadu_si512(ld(k + 1) as *const _));
         }
-        let s = pack::scales_at(f, g);
-        let dw = scales512(grp.add(s), full, g);
-        let mw = if f == IntFormat::Q4_1 { scales512(grp.add(s + 2 * g), full, g) } else { _mm512_setzero_ps() };
-        Group512 { w, dw, mw, lanes: if full { !0 } else { (1u16 << g) - 1 } }
+        _mm512_add_epi32(i0, i1)
     }
 
     /// The short last group (1 to 8 blocks) of a chunk of activation rows, transposed so that one register
@@ -361,15 +341,18 @@ mod x86 {
         _mm512_cvtph_ps(h)
     }
 
-    /// A short last group's weights, broadcast to every row of a panel; `lanes` are the group's own.
+    /// A group's weights: `gp == 0` as they are (a short group masked), else broadcast to every row of a
+    /// panel (period `gp` blocks). Q4_0 and Q8_0 weights become unsigned (`+8`, `+128`); the kernel
+    /// subtracts the offset times the activations' sum.
     #[inline(always)]
-    unsafe fn tail512(f: IntFormat, grp: *const u8, g: usize, gp: usize) -> Group512 {
+    unsafe fn group512(f: IntFormat, grp: *const u8, g: usize, gp: usize) -> Group512 {
+        let full = g == GROUP;
         let mut w = [_mm512_setzero_si512(); 8];
         match f {
             IntFormat::Q4_0 | IntFormat::Q4_1 => {
                 let m = _mm512_set1_epi8(0x0F);
                 for c in 0..4 {
-                    let v = bcast512(grp.add(c * 4 * g), 4 * g, gp);
+                    let v = values512(grp.add(c * 4 * g), g, gp);
                     w[c] = _mm512_and_si512(v, m);
                     w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m);
                 }
@@ -377,14 +360,34 @@ mod x86 {
             IntFormat::Q8_0 => {
                 let m = _mm512_set1_epi8(-128);
                 for (k, wk) in w.iter_mut().enumerate() {
-                    *wk = _mm512_xor_si512(bcast512(grp.add(k * 4 * g), 4 * g, gp), m);
+                    *wk = _mm512_xor_si512(values512(grp.add(k * 4 * g), g, gp), m);
                 }
             }
         }
         let s = pack::scales_at(f, g);
-        let dw = bcast_scales512(grp.add(s), g, gp);
-        let mw = if f == IntFormat::Q4_1 { bcast_scales512(grp.add(s + 2 * g), g, gp) } else { _mm512_setzero_ps() };
-        Group512 { w, dw, mw, lanes: (1u16 << g) - 1 }
+        let dw = scales_of512(grp.add(s), g, gp);
+        let mw = if f == IntFormat::Q4_1 { scales_of512(grp.add(s + 2 * g), g, gp) } else { _mm512_setzero_ps() };
+        Group512 { w, dw, mw, lanes: if full { !0 } else { (1u16 << g) - 1 } }
+    }
+
+    /// One chunk of a group's values (`4g` bytes at `p`): as they are, or repeated every `4 * gp` bytes.
+    #[inline(always)]
+    unsafe fn values512(p: *const u8, g: usize, gp: usize) -> __m512i {
+        if gp == 0 {
+            load512(p, g == GROUP, 4 * g)
+        } else {
+            bcast512(p, 4 * g, gp)
+        }
+    }
+
+    /// A group's `g` f16 scales as f32: as they are, or repeated every `gp` lanes.
+    #[inline(always)]
+    unsafe fn scales_of512(p: *const u8, g: usize, gp: usize) -> __m512 {
+        if gp == 0 {
+            scales512(p, g == GROUP, g)
+        } else {
+            bcast_scales512(p, g, gp)
+        }
     }
 
     /// `R` activation rows against one weight row.
@@ -404,18 +407,9 @@ mod x86 {
             let g = (nb - gi * GROUP).min(GROUP);
             let grp = wp.add(gi * GROUP * bb);
             prefetch(grp, g * bb);
-            let gw = group512(f, grp, g);
+            let gw = group512(f, grp, g, 0);
             for r in 0..R {
-                let a = qs[r].add(gi * ACT_GROUP);
-                let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), gw.w[0], ld512(a, 0));
-                let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), gw.w[1], ld512(a, 1));
-                i0 = _mm512_dpbusd_epi32(i0, gw.w[2], ld512(a, 2));
-                i1 = _mm512_dpbusd_epi32(i1, gw.w[3], ld512(a, 3));
-                i0 = _mm512_dpbusd_epi32(i0, gw.w[4], ld512(a, 4));
-                i1 = _mm512_dpbusd_epi32(i1, gw.w[5], ld512(a, 5));
-                i0 = _mm512_dpbusd_epi32(i0, gw.w[6], ld512(a, 6));
-                i1 = _mm512_dpbusd_epi32(i1, gw.w[7], ld512(a, 7));
-                let mut p = _mm512_add_epi32(i0, i1);
+                let mut p = block_sums512(&gw.w, qs[r].add(gi * ACT_GROUP));
                 match f {
                     IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(_mm512_loadu_si512(sums[r].add(gi * GROUP) as *const _))),
                     IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(_mm512_loadu_si512(sums[r].add(gi * GROUP) as *const _))),
@@ -433,19 +427,10 @@ mod x86 {
         if let Some(pn) = tail {
             let grp = wp.add(grouped * bb);
             prefetch(grp, pn.g * bb);
-            let tw = tail512(f, grp, pn.g, pn.gp);
+            let tw = group512(f, grp, pn.g, pn.gp);
             let mut terms = [_mm512_setzero_ps(); 4];
             for (q, term) in terms.iter_mut().enumerate().take(pn.n) {
-                let a = &pn.qs[q];
-                let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), tw.w[0], a[0]);
-                let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), tw.w[1], a[1]);
-                i0 = _mm512_dpbusd_epi32(i0, tw.w[2], a[2]);
-                i1 = _mm512_dpbusd_epi32(i1, tw.w[3], a[3]);
-                i0 = _mm512_dpbusd_epi32(i0, tw.w[4], a[4]);
-                i1 = _mm512_dpbusd_epi32(i1, tw.w[5], a[5]);
-                i0 = _mm512_dpbusd_epi32(i0, tw.w[6], a[6]);
-                i1 = _mm512_dpbusd_epi32(i1, tw.w[7], a[7]);
-                let mut p = _mm512_add_epi32(i0, i1);
+                let mut p = block_sums512(&tw.w, pn.qs[q].as_ptr() as *const i8);
                 match f {
                     IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(pn.sums[q])),
                     IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(pn.sums[q])),

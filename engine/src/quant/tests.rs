@@ -2,7 +2,8 @@ use super::*;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
+/// Deterministic values in [-1, 1) (also used by other modules' tests).
+pub(crate) fn random(n: usize, seed: u64) -> Vec<f32> {
     // xorshift: deterministic values in [-1, 1)
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     (0..n)
