@@ -87,8 +87,9 @@ pub struct AttnSeq<'a> {
     pub start: usize,
 }
 
-/// [`attention`] for several sequences whose query rows follow each other in `out`: every (sequence,
-/// head) pair is one task, so a batch of short decode steps runs in parallel as well as a long prompt.
+/// [`attention`] for several sequences whose query rows follow each other in `out`: each (sequence, head,
+/// up to 16 query rows) is one task, so a batch of short decode steps runs in parallel as well as a long
+/// prompt.
 pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, head_dim: usize, out: &mut [f32]) {
     /// Query rows per task: a long prompt splits into many tasks, so threads share it evenly.
     const ROWS_PER_TASK: usize = 16;
@@ -169,12 +170,7 @@ fn attention_head(j: HeadJob<'_>, emit: impl FnMut(usize, &[f32])) {
 mod fixed {
     use std::arch::x86_64::*;
 
-    #[inline(always)]
-    unsafe fn finish(p: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps::<1>(p));
-        let h = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
-    }
+    use crate::quant::dot::sum_lanes as finish;
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn head<const C: usize>(j: super::HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {

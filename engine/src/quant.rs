@@ -16,6 +16,16 @@ use simd::IntFormat;
 /// Fewest output columns worth a parallel task.
 const MIN_COLS_PER_TASK: usize = 16;
 
+/// The formats with integer kernels (held in the grouped layout).
+fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(IntFormat::Q4_0),
+        GgmlDType::Q4_1 => Some(IntFormat::Q4_1),
+        GgmlDType::Q8_0 => Some(IntFormat::Q8_0),
+        _ => None,
+    }
+}
+
 /// How a weight format is multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -35,8 +45,8 @@ pub struct QWeight {
     row_len: usize,
     row_bytes: usize,
     kernel: Kernel,
-    /// Integer formats are held in the grouped layout of [`pack`] (same size as the GGUF bytes).
-    packed: Option<IntFormat>,
+    /// As in the file, except that the integer formats ([`int_format`]) are held in the grouped layout
+    /// of [`pack`] (same size), even after [`QWeight::into_exact`].
     data: Vec<u8>,
 }
 
@@ -49,19 +59,20 @@ impl std::fmt::Debug for QWeight {
 impl QWeight {
     /// Wraps raw GGUF tensor bytes; checks the format is one this engine can use.
     pub fn new(name: &str, dtype: GgmlDType, dims: Vec<usize>, data: Vec<u8>) -> Result<Self> {
-        let kernel = match dtype {
-            GgmlDType::Q4_0 => Kernel::Int(IntFormat::Q4_0),
-            GgmlDType::Q4_1 => Kernel::Int(IntFormat::Q4_1),
-            GgmlDType::Q8_0 => Kernel::Int(IntFormat::Q8_0),
-            GgmlDType::F32
-            | GgmlDType::F16
-            | GgmlDType::BF16
-            | GgmlDType::Q5_0
-            | GgmlDType::Q5_1
-            | GgmlDType::Q4K
-            | GgmlDType::Q5K
-            | GgmlDType::Q6K => Kernel::Dequant,
-            other => return Err(EngineError::UnsupportedTensorType { name: name.to_string(), dtype: format!("{other:?}") }),
+        let kernel = match (int_format(dtype), dtype) {
+            (Some(f), _) => Kernel::Int(f),
+            (
+                None,
+                GgmlDType::F32
+                | GgmlDType::F16
+                | GgmlDType::BF16
+                | GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K,
+            ) => Kernel::Dequant,
+            (None, other) => return Err(EngineError::UnsupportedTensorType { name: name.to_string(), dtype: format!("{other:?}") }),
         };
         let row_len = *dims.last().unwrap_or(&1);
         let rows = dims.iter().rev().skip(1).product::<usize>();
@@ -69,17 +80,17 @@ impl QWeight {
         if data.len() != rows * row_bytes {
             return Err(EngineError::TensorShape { name: name.to_string(), expected: vec![rows * row_bytes], actual: vec![data.len()] });
         }
-        let (packed, data) = match kernel {
+        let data = match kernel {
             Kernel::Int(f) => {
                 let mut out = vec![0u8; data.len()];
                 for (src, dst) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(row_bytes)) {
                     pack::pack_row(f, src, dst);
                 }
-                (Some(f), out)
+                out
             }
-            Kernel::Dequant => (None, data),
+            Kernel::Dequant => data,
         };
-        Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, packed, data })
+        Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, data })
     }
 
     /// Multiplies by dequantized f32 weights and unquantized activations instead of 8-bit integer dots:
@@ -150,7 +161,7 @@ impl QWeight {
             GgmlDType::Q6K => dequant::q6_k,
             _ => unreachable!("format checked in QWeight::new"),
         };
-        if let Some(p) = self.packed {
+        if let Some(p) = int_format(self.dtype) {
             let mut blk = [0u8; 34];
             let blk = &mut blk[..ts];
             for (i, o) in out.chunks_exact_mut(bs).enumerate() {

@@ -145,8 +145,20 @@ pub unsafe fn dot_f32_avx(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in a[n..].iter().zip(&b[n..]) {
         tail += x * y;
     }
-    // [p0+p4, p1+p5, p2+p6, p3+p7], then (s0+s1) + (s2+s3)
+    sum_lanes(p) + tail
+}
+
+/// The 8 partial sums of [`dot_f32`] in its fixed tree: `[p0+p4, p1+p5, p2+p6, p3+p7]`, then
+/// `(s0+s1) + (s2+s3)`.
+///
+/// # Safety
+/// The CPU has AVX and SSE3.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,sse3")]
+#[inline]
+pub unsafe fn sum_lanes(p: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
     let s = _mm_add_ps(_mm256_castps256_ps128(p), _mm256_extractf128_ps::<1>(p));
     let h = _mm_hadd_ps(s, s);
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + tail
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
 }

@@ -409,17 +409,10 @@ mod x86 {
             prefetch(grp, g * bb);
             let gw = group512(f, grp, g, 0);
             for r in 0..R {
-                let mut p = block_sums512(&gw.w, qs[r].add(gi * ACT_GROUP));
-                match f {
-                    IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(_mm512_loadu_si512(sums[r].add(gi * GROUP) as *const _))),
-                    IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(_mm512_loadu_si512(sums[r].add(gi * GROUP) as *const _))),
-                    IntFormat::Q4_1 => {}
-                }
-                let dd = _mm512_mul_ps(gw.dw, _mm512_loadu_ps(d[r].add(gi * GROUP)));
-                let mut term = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(p));
-                if f == IntFormat::Q4_1 {
-                    term = _mm512_add_ps(term, _mm512_mul_ps(gw.mw, _mm512_loadu_ps(s[r].add(gi * GROUP))));
-                }
+                let at = gi * GROUP;
+                let p = block_sums512(&gw.w, qs[r].add(gi * ACT_GROUP));
+                let (da, sa) = (_mm512_loadu_ps(d[r].add(at)), _mm512_loadu_ps(s[r].add(at)));
+                let term = term512(f, &gw, p, _mm512_loadu_si512(sums[r].add(at) as *const _), da, sa);
                 acc[r] = _mm512_mask_add_ps(acc[r], gw.lanes, acc[r], term);
             }
             gi += 1;
@@ -430,16 +423,8 @@ mod x86 {
             let tw = group512(f, grp, pn.g, pn.gp);
             let mut terms = [_mm512_setzero_ps(); 4];
             for (q, term) in terms.iter_mut().enumerate().take(pn.n) {
-                let mut p = block_sums512(&tw.w, pn.qs[q].as_ptr() as *const i8);
-                match f {
-                    IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(pn.sums[q])),
-                    IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(pn.sums[q])),
-                    IntFormat::Q4_1 => {}
-                }
-                *term = _mm512_mul_ps(_mm512_mul_ps(tw.dw, pn.d[q]), _mm512_cvtepi32_ps(p));
-                if f == IntFormat::Q4_1 {
-                    *term = _mm512_add_ps(*term, _mm512_mul_ps(tw.mw, pn.s[q]));
-                }
+                let p = block_sums512(&tw.w, pn.qs[q].as_ptr() as *const i8);
+                *term = term512(f, &tw, p, pn.sums[q], pn.d[q], pn.s[q]);
             }
             // row r's terms sit in lanes (r % per) * gp .. + g of panel r / per
             let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -452,6 +437,24 @@ mod x86 {
             let lo = _mm512_castps512_ps256(acc[r]);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
             out.put(0, r, reduce8(_mm256_add_ps(lo, hi)));
+        }
+    }
+
+    /// A group's canonical per-block terms from its block sums `p`: the Q4_0/Q8_0 offset taken back out
+    /// with the activations' integer sums, then `(dw*da)*p`, plus `mw*sa` for Q4_1 (the sums' lanes are
+    /// unused for Q4_1 and `sa`'s for the others).
+    #[inline(always)]
+    unsafe fn term512(f: IntFormat, gw: &Group512, p: __m512i, sums: __m512i, da: __m512, sa: __m512) -> __m512 {
+        let p = match f {
+            IntFormat::Q4_0 => _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(sums)),
+            IntFormat::Q8_0 => _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(sums)),
+            IntFormat::Q4_1 => p,
+        };
+        let term = _mm512_mul_ps(_mm512_mul_ps(gw.dw, da), _mm512_cvtepi32_ps(p));
+        if f == IntFormat::Q4_1 {
+            _mm512_add_ps(term, _mm512_mul_ps(gw.mw, sa))
+        } else {
+            term
         }
     }
 
