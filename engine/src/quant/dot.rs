@@ -14,7 +14,43 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub sums: Vec<i32>,
-    pub qs: Vec<i8>,
+    pub qs: AlignedBytes,
+}
+
+/// Bytes on 64-byte boundaries: a 512-bit load of an activation chunk never straddles two cache lines
+/// (which would cost two loads on the kernels' hottest path).
+#[derive(Debug, Clone, Default)]
+pub struct AlignedBytes {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; 64]);
+
+impl AlignedBytes {
+    /// Makes this `len` zero bytes long, reusing the allocation.
+    pub fn reset_zeroed(&mut self, len: usize) {
+        self.lines.clear();
+        self.lines.resize(len.div_ceil(64), Line([0; 64]));
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for AlignedBytes {
+    type Target = [i8];
+    fn deref(&self) -> &[i8] {
+        // SAFETY: `lines` holds at least `len` initialized bytes (`Line` is plain bytes, no padding).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const i8, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBytes {
+    fn deref_mut(&mut self) -> &mut [i8] {
+        // SAFETY: as in `deref`, and the borrow is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut i8, self.len) }
+    }
 }
 
 impl Q8Row {
@@ -51,8 +87,7 @@ impl Q8Row {
         self.d.clear();
         self.s.clear();
         self.sums.clear();
-        self.qs.clear();
-        self.qs.resize(padded * QK8, 0);
+        self.qs.reset_zeroed(padded * QK8);
         let mut q = [0i8; QK8];
         for (b, blk) in x.chunks_exact(QK8).enumerate() {
             let (d, sum) = quantize_block(blk.try_into().expect("32 values"), &mut q);
