@@ -64,6 +64,12 @@ impl Q8Row {
     /// As `quantize`, reusing this row's buffers.
     pub fn quantize_into(&mut self, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the CPU has these features. Element-wise the same IEEE operations as the portable
+            // build (see `quantize_avx512`), so the same bits.
+            return unsafe { self.quantize_avx512(x) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2. The same element-wise IEEE operations as the portable build (no
             // fused or reassociated arithmetic), so the bits are the same on every machine.
@@ -78,16 +84,82 @@ impl Q8Row {
         self.fill(x)
     }
 
-    #[inline(always)]
-    fn fill(&mut self, x: &[f32]) {
-        debug_assert_eq!(x.len() % QK8, 0);
+    /// The portable build (tests compare the SIMD one against it).
+    pub fn quantize_portable(x: &[f32]) -> Self {
+        let mut row = Q8Row::default();
+        row.fill(x);
+        row
+    }
+
+    /// [`quantize_block`] 32 values at a time: the maximum of absolute values ignoring NaN (`max(|v|, m)`
+    /// returns `m` for a NaN `v`, as `f32::max` does), the same scale and reciprocal, then per value the
+    /// same multiply, clamp, truncation and half-away-from-zero correction, NaN lanes set to 0.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn quantize_avx512(&mut self, x: &[f32]) {
+        use std::arch::x86_64::*;
+        self.start(x.len());
         let nb = x.len() / QK8;
-        let padded = nb.div_ceil(GROUP) * GROUP;
-        self.len = x.len();
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK8);
+            let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+            let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps()));
+            let amax = _mm512_reduce_max_ps(m);
+            let d = amax / 127.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+            let half = _mm512_set1_ps(0.5);
+            let round = |v: __m512| {
+                let x = _mm512_mul_ps(v, id);
+                let xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+                let t = _mm512_cvttps_epi32(xc);
+                let r = _mm512_sub_ps(xc, _mm512_cvtepi32_ps(t));
+                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(r, half);
+                let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(r, _mm512_set1_ps(-0.5));
+                let n = _mm512_mask_add_epi32(t, up, t, _mm512_set1_epi32(1));
+                let n = _mm512_mask_sub_epi32(n, down, n, _mm512_set1_epi32(1));
+                // NaN lanes (unordered with themselves) are 0
+                _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x), n)
+            };
+            let (n0, n1) = (round(v0), round(v1));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(n0, n1));
+            let mut q = [0i32; 8];
+            _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(n0));
+            _mm_storeu_si128(q.as_mut_ptr().add(4) as *mut __m128i, _mm512_cvtepi32_epi8(n1));
+            let at = act_index(b, 0);
+            let dst = self.qs.as_mut_ptr().add(at) as *mut i32;
+            for (k, &c) in q.iter().enumerate() {
+                dst.add(k * GROUP).write_unaligned(c);
+            }
+            self.d.push(d);
+            self.s.push(d * sum as f32);
+            self.sums.push(sum);
+        }
+        self.finish();
+    }
+
+    /// Clears the row for `len` values: every buffer empty, the values zeroed to whole groups.
+    fn start(&mut self, len: usize) {
+        debug_assert_eq!(len % QK8, 0);
+        let padded = (len / QK8).div_ceil(GROUP) * GROUP;
+        self.len = len;
         self.d.clear();
         self.s.clear();
         self.sums.clear();
         self.qs.reset_zeroed(padded * QK8);
+    }
+
+    /// Pads the per-block values with zero blocks to whole groups.
+    fn finish(&mut self) {
+        let padded = self.blocks().div_ceil(GROUP) * GROUP;
+        self.d.resize(padded, 0.0);
+        self.s.resize(padded, 0.0);
+        self.sums.resize(padded, 0);
+    }
+
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32]) {
+        self.start(x.len());
         let mut q = [0i8; QK8];
         for (b, blk) in x.chunks_exact(QK8).enumerate() {
             let (d, sum) = quantize_block(blk.try_into().expect("32 values"), &mut q);
@@ -99,9 +171,7 @@ impl Q8Row {
             self.s.push(d * sum as f32);
             self.sums.push(sum);
         }
-        self.d.resize(padded, 0.0);
-        self.s.resize(padded, 0.0);
-        self.sums.resize(padded, 0);
+        self.finish();
     }
 
     /// Number of (unpadded) blocks.
@@ -132,7 +202,9 @@ fn quantize_block(blk: &[f32; QK8], q: &mut [i8; QK8]) -> (f32, i32) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (o, &v) in q.iter_mut().zip(blk) {
-        let x = v * id;
+        // clamped first: the same result for every finite value, and an infinite one (a subnormal
+        // scale's reciprocal) saturates instead of overflowing the correction below
+        let x = (v * id).clamp(-128.0, 127.0);
         let t = x as i32;
         let r = x - t as f32;
         let n = (t + (r >= 0.5) as i32 - (r <= -0.5) as i32).clamp(-128, 127);

@@ -243,3 +243,24 @@ fn avx_f32_dot_is_bit_identical() {
         assert_eq!(got.to_bits(), dot::dot_f32(&a, &b).to_bits(), "n={n}");
     }
 }
+
+#[test]
+fn every_quantizer_build_gives_the_portable_bits() {
+    // random rows of several widths (a tail group, several groups) plus values that test the edges:
+    // ties, NaN, infinities, signed zeros, subnormals (whose scale's reciprocal overflows), huge values
+    let special = [0.5f32, -0.5, 1.5, -2.5, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e-40, -3e-41, 3e38, -3e38, 127.0, 126.5];
+    for (i, &k) in [32usize, 64, 576, 1536].iter().enumerate() {
+        let mut x = random(k, 40 + i as u64);
+        for (j, v) in x.iter_mut().enumerate().skip(7).step_by(13) {
+            *v = special[j % special.len()] * if j % 3 == 0 { 1.0 } else { 1e-3 };
+        }
+        // a block of subnormals only, and one all zeros
+        x[..32.min(k)].iter_mut().enumerate().for_each(|(j, v)| *v = 1e-44 * (j as f32 - 9.0));
+        let (simd, portable) = (Q8Row::quantize(&x), Q8Row::quantize_portable(&x));
+        assert_eq!(&simd.qs[..], &portable.qs[..], "values, width {k}");
+        assert_eq!(simd.sums, portable.sums, "sums, width {k}");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&simd.d), bits(&portable.d), "scales, width {k}");
+        assert_eq!(bits(&simd.s), bits(&portable.s), "scaled sums, width {k}");
+    }
+}
