@@ -265,6 +265,24 @@ pub fn map<T: Send>(tasks: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     slots.into_iter().map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every task ran")).collect()
 }
 
+/// `f(rows, part)` over the `width`-wide rows of `x`, in parallel parts of whole rows when `x` holds at
+/// least `min_len` values and the pool has several threads (else one call for every row). For row-wise
+/// work: each row's result is the same whichever part it falls in.
+pub fn rows_mut(x: &mut [f32], width: usize, min_len: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+    let rows = if width == 0 { 0 } else { x.len() / width };
+    let threads = current_threads();
+    if x.len() < min_len || threads == 1 || rows < 2 {
+        return f(0..rows, x);
+    }
+    let per = rows.div_ceil(2 * threads);
+    let parts: Vec<Mutex<&mut [f32]>> = x.chunks_mut(per * width).map(Mutex::new).collect();
+    for_each(parts.len(), |i| {
+        let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+        let n = part.len() / width;
+        f(i * per..i * per + n, &mut part)
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +300,17 @@ mod tests {
                 assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "round {round}");
             }
             assert_eq!(map(10, |i| i * i), (0..10).map(|i| i * i).collect::<Vec<_>>());
+            // every row exactly once, whatever the split
+            for rows in [1usize, 2, 5, 64, 999] {
+                let mut x = vec![0f32; rows * 3];
+                rows_mut(&mut x, 3, 0, |r, part| {
+                    assert_eq!(part.len(), r.len() * 3);
+                    for (i, row) in r.zip(part.chunks_exact_mut(3)) {
+                        row.iter_mut().for_each(|v| *v += i as f32);
+                    }
+                });
+                assert!(x.chunks_exact(3).enumerate().all(|(i, row)| row.iter().all(|&v| v == i as f32)), "{rows} rows");
+            }
         });
     }
 

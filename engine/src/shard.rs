@@ -7,8 +7,8 @@ use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
-use crate::ops;
 use crate::quant::QWeight;
+use crate::{ops, pool};
 
 /// Weights of one decoder layer.
 struct Layer {
@@ -260,17 +260,28 @@ impl Shard {
         }
 
         let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        // row-wise work runs in parallel parts of rows (same bits) once there is enough of it
+        const PAR: usize = 1 << 14;
+        let norm = |x: &[f32], w: &[f32], h: &mut [f32]| {
+            pool::rows_mut(h, d, PAR, |rows, part| ops::rms_norm(&x[rows.start * d..rows.end * d], w, cfg.rms_eps, part))
+        };
+        let add = |x: &mut [f32], y: &[f32]| pool::rows_mut(x, d, PAR, |rows, part| ops::add_assign(part, &y[rows.start * d..rows.end * d]));
+        let rope = |x: &mut [f32], width: usize| {
+            pool::rows_mut(x, width, PAR, |rows, part| {
+                for (r, row) in rows.zip(part.chunks_exact_mut(width)) {
+                    ops::apply_rope(row, hd, &tables[r], cfg.rope_style);
+                }
+            })
+        };
         let mut h = vec![0f32; total * d];
         for (li, l) in self.layers.iter().enumerate() {
-            ops::rms_norm(&x, &l.attn_norm, cfg.rms_eps, &mut h);
+            norm(&x, &l.attn_norm, &mut h);
             let [mut q, mut k, mut v] = SharedInput::new(&h, total, d).matmul_many([&l.wq, &l.wk, &l.wv]);
             add_bias(&mut q, l.bq.as_deref());
             add_bias(&mut k, l.bk.as_deref());
             add_bias(&mut v, l.bv.as_deref());
-            for (r, t) in tables.iter().enumerate() {
-                ops::apply_rope(&mut q[r * q_dim..(r + 1) * q_dim], hd, t, cfg.rope_style);
-                ops::apply_rope(&mut k[r * kv_dim..(r + 1) * kv_dim], hd, t, cfg.rope_style);
-            }
+            rope(&mut q, q_dim);
+            rope(&mut k, kv_dim);
             let mut r0 = 0;
             for (s, &n) in batch.iter_mut().zip(&rows) {
                 s.cache.push(li, &k[r0 * kv_dim..(r0 + n) * kv_dim], &v[r0 * kv_dim..(r0 + n) * kv_dim]);
@@ -286,13 +297,14 @@ impl Shard {
             let mut attn = vec![0f32; total * q_dim];
             ops::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, hd, &mut attn);
             let o = l.wo.matmul(&attn, total);
-            ops::add_assign(&mut x, &o);
+            add(&mut x, &o);
 
-            ops::rms_norm(&x, &l.ffn_norm, cfg.rms_eps, &mut h);
+            norm(&x, &l.ffn_norm, &mut h);
             let [mut gate, up] = SharedInput::new(&h, total, d).matmul_many([&l.w_gate, &l.w_up]);
-            ops::swiglu(&mut gate, &up);
+            let ff = gate.len() / total;
+            pool::rows_mut(&mut gate, ff, PAR, |rows, part| ops::swiglu(part, &up[rows.start * ff..rows.end * ff]));
             let down = l.w_down.matmul(&gate, total);
-            ops::add_assign(&mut x, &down);
+            add(&mut x, &down);
         }
         for (s, &n) in batch.iter_mut().zip(&rows) {
             s.cache.advance(n);

@@ -269,6 +269,10 @@ mod x86 {
         d: [__m512; 4],
         s: [__m512; 4],
         sums: [__m512i; 4],
+        /// per pair of rows `(2p, 2p + 1)`: the panel lanes of their blocks, in lanes `0..g` and `8..8 + g`
+        pair_idx: [__m512i; 4],
+        /// lanes `0..g` and `8..8 + g`
+        pair_lanes: __mmask16,
     }
 
     /// Panels of `acts` for weight rows of `rb` bytes, if their last group is short enough to gain.
@@ -297,6 +301,13 @@ mod x86 {
                 sums[q][lane0 + i] = a.sums[t0 + i];
             }
         }
+        let mut pair_idx = [_mm512_setzero_si512(); 4];
+        for (pr, idx) in pair_idx.iter_mut().enumerate() {
+            let (a, b) = (((2 * pr) % per * gp) as i32, ((2 * pr + 1) % per * gp) as i32);
+            let lanes: [i32; 16] = std::array::from_fn(|l| (if l < 8 { a + l as i32 } else { b + l as i32 - 8 }) & 15);
+            *idx = _mm512_loadu_si512(lanes.as_ptr() as *const _);
+        }
+        let m = (1u16 << g) - 1;
         let mut p = Panels {
             g,
             gp,
@@ -306,6 +317,8 @@ mod x86 {
             d: [_mm512_setzero_ps(); 4],
             s: [_mm512_setzero_ps(); 4],
             sums: [_mm512_setzero_si512(); 4],
+            pair_idx,
+            pair_lanes: m | m << 8,
         };
         for q in 0..n {
             for k in 0..8 {
@@ -417,26 +430,50 @@ mod x86 {
             }
             gi += 1;
         }
+        let mut terms = [_mm512_setzero_ps(); 4];
         if let Some(pn) = tail {
             let grp = wp.add(grouped * bb);
             prefetch(grp, pn.g * bb);
             let tw = group512(f, grp, pn.g, pn.gp);
-            let mut terms = [_mm512_setzero_ps(); 4];
             for (q, term) in terms.iter_mut().enumerate().take(pn.n) {
                 let p = block_sums512(&tw.w, pn.qs[q].as_ptr() as *const i8);
                 *term = term512(f, &tw, p, pn.sums[q], pn.d[q], pn.s[q]);
             }
-            // row r's terms sit in lanes (r % per) * gp .. + g of panel r / per
-            let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-            for r in 0..R {
-                let idx = _mm512_add_epi32(iota, _mm512_set1_epi32(((r % pn.per) * pn.gp) as i32));
-                acc[r] = _mm512_mask_add_ps(acc[r], tw.lanes, acc[r], _mm512_permutexvar_ps(idx, terms[r / pn.per]));
-            }
         }
+        finish512::<R>(&acc, tail.as_ref().map(|pn| (pn, &terms)), out);
+    }
+
+    /// The results of `R <= 8` rows from their accumulators (and the short last group's terms, in panels),
+    /// reduced side by side: each step adds the same pairs of lanes as [`reduce`] (after the last group's
+    /// terms are added to lanes `0..g`), for several rows per instruction.
+    #[inline(always)]
+    unsafe fn finish512<const R: usize>(acc: &[__m512; R], tail: Option<(&Panels, &[__m512; 4])>, out: Out) {
+        debug_assert!(R <= 8);
+        let zero = _mm512_setzero_ps();
+        // rows 2p, 2p+1: lanes 0..8 and 8..16 of h[p] hold h[i] = a[i] + a[i+8] of each
+        let mut h = [zero; 4];
+        for p in 0..R.div_ceil(2) {
+            let (a, b) = (acc[2 * p], if 2 * p + 1 < R { acc[2 * p + 1] } else { zero });
+            let mut lo = _mm512_shuffle_f32x4::<0x44>(a, b);
+            let hi = _mm512_shuffle_f32x4::<0xEE>(a, b);
+            if let Some((pn, terms)) = tail {
+                // both rows of an even pair sit in one panel
+                let t = _mm512_permutexvar_ps(pn.pair_idx[p], terms[2 * p / pn.per]);
+                lo = _mm512_mask_add_ps(lo, pn.pair_lanes, lo, t);
+            }
+            h[p] = _mm512_add_ps(lo, hi);
+        }
+        // quarter q of e[k] is row 4k+q: e[i] = h[i] + h[i+4]
+        let e0 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(h[0], h[1]), _mm512_shuffle_f32x4::<0xDD>(h[0], h[1]));
+        let e1 = if R > 4 { _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(h[2], h[3]), _mm512_shuffle_f32x4::<0xDD>(h[2], h[3])) } else { zero };
+        // quarter q: e0+e2, e1+e3 of row q, then of row q+4
+        let f = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(e0, e1), _mm512_shuffle_ps::<0xEE>(e0, e1));
+        // lane 4q: row q, lane 4q+1: row q+4
+        let z = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(f, f), _mm512_shuffle_ps::<0xDD>(f, f));
+        let mut v = [0f32; 16];
+        _mm512_storeu_ps(v.as_mut_ptr(), z);
         for r in 0..R {
-            let lo = _mm512_castps512_ps256(acc[r]);
-            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r])));
-            out.put(0, r, reduce8(_mm256_add_ps(lo, hi)));
+            out.put(0, r, v[4 * (r % 4) + r / 4]);
         }
     }
 
