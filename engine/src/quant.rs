@@ -284,7 +284,10 @@ fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Ve
     }
     let mut out = vec![0f32; m * n];
     let threads = crate::pool::current_threads();
-    let per_task = n.div_ceil(threads * 4).max(MIN_COLS_PER_TASK);
+    // one activation row (decode) streams weights from memory: one contiguous range per thread keeps
+    // each stream long (every range start waits on memory); more rows are compute-bound, and smaller tasks
+    // balance the threads
+    let per_task = n.div_ceil(threads * if m == 1 { 1 } else { 4 }).max(MIN_COLS_PER_TASK);
     let tasks = n.div_ceil(per_task);
     let dst = SharedOut(out.as_mut_ptr());
     let work = |t: usize| {
