@@ -152,9 +152,12 @@ fn attention_head(j: HeadJob<'_>, emit: impl FnMut(usize, &[f32])) {
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2.
         unsafe {
-            return match j.head_dim {
-                64 => fixed::head::<8>(j, emit),
-                128 => fixed::head::<16>(j, emit),
+            let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512dq");
+            return match (j.head_dim, avx512) {
+                (64, true) => fixed::head512::<8>(j, emit),
+                (128, true) => fixed::head512::<16>(j, emit),
+                (64, false) => fixed::head::<8>(j, emit),
+                (128, false) => fixed::head::<16>(j, emit),
                 _ => attention_head_avx2(j, emit),
             };
         }
@@ -228,6 +231,84 @@ mod fixed {
             let inv = _mm256_set1_ps(1.0 / sum);
             for c in 0..C {
                 _mm256_storeu_ps(oh.as_mut_ptr().add(8 * c), _mm256_mul_ps(o[c], inv));
+            }
+            emit(t, &oh[..head_dim]);
+        }
+    }
+
+    /// [`head`] on 512-bit registers, the same bits: four keys' dot products at once (two keys per
+    /// register, each half holding one key's 8 lanes), their lanes summed side by side in the same pairs
+    /// as [`finish`]; the value sums 16 elements per register (element-wise, so in the same order).
+    #[target_feature(enable = "avx2,avx512f,avx512dq")]
+    pub(super) unsafe fn head512<const C: usize>(j: super::HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {
+        let super::HeadJob { q, k, v, start, h, n_head, n_head_kv, .. } = j;
+        debug_assert!(C % 2 == 0);
+        let head_dim = 8 * C;
+        let q_dim = n_head * head_dim;
+        let kv_dim = n_head_kv * head_dim;
+        let kvh = h / (n_head / n_head_kv);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut scores: Vec<f32> = Vec::new();
+        let mut oh = [0f32; 128];
+        let (kp, vp) = (k.as_ptr().add(kvh * head_dim), v.as_ptr().add(kvh * head_dim));
+        // lanes 0, 4, 8, 12 of the side-by-side sums
+        let pick = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+        for (t, qrow) in q.chunks_exact(q_dim).enumerate() {
+            let visible = start + t + 1;
+            assert!(k.len() >= visible * kv_dim && v.len() >= visible * kv_dim, "cache shorter than the visible positions");
+            let mut qv = [_mm256_setzero_ps(); C];
+            let mut q2 = [_mm512_setzero_ps(); C];
+            for c in 0..C {
+                qv[c] = _mm256_loadu_ps(qrow.as_ptr().add(h * head_dim + 8 * c));
+                q2[c] = _mm512_broadcast_f32x8(qv[c]);
+            }
+            scores.clear();
+            scores.reserve(visible + 4);
+            let mut j = 0;
+            while j + 4 <= visible {
+                let key = |i: usize| kp.add((j + i) * kv_dim);
+                let (mut p01, mut p23) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                for c in 0..C {
+                    let k01 = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_loadu_ps(key(0).add(8 * c))), _mm256_loadu_ps(key(1).add(8 * c)));
+                    let k23 = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_loadu_ps(key(2).add(8 * c))), _mm256_loadu_ps(key(3).add(8 * c)));
+                    p01 = _mm512_add_ps(p01, _mm512_mul_ps(q2[c], k01));
+                    p23 = _mm512_add_ps(p23, _mm512_mul_ps(q2[c], k23));
+                }
+                // quarter i: lanes l + (l+4) of key i
+                let s = _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(p01, p23), _mm512_shuffle_f32x4::<0xDD>(p01, p23));
+                // lanes 4i, 4i+1: (s0+s1), (s2+s3); then their sum in lane 4i
+                let hs = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(s, s), _mm512_shuffle_ps::<0xDD>(s, s));
+                let z = _mm512_add_ps(hs, _mm512_movehdup_ps(hs));
+                let four = _mm512_castps512_ps128(_mm512_permutexvar_ps(pick, z));
+                _mm_storeu_ps(scores.as_mut_ptr().add(j), _mm_mul_ps(four, _mm_set1_ps(scale)));
+                scores.set_len(j + 4);
+                j += 4;
+            }
+            while j < visible {
+                let k0 = kp.add(j * kv_dim);
+                let mut p0 = _mm256_setzero_ps();
+                for c in 0..C {
+                    p0 = _mm256_add_ps(p0, _mm256_mul_ps(qv[c], _mm256_loadu_ps(k0.add(8 * c))));
+                }
+                scores.push(finish(p0) * scale);
+                j += 1;
+            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let mut o = [_mm512_setzero_ps(); 8];
+            for (j, &p) in scores.iter().enumerate() {
+                let (pv, vj) = (_mm512_set1_ps(p), vp.add(j * kv_dim));
+                for c in 0..C / 2 {
+                    o[c] = _mm512_add_ps(o[c], _mm512_mul_ps(pv, _mm512_loadu_ps(vj.add(16 * c))));
+                }
+            }
+            let inv = _mm512_set1_ps(1.0 / sum);
+            for c in 0..C / 2 {
+                _mm512_storeu_ps(oh.as_mut_ptr().add(16 * c), _mm512_mul_ps(o[c], inv));
             }
             emit(t, &oh[..head_dim]);
         }
