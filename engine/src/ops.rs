@@ -242,7 +242,7 @@ mod fixed {
     #[target_feature(enable = "avx2,avx512f,avx512dq")]
     pub(super) unsafe fn head512<const C: usize>(j: super::HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {
         let super::HeadJob { q, k, v, start, h, n_head, n_head_kv, .. } = j;
-        debug_assert!(C % 2 == 0);
+        debug_assert!(C.is_multiple_of(2));
         let head_dim = 8 * C;
         let q_dim = n_head * head_dim;
         let kv_dim = n_head_kv * head_dim;

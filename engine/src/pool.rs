@@ -269,7 +269,7 @@ pub fn map<T: Send>(tasks: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 /// least `min_len` values and the pool has several threads (else one call for every row). For row-wise
 /// work: each row's result is the same whichever part it falls in.
 pub fn rows_mut(x: &mut [f32], width: usize, min_len: usize, f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
-    let rows = if width == 0 { 0 } else { x.len() / width };
+    let rows = x.len().checked_div(width).unwrap_or(0);
     let threads = current_threads();
     if x.len() < min_len || threads == 1 || rows < 2 {
         return f(0..rows, x);

@@ -405,18 +405,45 @@ mod x86 {
 
     /// `R` activation rows against one weight row.
     #[inline(always)]
-    unsafe fn rows512<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out, tail: &Option<Panels>) {
-        let bb = f.block_bytes();
-        let nb = w.len() / bb;
+    unsafe fn rows512<const R: usize>(f: IntFormat, w: &[u8], acts: &[Q8Row], out: Out, prep: &Prep512) {
+        let tail = &prep.panels;
+        let nb = w.len() / f.block_bytes();
         // a short last group goes through the panels when there are any
         let grouped = if tail.is_some() { nb / GROUP * GROUP } else { nb };
+        let acc = groups512::<R>(f, w, grouped, acts);
+        let Some(pn) = tail else {
+            return finish512::<R>(&acc, None, out);
+        };
+        let grp = w.as_ptr().add(grouped * f.block_bytes());
+        prefetch(grp, pn.g * f.block_bytes());
+        let tw = group512(f, grp, pn.g, pn.gp);
+        let mut terms = [_mm512_setzero_ps(); 4];
+        for (q, term) in terms.iter_mut().enumerate().take(pn.n) {
+            let p = block_sums512(&tw.w, pn.qs[q].as_ptr() as *const i8);
+            *term = term512(f, tw.dw, tw.mw, p, pn.sums[q], pn.d[q], pn.s[q]);
+        }
+        // row r's terms sit in lanes (r % per) * gp .. + g of panel r / per; both rows of an even pair
+        // sit in one panel
+        let mut pairs = [_mm512_setzero_ps(); 4];
+        for (p, t) in pairs.iter_mut().enumerate().take(R.div_ceil(2)) {
+            *t = _mm512_permutexvar_ps(pn.pair_idx[p], terms[2 * p / pn.per]);
+        }
+        finish512::<R>(&acc, Some((&pairs, pn.pair_lanes)), out);
+    }
+
+    /// The accumulators of `R` activation rows against one weight row over its first `blocks` blocks
+    /// (whole groups, and a short last group masked when `blocks` ends the row).
+    #[inline(always)]
+    unsafe fn groups512<const R: usize>(f: IntFormat, w: &[u8], blocks: usize, acts: &[Q8Row]) -> [__m512; R] {
+        let bb = f.block_bytes();
+        let nb = w.len() / bb;
         debug_assert!(acts.len() == R);
         debug_assert!(acts.iter().all(|a| a.qs.len() >= nb.div_ceil(GROUP) * ACT_GROUP && a.d.len() >= nb.div_ceil(GROUP) * GROUP));
         let (qs, d, s, sums) = act_ptrs::<R>(acts);
         let wp = w.as_ptr();
         let mut acc = [_mm512_setzero_ps(); R];
         let mut gi = 0;
-        while gi * GROUP < grouped {
+        while gi * GROUP < blocks {
             let g = (nb - gi * GROUP).min(GROUP);
             let grp = wp.add(gi * GROUP * bb);
             prefetch(grp, g * bb);
@@ -425,29 +452,165 @@ mod x86 {
                 let at = gi * GROUP;
                 let p = block_sums512(&gw.w, qs[r].add(gi * ACT_GROUP));
                 let (da, sa) = (_mm512_loadu_ps(d[r].add(at)), _mm512_loadu_ps(s[r].add(at)));
-                let term = term512(f, &gw, p, _mm512_loadu_si512(sums[r].add(at) as *const _), da, sa);
+                let term = term512(f, gw.dw, gw.mw, p, _mm512_loadu_si512(sums[r].add(at) as *const _), da, sa);
                 acc[r] = _mm512_mask_add_ps(acc[r], gw.lanes, acc[r], term);
             }
             gi += 1;
         }
-        let mut terms = [_mm512_setzero_ps(); 4];
-        if let Some(pn) = tail {
-            let grp = wp.add(grouped * bb);
-            prefetch(grp, pn.g * bb);
-            let tw = group512(f, grp, pn.g, pn.gp);
-            for (q, term) in terms.iter_mut().enumerate().take(pn.n) {
-                let p = block_sums512(&tw.w, pn.qs[q].as_ptr() as *const i8);
-                *term = term512(f, &tw, p, pn.sums[q], pn.d[q], pn.s[q]);
+        acc
+    }
+
+    /// One activation row's short last group of 1 or 2 blocks, laid out for [`rows512_8x1`]: chunk `k`
+    /// of block `b` in lane `k * g + b` (the layout of a weight row's last group), repeated in both halves
+    /// where two weight rows share a register; scales and sums in lanes `b` and `8 + b`.
+    pub(super) struct TailOne {
+        g: usize,
+        /// Q4: chunks 0..4 (low nibbles' values) and 4..8 (high nibbles'); Q8_0: all 8 chunks in `lo`
+        lo: __m512i,
+        hi: __m512i,
+        d: __m512,
+        s: __m512,
+        sums: __m512i,
+        lanes: __mmask16,
+    }
+
+    /// What [`rows512`] and [`rows512_8x1`] share across the weight rows of a tile.
+    pub(super) struct Prep512 {
+        panels: Option<Panels>,
+        one: Option<TailOne>,
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn prep512<const R: usize>(f: IntFormat, rb: usize, acts: &[Q8Row]) -> Prep512 {
+        let nb = rb / f.block_bytes();
+        let g = nb % GROUP;
+        let one = if R == 1 && (g == 1 || g == 2) {
+            let a = &acts[0];
+            let t0 = nb - g;
+            let mut v = [[0i32; 16]; 2];
+            let chunk = |k: usize, b: usize| (a.qs.as_ptr().add(t0 * QK + k * 4 * GROUP + 4 * b) as *const i32).read_unaligned();
+            let (mut d, mut s, mut sums) = ([0f32; 16], [0f32; 16], [0i32; 16]);
+            for b in 0..g {
+                match f {
+                    IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                        for c in 0..4 {
+                            for half in 0..2 {
+                                v[0][8 * half + c * g + b] = chunk(c, b);
+                                v[1][8 * half + c * g + b] = chunk(4 + c, b);
+                            }
+                        }
+                    }
+                    IntFormat::Q8_0 => {
+                        for k in 0..8 {
+                            if g == 1 {
+                                v[0][k] = chunk(k, b);
+                                v[0][8 + k] = chunk(k, b);
+                            } else {
+                                v[0][k * g + b] = chunk(k, b);
+                            }
+                        }
+                    }
+                }
+                for half in 0..2 {
+                    d[8 * half + b] = a.d[t0 + b];
+                    s[8 * half + b] = a.s[t0 + b];
+                    sums[8 * half + b] = a.sums[t0 + b];
+                }
             }
+            let m = (1u16 << g) - 1;
+            Some(TailOne {
+                g,
+                lo: _mm512_loadu_si512(v[0].as_ptr() as *const _),
+                hi: _mm512_loadu_si512(v[1].as_ptr() as *const _),
+                d: _mm512_loadu_ps(d.as_ptr()),
+                s: _mm512_loadu_ps(s.as_ptr()),
+                sums: _mm512_loadu_si512(sums.as_ptr() as *const _),
+                lanes: m | m << 8,
+            })
+        } else {
+            None
+        };
+        Prep512 { panels: if one.is_some() { None } else { panels512::<R>(f, rb, acts) }, one }
+    }
+
+    /// A Q8_0 row's 2-block last group at `p` against the activation chunks `a`, one row per register:
+    /// chunks `k` and `k + 4` summed into the low half.
+    #[inline(always)]
+    unsafe fn q8_tail2(p: *const u8, a: __m512i) -> __m512i {
+        let v = _mm512_xor_si512(_mm512_loadu_si512(p as *const _), _mm512_set1_epi8(-128));
+        let x = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, a);
+        _mm512_add_epi32(x, _mm512_shuffle_i64x2::<0b01_00_11_10>(x, x))
+    }
+
+    /// The `g` (1 or 2) f16 values at `a` and at `b` as f32 in lanes `0..g` and `8..8 + g`.
+    #[inline(always)]
+    unsafe fn pair_scales(a: *const u8, b: *const u8, g: usize) -> __m512 {
+        let h = |p: *const u8| if g == 1 { (p as *const u16).read_unaligned() as i32 } else { (p as *const i32).read_unaligned() };
+        _mm512_cvtph_ps(_mm256_setr_epi32(h(a), 0, 0, 0, h(b), 0, 0, 0))
+    }
+
+    /// Weight rows `j0..j0 + 8` of `w` against one activation row whose short last group is `t`: the
+    /// whole groups row by row, the last groups of two weight rows per register (their block sums in
+    /// lanes `b` and `8 + b`, the pairs [`finish512`] adds), then the eight results reduced side by side.
+    /// Returns how many rows it did (a multiple of 8).
+    #[inline(always)]
+    unsafe fn rows512_8x1(f: IntFormat, w: &[u8], rb: usize, act: &Q8Row, out: Out, t: &TailOne) -> usize {
+        let nb = rb / f.block_bytes();
+        let (g, grouped) = (t.g, nb - t.g);
+        let n = w.len() / rb / 8 * 8;
+        let s = pack::scales_at(f, g);
+        for j0 in (0..n).step_by(8) {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = groups512::<1>(f, &w[(j0 + j) * rb..(j0 + j + 1) * rb], grouped, std::slice::from_ref(act))[0];
+            }
+            let mut pairs = [_mm512_setzero_ps(); 4];
+            for (p, pair) in pairs.iter_mut().enumerate() {
+                let j = 2 * p;
+                // (plain pointers and functions: a closure would not inherit the caller's target features)
+                let (tj, tj1) =
+                    (w.as_ptr().add((j0 + j) * rb + grouped * f.block_bytes()), w.as_ptr().add((j0 + j + 1) * rb + grouped * f.block_bytes()));
+                let x = match f {
+                    IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                        let m = u32::MAX >> (32 - 16 * g);
+                        let v = _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(m, tj as *const i8)),
+                            _mm256_maskz_loadu_epi8(m, tj1 as *const i8),
+                        );
+                        let m4 = _mm512_set1_epi8(0x0F);
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, t.lo), hi, t.hi)
+                    }
+                    IntFormat::Q8_0 if g == 1 => {
+                        let v = _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(tj as *const __m256i)),
+                            _mm256_loadu_si256(tj1 as *const __m256i),
+                        );
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(v, _mm512_set1_epi8(-128)), t.lo)
+                    }
+                    IntFormat::Q8_0 => _mm512_shuffle_i64x2::<0x44>(q8_tail2(tj, t.lo), q8_tail2(tj1, t.lo)),
+                };
+                // in each half, the lanes of one block (lane mod g) summed: quarters, then 64-bit halves
+                let x = _mm512_add_epi32(x, _mm512_shuffle_i32x4::<0b10_11_00_01>(x, x));
+                let mut x = _mm512_add_epi32(x, _mm512_shuffle_epi32::<0b01_00_11_10>(x));
+                if g == 1 {
+                    x = _mm512_add_epi32(x, _mm512_shuffle_epi32::<0b10_11_00_01>(x));
+                }
+                let dw = pair_scales(tj.add(s), tj1.add(s), g);
+                let mw = if f == IntFormat::Q4_1 { pair_scales(tj.add(s + 2 * g), tj1.add(s + 2 * g), g) } else { _mm512_setzero_ps() };
+                *pair = term512(f, dw, mw, x, t.sums, t.d, t.s);
+            }
+            finish512::<8>(&acc, Some((&pairs, t.lanes)), Out { ptr: out.ptr.add(j0), stride: 1 });
         }
-        finish512::<R>(&acc, tail.as_ref().map(|pn| (pn, &terms)), out);
+        n
     }
 
     /// The results of `R <= 8` rows from their accumulators (and the short last group's terms, in panels),
     /// reduced side by side: each step adds the same pairs of lanes as [`reduce`] (after the last group's
     /// terms are added to lanes `0..g`), for several rows per instruction.
     #[inline(always)]
-    unsafe fn finish512<const R: usize>(acc: &[__m512; R], tail: Option<(&Panels, &[__m512; 4])>, out: Out) {
+    unsafe fn finish512<const R: usize>(acc: &[__m512; R], tail: Option<(&[__m512; 4], __mmask16)>, out: Out) {
         debug_assert!(R <= 8);
         let zero = _mm512_setzero_ps();
         // rows 2p, 2p+1: lanes 0..8 and 8..16 of h[p] hold h[i] = a[i] + a[i+8] of each
@@ -456,10 +619,8 @@ mod x86 {
             let (a, b) = (acc[2 * p], if 2 * p + 1 < R { acc[2 * p + 1] } else { zero });
             let mut lo = _mm512_shuffle_f32x4::<0x44>(a, b);
             let hi = _mm512_shuffle_f32x4::<0xEE>(a, b);
-            if let Some((pn, terms)) = tail {
-                // both rows of an even pair sit in one panel
-                let t = _mm512_permutexvar_ps(pn.pair_idx[p], terms[2 * p / pn.per]);
-                lo = _mm512_mask_add_ps(lo, pn.pair_lanes, lo, t);
+            if let Some((pairs, lanes)) = tail {
+                lo = _mm512_mask_add_ps(lo, lanes, lo, pairs[p]);
             }
             h[p] = _mm512_add_ps(lo, hi);
         }
@@ -481,15 +642,15 @@ mod x86 {
     /// with the activations' integer sums, then `(dw*da)*p`, plus `mw*sa` for Q4_1 (the sums' lanes are
     /// unused for Q4_1 and `sa`'s for the others).
     #[inline(always)]
-    unsafe fn term512(f: IntFormat, gw: &Group512, p: __m512i, sums: __m512i, da: __m512, sa: __m512) -> __m512 {
+    unsafe fn term512(f: IntFormat, dw: __m512, mw: __m512, p: __m512i, sums: __m512i, da: __m512, sa: __m512) -> __m512 {
         let p = match f {
             IntFormat::Q4_0 => _mm512_sub_epi32(p, _mm512_slli_epi32::<3>(sums)),
             IntFormat::Q8_0 => _mm512_sub_epi32(p, _mm512_slli_epi32::<7>(sums)),
             IntFormat::Q4_1 => p,
         };
-        let term = _mm512_mul_ps(_mm512_mul_ps(gw.dw, da), _mm512_cvtepi32_ps(p));
+        let term = _mm512_mul_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(p));
         if f == IntFormat::Q4_1 {
-            _mm512_add_ps(term, _mm512_mul_ps(gw.mw, sa))
+            _mm512_add_ps(term, _mm512_mul_ps(mw, sa))
         } else {
             term
         }
@@ -498,14 +659,15 @@ mod x86 {
     /// Activation rows `r0..r0 + R` against every weight row of `w`: those rows' activations stay in the
     /// first-level cache while the weight rows stream past.
     macro_rules! tile_fn {
-        ($name:ident, $rows:ident, $prep:ident, $features:literal, $max:expr, [$($n:literal),*]) => {
+        ($name:ident, $rows:ident, $prep:ident, $lead:ident, $features:literal, $max:expr, [$($n:literal),*]) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out) {
                 #[inline(always)]
                 unsafe fn chunk<const R: usize>(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out, r0: usize) {
                     let acts = &acts[r0..r0 + R];
                     let prep = $prep::<R>(f, rb, acts);
-                    for (j, wr) in w.chunks_exact(rb).enumerate() {
+                    let done = $lead::<R>(f, w, rb, acts, Out { ptr: out.ptr.add(r0 * out.stride), stride: out.stride }, &prep);
+                    for (j, wr) in w.chunks_exact(rb).enumerate().skip(done) {
                         $rows::<R>(f, wr, acts, Out { ptr: out.ptr.add(r0 * out.stride + j), stride: out.stride }, &prep);
                     }
                 }
@@ -544,7 +706,17 @@ mod x86 {
         };
     }
 
-    tile_fn!(tile_avx512, rows512, panels512, "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni", ROWS_512, [1, 2, 3, 4, 5]);
+    /// The leading weight rows a single activation row with a 1- or 2-block last group takes eight at a
+    /// time (decode's common case: a 576-wide row is 16 + 2 blocks).
+    #[inline(always)]
+    unsafe fn lead512<const R: usize>(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out, prep: &Prep512) -> usize {
+        match &prep.one {
+            Some(t) if R == 1 => rows512_8x1(f, w, rb, &acts[0], out, t),
+            _ => 0,
+        }
+    }
+
+    tile_fn!(tile_avx512, rows512, prep512, lead512, "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni", ROWS_512, [1, 2, 3, 4, 5]);
 
     // ---- AVX2: a group in two halves of 8 blocks ----
 
@@ -693,5 +865,10 @@ mod x86 {
         }
     }
 
-    tile_fn!(tile_avx2, rows256, no_prep, "avx2,f16c", ROWS_256, [1, 2, 3]);
+    #[inline(always)]
+    unsafe fn no_lead<const R: usize>(_: IntFormat, _: &[u8], _: usize, _: &[Q8Row], _: Out, _: &()) -> usize {
+        0
+    }
+
+    tile_fn!(tile_avx2, rows256, no_prep, no_lead, "avx2,f16c", ROWS_256, [1, 2, 3]);
 }
