@@ -13,8 +13,10 @@ fn weight(dtype: GgmlDType, n: usize, k: usize) -> QWeight {
 }
 
 fn matmul(c: &mut Criterion) {
-    // SmolLM2-135M shapes: ffn_up (1536x576), output head (49152x576 Q8_0).
-    for (dtype, n, k) in [(GgmlDType::Q4_1, 1536, 576), (GgmlDType::Q8_0, 1536, 576)] {
+    // SmolLM2-135M shapes: ffn_up (1536x576, 16 + 2 blocks per row), ffn_down (576x1536, 3 whole groups),
+    // and the output head's format (Q8_0) at ffn_up's shape. Per-level figures run on one thread.
+    let one = flotilla_engine::pool::Pool::new(1);
+    for (dtype, n, k) in [(GgmlDType::Q4_1, 1536, 576), (GgmlDType::Q4_1, 576, 1536), (GgmlDType::Q8_0, 1536, 576)] {
         let w = weight(dtype, n, k);
         let mut g = c.benchmark_group(format!("matmul_{dtype:?}_{n}x{k}"));
         for m in [1usize, 8, 32] {
@@ -22,7 +24,7 @@ fn matmul(c: &mut Criterion) {
             let rows = quantize_rows(&x, k);
             g.throughput(Throughput::Elements((m * n * k) as u64));
             for level in supported() {
-                g.bench_with_input(BenchmarkId::new(format!("{level:?}"), m), &m, |b, _| b.iter(|| w.matmul_q8_at(level, &rows)));
+                g.bench_with_input(BenchmarkId::new(format!("{level:?}"), m), &m, |b, _| b.iter(|| one.install(|| w.matmul_q8_at(level, &rows))));
             }
             for threads in [1usize, 2] {
                 let pool = flotilla_engine::pool::Pool::new(threads);
