@@ -145,6 +145,15 @@ struct HeadJob<'a> {
     head_dim: usize,
 }
 
+impl HeadJob<'_> {
+    /// Query row width, cache row width, the cache head this query head reads, the score scale.
+    #[inline(always)]
+    fn layout(&self) -> (usize, usize, usize, f32) {
+        let (n, hd) = (self.n_head, self.head_dim);
+        (n * hd, self.n_head_kv * hd, self.h / (n / self.n_head_kv), 1.0 / (hd as f32).sqrt())
+    }
+}
+
 /// One query head over all query rows; `emit(row, output)` receives each row's result. Built for AVX2
 /// where the CPU has it: the same element-wise operations in the same order, so the same bits.
 fn attention_head(j: HeadJob<'_>, emit: impl FnMut(usize, &[f32])) {
@@ -175,14 +184,33 @@ mod fixed {
 
     use crate::quant::dot::sum_lanes as finish;
 
+    /// One key's scaled dot product with the query chunks `qv` (lane `l` sums elements `l, l+8, ...`).
+    #[inline(always)]
+    unsafe fn score<const C: usize>(qv: &[__m256; C], key: *const f32, scale: f32) -> f32 {
+        let mut p = _mm256_setzero_ps();
+        for (c, q) in qv.iter().enumerate() {
+            p = _mm256_add_ps(p, _mm256_mul_ps(*q, _mm256_loadu_ps(key.add(8 * c))));
+        }
+        finish(p) * scale
+    }
+
+    /// Scores to `exp(s - max)` in place, in order; returns their sum (in order).
+    #[inline(always)]
+    fn softmax(scores: &mut [f32]) -> f32 {
+        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        sum
+    }
+
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn head<const C: usize>(j: super::HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {
-        let super::HeadJob { q, k, v, start, h, n_head, n_head_kv, .. } = j;
-        let head_dim = 8 * C;
-        let q_dim = n_head * head_dim;
-        let kv_dim = n_head_kv * head_dim;
-        let kvh = h / (n_head / n_head_kv);
-        let scale = 1.0 / (head_dim as f32).sqrt();
+        let super::HeadJob { q, k, v, start, h, head_dim, .. } = j;
+        debug_assert_eq!(head_dim, 8 * C);
+        let (q_dim, kv_dim, kvh, scale) = j.layout();
         let mut scores: Vec<f32> = Vec::new();
         let mut oh = [0f32; 128];
         let (kp, vp) = (k.as_ptr().add(kvh * head_dim), v.as_ptr().add(kvh * head_dim));
@@ -208,19 +236,9 @@ mod fixed {
                 j += 2;
             }
             if j < visible {
-                let k0 = kp.add(j * kv_dim);
-                let mut p0 = _mm256_setzero_ps();
-                for c in 0..C {
-                    p0 = _mm256_add_ps(p0, _mm256_mul_ps(qv[c], _mm256_loadu_ps(k0.add(8 * c))));
-                }
-                scores.push(finish(p0) * scale);
+                scores.push(score(&qv, kp.add(j * kv_dim), scale));
             }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
+            let sum = softmax(&mut scores);
             let mut o = [_mm256_setzero_ps(); C];
             for (j, &p) in scores.iter().enumerate() {
                 let (pv, vj) = (_mm256_set1_ps(p), vp.add(j * kv_dim));
@@ -241,13 +259,9 @@ mod fixed {
     /// as [`finish`]; the value sums 16 elements per register (element-wise, so in the same order).
     #[target_feature(enable = "avx2,avx512f,avx512dq")]
     pub(super) unsafe fn head512<const C: usize>(j: super::HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {
-        let super::HeadJob { q, k, v, start, h, n_head, n_head_kv, .. } = j;
-        debug_assert!(C.is_multiple_of(2));
-        let head_dim = 8 * C;
-        let q_dim = n_head * head_dim;
-        let kv_dim = n_head_kv * head_dim;
-        let kvh = h / (n_head / n_head_kv);
-        let scale = 1.0 / (head_dim as f32).sqrt();
+        let super::HeadJob { q, k, v, start, h, head_dim, .. } = j;
+        debug_assert!(head_dim == 8 * C && C.is_multiple_of(2));
+        let (q_dim, kv_dim, kvh, scale) = j.layout();
         let mut scores: Vec<f32> = Vec::new();
         let mut oh = [0f32; 128];
         let (kp, vp) = (k.as_ptr().add(kvh * head_dim), v.as_ptr().add(kvh * head_dim));
@@ -285,20 +299,10 @@ mod fixed {
                 j += 4;
             }
             while j < visible {
-                let k0 = kp.add(j * kv_dim);
-                let mut p0 = _mm256_setzero_ps();
-                for c in 0..C {
-                    p0 = _mm256_add_ps(p0, _mm256_mul_ps(qv[c], _mm256_loadu_ps(k0.add(8 * c))));
-                }
-                scores.push(finish(p0) * scale);
+                scores.push(score(&qv, kp.add(j * kv_dim), scale));
                 j += 1;
             }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
+            let sum = softmax(&mut scores);
             let mut o = [_mm512_setzero_ps(); 8];
             for (j, &p) in scores.iter().enumerate() {
                 let (pv, vj) = (_mm512_set1_ps(p), vp.add(j * kv_dim));
@@ -349,11 +353,8 @@ impl Dot for Avx {
 
 #[inline(always)]
 fn attention_head_any<D: Dot>(j: HeadJob<'_>, mut emit: impl FnMut(usize, &[f32])) {
-    let HeadJob { q, k, v, start, h, n_head, n_head_kv, head_dim } = j;
-    let q_dim = n_head * head_dim;
-    let kv_dim = n_head_kv * head_dim;
-    let kvh = h / (n_head / n_head_kv);
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let HeadJob { q, k, v, start, h, head_dim, .. } = j;
+    let (q_dim, kv_dim, kvh, scale) = j.layout();
     let mut scores = Vec::new();
     let mut oh = vec![0f32; head_dim];
     for (t, qrow) in q.chunks_exact(q_dim).enumerate() {
