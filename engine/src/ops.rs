@@ -119,16 +119,32 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
         }
         return;
     }
-    let results: Vec<Vec<f32>> = crate::pool::map(units.len(), |u| {
-        let (_, _, t0, t1, _) = units[u];
-        let mut buf = Vec::with_capacity((t1 - t0) * head_dim);
-        unit(u, &mut |_, o| buf.extend_from_slice(o));
-        buf
+    // each task writes its own (rows, head) slots of `out`, straight from its buffer
+    let dst = OutPtr(out.as_mut_ptr(), out.len());
+    crate::pool::for_each(units.len(), |u| {
+        let (_, h, _, _, r0) = units[u];
+        unit(u, &mut |t, o| {
+            let at = (r0 + t) * q_dim + h * head_dim;
+            let (ptr, len) = dst.get();
+            assert!(at + head_dim <= len, "attention output out of bounds");
+            // SAFETY: in bounds (checked), and the (row, head) slots of different tasks are disjoint, so no
+            // other thread writes these elements while `out` is borrowed by this call
+            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), ptr.add(at), head_dim) };
+        });
     });
-    for (&(_, h, _, _, r0), buf) in units.iter().zip(&results) {
-        for (t, o) in buf.chunks_exact(head_dim).enumerate() {
-            out[(r0 + t) * q_dim + h * head_dim..][..head_dim].copy_from_slice(o);
-        }
+}
+
+/// The attention output shared by tasks that write disjoint (row, head) slots: pointer and length.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32, usize);
+// SAFETY: only used for disjoint writes while the buffer is exclusively borrowed by `attention_many`
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// (a method, so closures capture the whole `Sync` value rather than its raw pointer field)
+    fn get(self) -> (*mut f32, usize) {
+        (self.0, self.1)
     }
 }
 
