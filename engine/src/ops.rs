@@ -112,16 +112,9 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
         let s = &seqs[i];
         attention_head(HeadJob { q: &s.q[t0 * q_dim..t1 * q_dim], k: s.k, v: s.v, start: s.start + t0, h, n_head, n_head_kv, head_dim }, emit);
     };
-    if work < 1 << 16 || crate::pool::current_threads() == 1 {
-        for u in 0..units.len() {
-            let (_, h, _, _, r0) = units[u];
-            unit(u, &mut |t, o| out[(r0 + t) * q_dim + h * head_dim..][..head_dim].copy_from_slice(o));
-        }
-        return;
-    }
     // each task writes its own (rows, head) slots of `out`, straight from its buffer
     let dst = OutPtr(out.as_mut_ptr(), out.len());
-    crate::pool::for_each(units.len(), |u| {
+    let task = |u: usize| {
         let (_, h, _, _, r0) = units[u];
         unit(u, &mut |t, o| {
             let at = (r0 + t) * q_dim + h * head_dim;
@@ -131,7 +124,12 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
             // other thread writes these elements while `out` is borrowed by this call
             unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), ptr.add(at), head_dim) };
         });
-    });
+    };
+    if work < 1 << 16 || crate::pool::current_threads() == 1 {
+        (0..units.len()).for_each(task);
+    } else {
+        crate::pool::for_each(units.len(), task);
+    }
 }
 
 /// The attention output shared by tasks that write disjoint (row, head) slots: pointer and length.

@@ -488,7 +488,8 @@ mod x86 {
             let a = &acts[0];
             let t0 = nb - g;
             let mut v = [[0i32; 16]; 2];
-            let chunk = |k: usize, b: usize| (a.qs.as_ptr().add(t0 * QK + k * 4 * GROUP + 4 * b) as *const i32).read_unaligned();
+            // chunk k (values 4k..4k+4) of block t0 + b
+            let chunk = |k: usize, b: usize| (a.qs.as_ptr().add(pack::act_index(t0 + b, 4 * k)) as *const i32).read_unaligned();
             let (mut d, mut s, mut sums) = ([0f32; 16], [0f32; 16], [0i32; 16]);
             for b in 0..g {
                 match f {
@@ -710,9 +711,11 @@ mod x86 {
     /// time (decode's common case: a 576-wide row is 16 + 2 blocks).
     #[inline(always)]
     unsafe fn lead512<const R: usize>(f: IntFormat, w: &[u8], rb: usize, acts: &[Q8Row], out: Out, prep: &Prep512) -> usize {
+        // (`one` is only prepared for a single activation row; a `match`, not a closure, which would not
+        // inherit the caller's target features)
         match &prep.one {
-            Some(t) if R == 1 => rows512_8x1(f, w, rb, &acts[0], out, t),
-            _ => 0,
+            Some(t) => rows512_8x1(f, w, rb, &acts[0], out, t),
+            None => 0,
         }
     }
 
