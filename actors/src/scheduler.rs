@@ -195,7 +195,7 @@ impl SchedulerState {
 
     fn admit(&mut self, req: AdmitReq, port: RpcReplyPort<Wire<AdmitReply>>) {
         if !self.active {
-            let _ = port.send(Wire::Ok(AdmitReply::Unavailable(format!("{} is not the leader", self.args.node))));
+            let _ = port.send(Wire::Ok(AdmitReply::NotLeader(format!("{} is not the leader", self.args.node))));
             return;
         }
         let Some(p) = &self.placement else {
@@ -287,7 +287,10 @@ impl Scheduler {
                     st.placement = None;
                     st.rebalance = None;
                     st.error = Some("this scheduler is not the leader".into());
-                    st.refuse_waiting();
+                    // The queue moves to the new leader: each waiting session asks it again.
+                    for (_, port) in st.waiting.drain(..) {
+                        let _ = port.send(Wire::Ok(AdmitReply::NotLeader(format!("{} stopped leading", st.args.node))));
+                    }
                 }
             }
             SchedulerMsg::Rebalance => {
@@ -339,5 +342,79 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::membership::Identity;
+    use crate::work::ReqId;
+
+    fn member(name: &str, state: MemberState) -> Member {
+        Member {
+            name: name.into(),
+            incarnation: 1,
+            cluster_addr: "127.0.0.1:1".into(),
+            http_addr: "127.0.0.1:2".into(),
+            capacity: 1.0,
+            state,
+            load: Default::default(),
+        }
+    }
+
+    fn view(leader: &str, members: &[(&str, MemberState)]) -> SchedulerMsg {
+        let members = members.iter().map(|&(n, s)| member(n, s)).collect();
+        SchedulerMsg::View(Wire::Ok(ViewUpdate { leader: Some(leader.into()), members }))
+    }
+
+    async fn ask(s: &ActorRef<SchedulerMsg>, id: u64) -> ractor::rpc::CallResult<Wire<AdmitReply>> {
+        let req = AdmitReq { req: ReqId { origin: "sched-test-a".into(), id }, prompt_tokens: 4, max_tokens: 4, avoid: Vec::new() };
+        s.call(|p| SchedulerMsg::Admit(Wire::Ok(req), p), Some(Duration::from_secs(5))).await.expect("the scheduler answers")
+    }
+
+    /// A request waiting in the leader's queue (the placement is not loaded yet) is told to ask again
+    /// elsewhere when this scheduler stops leading, and a scheduler that does not lead says so: neither
+    /// is a 503 for the client (the session asks the new leader).
+    #[tokio::test]
+    async fn a_scheduler_that_stops_leading_sends_its_queue_to_the_new_leader() {
+        let identity = Arc::new(Mutex::new(Identity::new("sched-test-a".into(), "127.0.0.1:1".into(), "127.0.0.1:2".into(), 1.0)));
+        let args = SchedulerArgs {
+            node: "sched-test-a".into(),
+            identity,
+            n_layers: 4,
+            replicas: Count::Auto,
+            stages: Count::Auto,
+            queue_limit: 8,
+            max_batch: 2,
+        };
+        let (s, handle) = Actor::spawn(None, Scheduler, args).await.unwrap();
+        let both = [("sched-test-a", MemberState::Up), ("sched-test-b", MemberState::Up)];
+        s.cast(view("sched-test-a", &both)).unwrap();
+        let waiting = tokio::spawn({
+            let s = s.clone();
+            async move { ask(&s, 1).await }
+        });
+        // The request waits: no worker has loaded the placement.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a request waits while the placement loads");
+        // Late heartbeats from b do not change anything here; b becoming the leader does.
+        s.cast(view("sched-test-a", &[("sched-test-a", MemberState::Up), ("sched-test-b", MemberState::Suspect)])).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished());
+        s.cast(view("sched-test-b", &both)).unwrap();
+        match waiting.await.unwrap() {
+            ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::NotLeader(why))) => assert!(why.contains("sched-test-a"), "{why}"),
+            other => panic!("expected NotLeader, got {other:?}"),
+        }
+        match ask(&s, 2).await {
+            ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::NotLeader(_))) => {}
+            other => panic!("expected NotLeader, got {other:?}"),
+        }
+        s.stop(None);
+        handle.await.unwrap();
     }
 }

@@ -47,6 +47,10 @@ const STALE_ROUTE_PAUSE: Duration = Duration::from_millis(25);
 const MAX_STALE_ROUTES: u32 = 200;
 /// How often a request under way that found no full placement asks again.
 const CAPACITY_POLL: Duration = Duration::from_millis(250);
+/// A scheduler that is not (or stopped being) the leader's sends the request to the leader of this
+/// node's view after this pause, for at most `LEADER_WAIT` (views converge within a heartbeat or two).
+const LEADER_POLL: Duration = Duration::from_millis(50);
+const LEADER_WAIT: Duration = Duration::from_secs(5);
 
 enum Event {
     Token(TokenOut),
@@ -199,20 +203,31 @@ fn leader_scheduler(ctx: &ServeContext) -> Result<ActorRef<SchedulerMsg>, ServeE
 }
 
 async fn admit(ctx: &ServeContext, req: &ReqId, prompt_tokens: usize, max_tokens: u32, avoid: &BTreeSet<String>) -> Result<Route, ServeError> {
-    let sched = leader_scheduler(ctx)?;
     // Only nodes still unreachable from here: a link that healed is usable again.
-    let avoid = avoid.iter().filter(|n| unreachable_node(n)).cloned().collect();
-    let ask = AdmitReq { req: req.clone(), prompt_tokens: prompt_tokens as u32, max_tokens, avoid };
-    match sched.call(|p| SchedulerMsg::Admit(Wire::Ok(ask), p), Some(ADMIT_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch, replica, stages }))) => {
-            let stage0 = member::<WorkerMsg>(&worker::group(&stages[0]));
-            Ok(Route { stage0, epoch, replica, stages })
-        }
-        Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Busy { queued }))) => Err(ServeError::Busy { queued }),
-        Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Unavailable(why)))) => Err(ServeError::Unavailable(why)),
-        Ok(ractor::rpc::CallResult::Success(Wire::Bad(e))) => Err(ServeError::Failed(format!("undecodable admission: {e}"))),
-        Ok(ractor::rpc::CallResult::Timeout) => Err(ServeError::Unavailable("no pipeline became free in time".into())),
-        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(ServeError::Unavailable("lost the scheduler".into())),
+    let avoid: Vec<String> = avoid.iter().filter(|n| unreachable_node(n)).cloned().collect();
+    let asked = Instant::now();
+    loop {
+        let sched = leader_scheduler(ctx)?;
+        let ask = AdmitReq { req: req.clone(), prompt_tokens: prompt_tokens as u32, max_tokens, avoid: avoid.clone() };
+        return match sched.call(|p| SchedulerMsg::Admit(Wire::Ok(ask), p), Some(ADMIT_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch, replica, stages }))) => {
+                let stage0 = member::<WorkerMsg>(&worker::group(&stages[0]));
+                Ok(Route { stage0, epoch, replica, stages })
+            }
+            Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::NotLeader(why)))) => {
+                if asked.elapsed() < LEADER_WAIT {
+                    tracing::debug!(%req, reason = %why, "asked a scheduler that does not lead; asking the leader again");
+                    tokio::time::sleep(LEADER_POLL).await;
+                    continue;
+                }
+                Err(ServeError::Unavailable(format!("the nodes did not agree on a leader within {LEADER_WAIT:?}: {why}")))
+            }
+            Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Busy { queued }))) => Err(ServeError::Busy { queued }),
+            Ok(ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Unavailable(why)))) => Err(ServeError::Unavailable(why)),
+            Ok(ractor::rpc::CallResult::Success(Wire::Bad(e))) => Err(ServeError::Failed(format!("undecodable admission: {e}"))),
+            Ok(ractor::rpc::CallResult::Timeout) => Err(ServeError::Unavailable("no pipeline became free in time".into())),
+            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(ServeError::Unavailable("lost the scheduler".into())),
+        };
     }
 }
 

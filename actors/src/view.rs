@@ -24,9 +24,11 @@ pub enum MemberState {
 }
 
 impl MemberState {
-    /// Whether the member can serve work.
-    pub fn is_serving(self) -> bool {
-        matches!(self, MemberState::Up)
+    /// Whether the member can lead the cluster: up, or up with late heartbeats. Suspicion alone does not
+    /// move the leadership (a busy leader whose beats are late keeps its queue and placement); only
+    /// down, draining or left does.
+    pub fn can_lead(self) -> bool {
+        matches!(self, MemberState::Up | MemberState::Suspect)
     }
 
     /// Whether the member is still part of the cluster (possibly unhealthy).
@@ -120,9 +122,10 @@ impl MembershipView {
         self.members.values().filter(|m| m.state == state).count()
     }
 
-    /// The leader: the first member, by name, that is up. Every node with the same view picks the same one.
+    /// The leader: the first member, by name, that is up or suspect. Every node with the same view picks
+    /// the same one.
     pub fn leader(&self) -> Option<&Member> {
-        self.members.values().find(|m| m.state.is_serving())
+        self.members.values().find(|m| m.state.can_lead())
     }
 }
 
@@ -174,7 +177,7 @@ mod tests {
     }
 
     #[test]
-    fn leader_is_the_first_up_member_by_name() {
+    fn leader_is_the_first_up_or_suspect_member_by_name() {
         let mut v = MembershipView::new();
         assert!(v.leader().is_none());
         v.upsert(m("node2", 1, Up));
@@ -183,6 +186,8 @@ mod tests {
         assert_eq!(v.leader().unwrap().name, "node2");
         v.set_state("node1", 1, Up);
         assert_eq!(v.leader().unwrap().name, "node1");
+        v.set_state("node1", 1, Suspect);
+        assert_eq!(v.leader().unwrap().name, "node1", "late heartbeats do not move the leadership");
         v.set_state("node1", 1, Down);
         assert_eq!(v.leader().unwrap().name, "node2");
         v.set_state("node2", 1, Draining);
@@ -193,7 +198,7 @@ mod tests {
     fn states_serialize_lowercase() {
         let s = serde_json::to_string(&[Joining, Up, Suspect, Down, Draining, Left]).unwrap();
         assert_eq!(s, r#"["joining","up","suspect","down","draining","left"]"#);
-        assert!(Up.is_serving() && !Suspect.is_serving());
+        assert!(Up.can_lead() && Suspect.can_lead() && !Joining.can_lead() && !Draining.can_lead());
         assert!(Draining.is_present() && !Left.is_present());
     }
 }

@@ -146,6 +146,8 @@ pub enum AdmitReply {
     },
     /// No full placement (HTTP 503).
     Unavailable(String),
+    /// This scheduler is not (or no longer) the leader's: ask the leader of the asker's view again.
+    NotLeader(String),
 }
 
 /// A session is done with its pipeline.
