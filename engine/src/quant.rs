@@ -1,5 +1,7 @@
 //! Quantized weight matrices and the matmul that multiplies activations by them.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod dequant;
 pub mod dot;
 pub mod pack;
@@ -222,8 +224,9 @@ impl QWeight {
             panic!("{} ({:?}) does not take 8-bit activations", self.name, self.dtype);
         };
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
-        // SAFETY: as promised by `columns`
-        columns(self.rows, rows.len(), |cols, out| unsafe { simd::tile(level, f, self.rows_bytes(cols), self.row_bytes, rows, out) })
+        let acts = simd::Acts::new(level, rows);
+        // SAFETY: as promised by `columns`; `acts` was made for `level`
+        columns(self.rows, rows.len(), |cols, out| unsafe { simd::tile(level, f, self.rows_bytes(cols), self.row_bytes, &acts, out) })
     }
 
     /// The bytes of consecutive rows.
@@ -246,6 +249,7 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
         total += w.rows;
     }
     starts.push(total);
+    let acts = simd::Acts::new(level, rows);
     let all = columns(total, m, |cols, out| {
         // a task's columns may span several matrices
         let mut c = cols.start;
@@ -257,7 +261,7 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
             // SAFETY: columns c..end of the task's columns, as promised by `columns`
             unsafe {
                 let at = simd::Out { ptr: out.ptr.add(c - cols.start), stride: out.stride };
-                simd::tile(level, f, w.rows_bytes(c - starts[i]..end - starts[i]), w.row_bytes, rows, at);
+                simd::tile(level, f, w.rows_bytes(c - starts[i]..end - starts[i]), w.row_bytes, &acts, at);
             }
             c = end;
         }

@@ -24,9 +24,15 @@ pub enum Level {
     Avx2,
     /// AVX-512 VNNI (`dpbusd`) on 512-bit vectors: a whole group of 16 blocks per register.
     Avx512Vnni,
+    /// AVX-512 VNNI, and Intel AMX tile products (`super::amx`) for [`AMX_MIN_ROWS`] or more activation
+    /// rows.
+    Avx512Amx,
 }
 
-/// The best level this CPU supports, capped by `FLOTILLA_KERNEL=scalar|avx2` when set.
+/// Fewest activation rows that go to the AMX kernel (fewer do not repay laying out a weight tile).
+pub const AMX_MIN_ROWS: usize = 12;
+
+/// The best level this CPU supports, capped by `FLOTILLA_KERNEL=scalar|avx2|avx512` when set.
 pub fn detected() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -34,6 +40,7 @@ pub fn detected() -> Level {
         match std::env::var("FLOTILLA_KERNEL").as_deref() {
             Ok("scalar") => Level::Scalar,
             Ok("avx2") => best.min(Level::Avx2),
+            Ok("avx512") => best.min(Level::Avx512Vnni),
             _ => best,
         }
     })
@@ -41,7 +48,7 @@ pub fn detected() -> Level {
 
 /// Every level this CPU can run (for tests).
 pub fn supported() -> Vec<Level> {
-    [Level::Scalar, Level::Avx2, Level::Avx512Vnni].into_iter().filter(|&l| l <= best_supported()).collect()
+    [Level::Scalar, Level::Avx2, Level::Avx512Vnni, Level::Avx512Amx].into_iter().filter(|&l| l <= best_supported()).collect()
 }
 
 fn best_supported() -> Level {
@@ -54,7 +61,7 @@ fn best_supported() -> Level {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
         {
-            return Level::Avx512Vnni;
+            return if super::amx::available() { Level::Avx512Amx } else { Level::Avx512Vnni };
         }
         if avx2 {
             return Level::Avx2;
@@ -99,18 +106,48 @@ impl Out {
     }
 }
 
+/// Activation rows as the kernels of one level read them: the rows, and for the AMX kernel their blocks
+/// laid out as tiles (once per matmul, shared by every task).
+pub struct Acts<'a> {
+    pub rows: &'a [Q8Row],
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<super::amx::Tiles>,
+}
+
+impl<'a> Acts<'a> {
+    pub fn new(level: Level, rows: &'a [Q8Row]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the AMX level is only detected on CPUs with AVX2.
+            let tiles = (level == Level::Avx512Amx && rows.len() >= AMX_MIN_ROWS).then(|| unsafe { super::amx::Tiles::new(rows) });
+            Acts { rows, tiles }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = level;
+            Acts { rows }
+        }
+    }
+}
+
 /// `w_j · acts[i]` into `out` for the consecutive weight rows `w_j` of `w` (each `row_bytes` long, grouped
 /// layout, format `f`) and every activation row.
 ///
 /// # Safety
-/// `out` covers `w.len() / row_bytes` columns of `acts.len()` rows that only this call writes.
-pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, acts: &[Q8Row], out: Out) {
+/// `out` covers `w.len() / row_bytes` columns of `acts.rows.len()` rows that only this call writes;
+/// `acts` was made for `level`.
+pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, acts: &Acts, out: Out) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(t) = &acts.tiles {
+        return super::amx::tile(f, w, row_bytes, t, out);
+    }
+    let acts = acts.rows;
     debug_assert!(acts.iter().all(|a| a.blocks() * f.block_bytes() == row_bytes));
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => x86::tile_avx2(f, w, row_bytes, acts, out),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni => x86::tile_avx512(f, w, row_bytes, acts, out),
+        Level::Avx512Vnni | Level::Avx512Amx => x86::tile_avx512(f, w, row_bytes, acts, out),
         _ => {
             for (j, wr) in w.chunks_exact(row_bytes).enumerate() {
                 for (i, a) in acts.iter().enumerate() {

@@ -205,6 +205,9 @@ fn every_simd_level_is_bit_identical_to_scalar() {
             (704, 5, 11),
             (384, 3, 4),
             (128, 2, 16),
+            (576, 50, 20),
+            (1536, 33, 40),
+            (32, 17, 8),
         ] {
             for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
                 let mut x = random(m * k, 4);

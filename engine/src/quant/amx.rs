@@ -1,0 +1,370 @@
+//! The batched integer kernel on Intel AMX (`tdpbsud` / `tdpbssd` on 16x16 tiles), for many activation
+//! rows at once (prefill, batched decode).
+//!
+//! It computes the canonical sum of [`super::simd`] bit for bit: one tile product per 32-value block
+//! (`K = 32`) gives the exact integer block sums `p_b` of 16 activation rows by 16 weight rows, and the
+//! scaling then runs as in the scalar reference, with 512-bit vectors across the 16 weight rows: lane
+//! accumulator `l = b % 16` of every (row, weight row) pair takes `acc + (dw_b*da_b) * p_b` (Q4_1:
+//! `acc + ((dw_b*da_b) * p_b + mw_b*sa_b)`) for the blocks `b = l, l + 16, ...` in order, and the 16
+//! lane accumulators reduce in the same fixed tree. Integer sums are exact and the float operations are
+//! the same ones in the same order, so the bits are those of the scalar reference.
+//!
+//! Tiles: `tmm0` the 16x16 `i32` products, `tmm1` 16 activation rows of one block (32 signed bytes
+//! each, in value order), `tmm2` one block of 16 weight rows (8 rows of 16 x 4 bytes: value `4k + j` of
+//! weight row `n` at `k * 64 + 4n + j`; Q4 weights as unsigned nibbles, Q8_0 as signed bytes). The
+//! instructions are written in `asm!` (the AMX intrinsics are not stable Rust); Linux hands out the tile
+//! state only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once by [`available`].
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use super::dot::Q8Row;
+use super::pack::{self, act_index, GROUP, QK};
+use super::simd::{IntFormat, Out};
+
+/// Rows of a tile (activation rows and weight rows per tile product).
+const T: usize = 16;
+
+/// Whether the CPU has AMX-INT8 and the kernel lets this process use the tile state (asked once).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        // SAFETY: cpuid and xgetbv are always present on x86_64 Linux targets that reach here (xgetbv only
+        // after cpuid says the OS enabled XSAVE).
+        unsafe {
+            let l7 = __cpuid_count(7, 0);
+            let (tile, int8) = ((l7.edx >> 24) & 1 == 1, (l7.edx >> 25) & 1 == 1);
+            let osxsave = (__cpuid(1).ecx >> 27) & 1 == 1;
+            if !(tile && int8 && osxsave) {
+                return false;
+            }
+            // XTILECFG (17) and XTILEDATA (18) enabled by the OS
+            if _xgetbv(0) & (0b11 << 17) != 0b11 << 17 {
+                return false;
+            }
+            #[cfg(target_os = "linux")]
+            {
+                const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+                const XFEATURE_XTILEDATA: libc::c_long = 18;
+                libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+            }
+            #[cfg(not(target_os = "linux"))]
+            false
+        }
+    })
+}
+
+/// 64 bytes on a 64-byte boundary.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// Activation rows laid out for the tile loads: per tile of 16 rows and per block, the 16 rows' 32 values
+/// in value order (rows past the end are zeros), and each row's scale, scaled sum and integer sum of
+/// that block side by side.
+pub struct Tiles {
+    nb: usize,
+    m: usize,
+    /// `[tile][block][row][32]` bytes.
+    values: Vec<Line>,
+    /// `[tile][block][row]`.
+    d: Vec<f32>,
+    s: Vec<f32>,
+    sums: Vec<i32>,
+}
+
+impl Tiles {
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn new(rows: &[Q8Row]) -> Self {
+        let nb = rows.first().map_or(0, Q8Row::blocks);
+        let tiles = rows.len().div_ceil(T);
+        let mut t = Tiles {
+            nb,
+            m: rows.len(),
+            values: vec![Line([0; 64]); tiles * nb * T / 2],
+            d: vec![0.0; tiles * nb * T],
+            s: vec![0.0; tiles * nb * T],
+            sums: vec![0; tiles * nb * T],
+        };
+        // chunk k of a block sits 4 * GROUP bytes after chunk k - 1
+        let idx = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
+        let dst = t.values.as_mut_ptr() as *mut u8;
+        for (i, r) in rows.iter().enumerate() {
+            let (tile, row) = (i / T, i % T);
+            for b in 0..nb {
+                let at = (tile * nb + b) * T + row;
+                let v = _mm256_i32gather_epi32::<1>(r.qs.as_ptr().add(act_index(b, 0)) as *const i32, idx);
+                _mm256_storeu_si256(dst.add(at * QK) as *mut __m256i, v);
+                t.d[at] = r.d[b];
+                t.s[at] = r.s[b];
+                t.sums[at] = r.sums[b];
+            }
+        }
+        t
+    }
+}
+
+/// Per-thread buffers of the kernel.
+struct Scratch {
+    /// A weight tile's blocks, `[block][8 rows][64]`.
+    w: Vec<Line>,
+    /// Its scales and minimums as f32, `[block][16]`.
+    dw: Vec<Line>,
+    mw: Vec<Line>,
+    /// Two batches of tile products, `[2][BATCH][16 rows][64]`.
+    c: Vec<Line>,
+    /// The 16 lane accumulators of 16 activation rows, `[lane][row]`, 16 weight rows each.
+    acc: Vec<Line>,
+}
+
+/// Empty (no allocation): what the thread-local holds while a call has the buffers.
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch { w: Vec::new(), dw: Vec::new(), mw: Vec::new(), c: Vec::new(), acc: Vec::new() }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// The tile configuration (palette 1): products (tmm0, tmm3, tmm4, tmm5) 16 x 64 bytes, activations (tmm1,
+/// tmm6) 16 x 32, weights (tmm2, tmm7) 8 x 64.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+fn config() -> Config {
+    let mut c = Config([0; 64]);
+    c.0[0] = 1;
+    for (t, rows, colsb) in [(0usize, 16u8, 64u16), (3, 16, 64), (4, 16, 64), (5, 16, 64), (1, 16, 32), (6, 16, 32), (2, 8, 64), (7, 8, 64)] {
+        c.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
+        c.0[48 + t] = rows;
+    }
+    c
+}
+
+/// `w_j · acts[i]` for the consecutive weight rows of `w` (grouped layout, format `f`) and every
+/// activation row of `tiles`, into `out` as [`super::simd::tile`] does.
+///
+/// # Safety
+/// [`available`] is true, the CPU has AVX-512 (F, BW, VL); `out` covers `w.len() / rb` columns of
+/// `tiles.rows()` rows that only this call writes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
+    let n = w.len() / rb;
+    let nb = tiles.nb;
+    if n == 0 || tiles.m == 0 {
+        return;
+    }
+    // taken out of the thread-local for the call (a closure would not inherit the target features)
+    let mut scratch = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let s = &mut scratch;
+    {
+        s.w.resize(nb * 8, Line([0; 64]));
+        s.dw.resize(nb, Line([0; 64]));
+        s.mw.resize(nb, Line([0; 64]));
+        s.c.resize(2 * BATCH * T, Line([0; 64]));
+        s.acc.resize(T * T, Line([0; 64]));
+        let cfg = config();
+        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        for j0 in (0..n).step_by(T) {
+            let nw = (n - j0).min(T);
+            // the next weight tile (contiguous rows) comes from memory while this one is multiplied, a few
+            // lines per block (all at once would stall on the fill buffers)
+            let next = &w[((j0 + T) * rb).min(w.len())..((j0 + 2 * T) * rb).min(w.len())];
+            let mut pf =
+                Prefetch { p: next.as_ptr(), left: next.len().div_ceil(64), per: next.len().div_ceil(64).div_ceil(nb * tiles.m.div_ceil(T)) };
+            prep_weights(f, &w[j0 * rb..(j0 + nw) * rb], rb, nw, nb, s);
+            for t in 0..tiles.m.div_ceil(T) {
+                let mt = (tiles.m - t * T).min(T);
+                let at = Out { ptr: out.ptr.add(t * T * out.stride + j0), stride: out.stride };
+                tile_product(f, tiles, t, mt, nw, s, &mut pf, at);
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+    SCRATCH.with(|c| *c.borrow_mut() = scratch);
+}
+
+/// Lays out `nw` (at most 16) weight rows of `w` as one B tile per block, with their scales as f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn prep_weights(f: IntFormat, w: &[u8], rb: usize, nw: usize, nb: usize, s: &mut Scratch) {
+    let lanes: __mmask16 = if nw == T { 0xFFFF } else { (1u16 << nw) - 1 };
+    let rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(rb as i32));
+    let base = w.as_ptr();
+    let low = _mm512_set1_epi8(0x0F);
+    let dst = s.w.as_mut_ptr() as *mut __m512i;
+    for b in 0..nb {
+        let (gbase, g, i) = pack::locate(f, nb, b);
+        match f {
+            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                for c in 0..4 {
+                    let v = gather(base, rows, lanes, gbase + c * 4 * g + 4 * i);
+                    _mm512_store_si512(dst.add(b * 8 + c), _mm512_and_si512(v, low));
+                    _mm512_store_si512(dst.add(b * 8 + 4 + c), _mm512_and_si512(_mm512_srli_epi32::<4>(v), low));
+                }
+            }
+            IntFormat::Q8_0 => {
+                for c in 0..8 {
+                    _mm512_store_si512(dst.add(b * 8 + c), gather(base, rows, lanes, gbase + c * 4 * g + 4 * i));
+                }
+            }
+        }
+        // each f16 with the 2 bytes before it (the scales follow the values, so never before the row)
+        let sc = gbase + pack::scales_at(f, g) + 2 * i - 2;
+        _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, f16_high(gather(base, rows, lanes, sc)));
+        if f == IntFormat::Q4_1 {
+            _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, f16_high(gather(base, rows, lanes, sc + 2 * g)));
+        }
+    }
+}
+
+/// The 4 bytes at `at` of each of 16 rows (`rows` holds their offsets from `base`); zeros where `lanes`
+/// is clear.
+#[inline(always)]
+unsafe fn gather(base: *const u8, rows: __m512i, lanes: __mmask16, at: usize) -> __m512i {
+    let off = _mm512_add_epi32(rows, _mm512_set1_epi32(at as i32));
+    _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), lanes, off, base as *const i32)
+}
+
+/// The f16 in the upper half of each 32-bit lane, as f32.
+#[inline(always)]
+unsafe fn f16_high(v: __m512i) -> __m512 {
+    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v)))
+}
+
+/// Lines of memory to prefetch, `per` at a time.
+struct Prefetch {
+    p: *const u8,
+    left: usize,
+    per: usize,
+}
+
+impl Prefetch {
+    #[inline(always)]
+    unsafe fn some(&mut self) {
+        for _ in 0..self.per.min(self.left) {
+            _mm_prefetch::<_MM_HINT_T0>(self.p as *const i8);
+            self.p = self.p.add(64);
+        }
+        self.left = self.left.saturating_sub(self.per);
+    }
+}
+
+/// Blocks whose tile products are in flight together (tmm0, tmm3, tmm4, tmm5).
+const BATCH: usize = 4;
+
+/// Starts the tile products of blocks `b0..b0 + BATCH` (those below `nb`): activation tile at `a`, weight
+/// tiles at `w`, each block's pair in tmm1/tmm2 or tmm6/tmm7 by turns, products into the four C tiles.
+#[inline(always)]
+unsafe fn issue(signed: bool, a: *const u8, w: *const u8, b0: usize, nb: usize) {
+    macro_rules! product {
+        ($k:literal, $c:literal, $ta:literal, $tb:literal) => {
+            if b0 + $k < nb {
+                let (pa, pw) = (a.add((b0 + $k) * T * QK), w.add((b0 + $k) * 512));
+                asm!(
+                    concat!("tilezero ", $c),
+                    concat!("tileloadd ", $ta, ", [{a} + {sa}*1]"),
+                    concat!("tileloadd ", $tb, ", [{w} + {sw}*1]"),
+                    a = in(reg) pa, sa = in(reg) QK, w = in(reg) pw, sw = in(reg) 64usize,
+                    options(nostack, readonly),
+                );
+                if signed {
+                    asm!(concat!("tdpbssd ", $c, ", ", $ta, ", ", $tb), options(nostack, nomem));
+                } else {
+                    asm!(concat!("tdpbsud ", $c, ", ", $ta, ", ", $tb), options(nostack, nomem));
+                }
+            }
+        };
+    }
+    product!(0, "tmm0", "tmm1", "tmm2");
+    product!(1, "tmm3", "tmm6", "tmm7");
+    product!(2, "tmm4", "tmm1", "tmm2");
+    product!(3, "tmm5", "tmm6", "tmm7");
+}
+
+/// Stores the products of blocks `b0..b0 + BATCH` (those below `nb`) to `c`, 1 KiB each.
+#[inline(always)]
+unsafe fn store(c: *mut u8, b0: usize, nb: usize) {
+    macro_rules! put {
+        ($k:literal, $c:literal) => {
+            if b0 + $k < nb {
+                asm!(concat!("tilestored [{c} + {s}*1], ", $c), c = in(reg) c.add($k * 1024), s = in(reg) 64usize, options(nostack));
+            }
+        };
+    }
+    put!(0, "tmm0");
+    put!(1, "tmm3");
+    put!(2, "tmm4");
+    put!(3, "tmm5");
+}
+
+/// The results of activation tile `t` (`mt` valid rows) against the prepared weight tile (`nw` valid
+/// rows), into `out` (row 0, weight row 0 of the tile). The products of the next blocks run on the tile
+/// unit while the vector units scale the previous ones.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usize, s: &mut Scratch, pf: &mut Prefetch, out: Out) {
+    let nb = tiles.nb;
+    let a = (tiles.values.as_ptr() as *const u8).add(t * nb * T * QK);
+    let (d, sa, sums) = (tiles.d.as_ptr().add(t * nb * T), tiles.s.as_ptr().add(t * nb * T), tiles.sums.as_ptr().add(t * nb * T));
+    let c = s.c.as_mut_ptr() as *mut u8;
+    let wt = s.w.as_ptr() as *const u8;
+    let acc = s.acc.as_mut_ptr() as *mut __m512;
+    for l in 0..GROUP {
+        for r in 0..mt {
+            _mm512_store_ps(acc.add(l * T + r) as *mut f32, _mm512_setzero_ps());
+        }
+    }
+    let signed = f == IntFormat::Q8_0;
+    // batch i is stored while batch i + 1 is issued, and scaled one step later (its stores have landed)
+    let batches = nb.div_ceil(BATCH);
+    issue(signed, a, wt, 0, nb);
+    for i in 0..=batches {
+        if i < batches {
+            store(c.add((i % 2) * BATCH * 1024), i * BATCH, nb);
+            if i + 1 < batches {
+                issue(signed, a, wt, (i + 1) * BATCH, nb);
+            }
+        }
+        if i == 0 {
+            continue;
+        }
+        let (b0, buf) = ((i - 1) * BATCH, c.add(((i - 1) % 2) * BATCH * 1024));
+        for b in b0..(b0 + BATCH).min(nb) {
+            pf.some();
+            let cb = buf.add((b - b0) * 1024);
+            let dw = _mm512_load_ps(s.dw.as_ptr().add(b) as *const f32);
+            let mw = _mm512_load_ps(s.mw.as_ptr().add(b) as *const f32);
+            let (at, lane) = (b * T, acc.add(b % GROUP * T));
+            for r in 0..mt {
+                let mut p = _mm512_load_si512(cb.add(r * 64) as *const __m512i);
+                if f == IntFormat::Q4_0 {
+                    // the nibbles were taken unsigned: subtract 8 x the activation block's sum
+                    p = _mm512_sub_epi32(p, _mm512_set1_epi32(8 * *sums.add(at + r)));
+                }
+                let mut term = _mm512_mul_ps(_mm512_mul_ps(dw, _mm512_set1_ps(*d.add(at + r))), _mm512_cvtepi32_ps(p));
+                if f == IntFormat::Q4_1 {
+                    term = _mm512_add_ps(term, _mm512_mul_ps(mw, _mm512_set1_ps(*sa.add(at + r))));
+                }
+                let ra = lane.add(r) as *mut f32;
+                _mm512_store_ps(ra, _mm512_add_ps(_mm512_load_ps(ra), term));
+            }
+        }
+    }
+    let keep: __mmask16 = if nw == T { 0xFFFF } else { (1u16 << nw) - 1 };
+    for r in 0..mt {
+        let mut h = [_mm512_setzero_ps(); 8];
+        for (i, hi) in h.iter_mut().enumerate() {
+            *hi = _mm512_add_ps(_mm512_load_ps(acc.add(i * T + r) as *const f32), _mm512_load_ps(acc.add((i + 8) * T + r) as *const f32));
+        }
+        let v = _mm512_add_ps(
+            _mm512_add_ps(_mm512_add_ps(h[0], h[4]), _mm512_add_ps(h[2], h[6])),
+            _mm512_add_ps(_mm512_add_ps(h[1], h[5]), _mm512_add_ps(h[3], h[7])),
+        );
+        _mm512_mask_storeu_ps(out.ptr.add(r * out.stride), keep, v);
+    }
+}
