@@ -152,7 +152,7 @@ fn config() -> Config {
 ///
 /// # Safety
 /// [`available`] is true, the CPU has AVX-512 (F, BW, VL); `out` covers `w.len() / rb` columns of
-/// `tiles.rows()` rows that only this call writes.
+/// as many rows as `tiles` holds, which only this call writes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
     let n = w.len() / rb;
@@ -163,30 +163,27 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
     // taken out of the thread-local for the call (a closure would not inherit the target features)
     let mut scratch = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
     let s = &mut scratch;
-    {
-        s.w.resize(nb * 8, Line([0; 64]));
-        s.dw.resize(nb, Line([0; 64]));
-        s.mw.resize(nb, Line([0; 64]));
-        s.c.resize(2 * BATCH * T, Line([0; 64]));
-        s.acc.resize(T * T, Line([0; 64]));
-        let cfg = config();
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
-        for j0 in (0..n).step_by(T) {
-            let nw = (n - j0).min(T);
-            // the next weight tile (contiguous rows) comes from memory while this one is multiplied, a few
-            // lines per block (all at once would stall on the fill buffers)
-            let next = &w[((j0 + T) * rb).min(w.len())..((j0 + 2 * T) * rb).min(w.len())];
-            let mut pf =
-                Prefetch { p: next.as_ptr(), left: next.len().div_ceil(64), per: next.len().div_ceil(64).div_ceil(nb * tiles.m.div_ceil(T)) };
-            prep_weights(f, &w[j0 * rb..(j0 + nw) * rb], rb, nw, nb, s);
-            for t in 0..tiles.m.div_ceil(T) {
-                let mt = (tiles.m - t * T).min(T);
-                let at = Out { ptr: out.ptr.add(t * T * out.stride + j0), stride: out.stride };
-                tile_product(f, tiles, t, mt, nw, s, &mut pf, at);
-            }
+    s.w.resize(nb * 8, Line([0; 64]));
+    s.dw.resize(nb, Line([0; 64]));
+    s.mw.resize(nb, Line([0; 64]));
+    s.c.resize(2 * BATCH * T, Line([0; 64]));
+    s.acc.resize(T * T, Line([0; 64]));
+    let cfg = config();
+    asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    for j0 in (0..n).step_by(T) {
+        let nw = (n - j0).min(T);
+        // the next weight tile (contiguous rows) comes from memory while this one is multiplied, a few
+        // lines per block (all at once would stall on the fill buffers)
+        let next = &w[((j0 + T) * rb).min(w.len())..((j0 + 2 * T) * rb).min(w.len())];
+        let mut pf = Prefetch { p: next.as_ptr(), left: next.len().div_ceil(64), per: next.len().div_ceil(64).div_ceil(nb * tiles.m.div_ceil(T)) };
+        prep_weights(f, &w[j0 * rb..(j0 + nw) * rb], rb, nw, nb, s);
+        for t in 0..tiles.m.div_ceil(T) {
+            let mt = (tiles.m - t * T).min(T);
+            let at = Out { ptr: out.ptr.add(t * T * out.stride + j0), stride: out.stride };
+            tile_product(f, tiles, t, mt, nw, s, &mut pf, at);
         }
-        asm!("tilerelease", options(nostack, nomem));
     }
+    asm!("tilerelease", options(nostack, nomem));
     SCRATCH.with(|c| *c.borrow_mut() = scratch);
 }
 
