@@ -165,15 +165,15 @@ impl SchedulerState {
                 self.placement = None;
                 self.rebalance = None;
                 self.error = Some(e.to_string());
-                self.refuse_waiting();
+                self.answer_waiting(AdmitReply::Unavailable(e.to_string()));
             }
         }
     }
 
-    fn refuse_waiting(&mut self) {
-        let why = self.error.clone().unwrap_or_else(|| "no placement".into());
+    /// Answers every waiting request with `reply` (and empties the queue).
+    fn answer_waiting(&mut self, reply: AdmitReply) {
         for (_, port) in self.waiting.drain(..) {
-            let _ = port.send(Wire::Ok(AdmitReply::Unavailable(why.clone())));
+            let _ = port.send(Wire::Ok(reply.clone()));
         }
     }
 
@@ -288,9 +288,7 @@ impl Scheduler {
                     st.rebalance = None;
                     st.error = Some("this scheduler is not the leader".into());
                     // The queue moves to the new leader: each waiting session asks it again.
-                    for (_, port) in st.waiting.drain(..) {
-                        let _ = port.send(Wire::Ok(AdmitReply::NotLeader(format!("{} stopped leading", st.args.node))));
-                    }
+                    st.answer_waiting(AdmitReply::NotLeader(format!("{} stopped leading", st.args.node)));
                 }
             }
             SchedulerMsg::Rebalance => {
