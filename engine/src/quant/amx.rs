@@ -6,7 +6,9 @@
 //! scaling then runs as in the scalar reference, with 512-bit vectors across the 16 weight rows: lane
 //! accumulator `l = b % 16` of every (row, weight row) pair takes `acc + (dw_b*da_b) * p_b` (Q4_1:
 //! `acc + ((dw_b*da_b) * p_b + mw_b*sa_b)`) for the blocks `b = l, l + 16, ...` in order, and the 16
-//! lane accumulators reduce in the same fixed tree. Integer sums are exact and the float operations are
+//! lane accumulators reduce in the same fixed tree. The blocks are multiplied and scaled lane by lane
+//! (`0, 16, 32, ..., 1, 17, ...`), so one lane's accumulators stay in registers over its blocks and start
+//! from 0.0 there, as in the reference, without a buffer to clear. Integer sums are exact and the float operations are
 //! the same ones in the same order, so the bits are those of the scalar reference.
 //!
 //! Tiles: `tmm0` the 16x16 `i32` products, `tmm1` 16 activation rows of one block (32 signed bytes
@@ -119,12 +121,14 @@ struct Scratch {
     c: Vec<Line>,
     /// The 16 lane accumulators of 16 activation rows, `[lane][row]`, 16 weight rows each.
     acc: Vec<Line>,
+    /// The blocks in lane order: lane 0's blocks `0, 16, 32, ...`, then lane 1's, ...
+    order: Vec<usize>,
 }
 
 /// Empty (no allocation): what the thread-local holds while a call has the buffers.
 impl Default for Scratch {
     fn default() -> Self {
-        Scratch { w: Vec::new(), dw: Vec::new(), mw: Vec::new(), c: Vec::new(), acc: Vec::new() }
+        Scratch { w: Vec::new(), dw: Vec::new(), mw: Vec::new(), c: Vec::new(), acc: Vec::new(), order: Vec::new() }
     }
 }
 
@@ -168,6 +172,8 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
     s.mw.resize(nb, Line([0; 64]));
     s.c.resize(2 * BATCH * T, Line([0; 64]));
     s.acc.resize(T * T, Line([0; 64]));
+    s.order.clear();
+    s.order.extend((0..GROUP.min(nb)).flat_map(|l| (l..nb).step_by(GROUP)));
     let cfg = config();
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     for j0 in (0..n).step_by(T) {
@@ -255,14 +261,15 @@ impl Prefetch {
 /// Blocks whose tile products are in flight together (tmm0, tmm3, tmm4, tmm5).
 const BATCH: usize = 4;
 
-/// Starts the tile products of blocks `b0..b0 + BATCH` (those below `nb`): activation tile at `a`, weight
-/// tiles at `w`, each block's pair in tmm1/tmm2 or tmm6/tmm7 by turns, products into the four C tiles.
+/// Starts the tile products of the blocks `order[k0..k0 + BATCH]` (those there are): activation tile at
+/// `a`, weight tiles at `w`, each block's pair in tmm1/tmm2 or tmm6/tmm7 by turns, products into the four
+/// C tiles.
 #[inline(always)]
-unsafe fn issue(signed: bool, a: *const u8, w: *const u8, b0: usize, nb: usize) {
+unsafe fn issue(signed: bool, a: *const u8, w: *const u8, order: &[usize], k0: usize) {
     macro_rules! product {
         ($k:literal, $c:literal, $ta:literal, $tb:literal) => {
-            if b0 + $k < nb {
-                let (pa, pw) = (a.add((b0 + $k) * T * QK), w.add((b0 + $k) * 512));
+            if let Some(&b) = order.get(k0 + $k) {
+                let (pa, pw) = (a.add(b * T * QK), w.add(b * 512));
                 asm!(
                     concat!("tilezero ", $c),
                     concat!("tileloadd ", $ta, ", [{a} + {sa}*1]"),
@@ -284,7 +291,8 @@ unsafe fn issue(signed: bool, a: *const u8, w: *const u8, b0: usize, nb: usize) 
     product!(3, "tmm5", "tmm6", "tmm7");
 }
 
-/// Stores the products of blocks `b0..b0 + BATCH` (those below `nb`) to `c`, 1 KiB each.
+/// Stores the products of the blocks at `b0..b0 + BATCH` in the issue order (those below `nb`) to `c`,
+/// 1 KiB each.
 #[inline(always)]
 unsafe fn store(c: *mut u8, b0: usize, nb: usize) {
     macro_rules! put {
@@ -302,7 +310,8 @@ unsafe fn store(c: *mut u8, b0: usize, nb: usize) {
 
 /// The results of activation tile `t` (`mt` valid rows) against the prepared weight tile (`nw` valid
 /// rows), into `out` (row 0, weight row 0 of the tile). The products of the next blocks run on the tile
-/// unit while the vector units scale the previous ones.
+/// unit while the vector units scale the previous ones. Blocks go in lane order (`s.order`), so the 16
+/// rows' accumulators of one lane stay in registers over all its blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usize, s: &mut Scratch, pf: &mut Prefetch, out: Out) {
     let nb = tiles.nb;
@@ -310,34 +319,41 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
     let (d, sa, sums) = (tiles.d.as_ptr().add(t * nb * T), tiles.s.as_ptr().add(t * nb * T), tiles.sums.as_ptr().add(t * nb * T));
     let c = s.c.as_mut_ptr() as *mut u8;
     let wt = s.w.as_ptr() as *const u8;
-    let acc = s.acc.as_mut_ptr() as *mut __m512;
-    for l in 0..GROUP {
-        for r in 0..mt {
-            _mm512_store_ps(acc.add(l * T + r) as *mut f32, _mm512_setzero_ps());
-        }
-    }
+    let lanes = s.acc.as_mut_ptr() as *mut __m512;
+    let order = &s.order[..nb];
     let signed = f == IntFormat::Q8_0;
+    // rows past `mt` hold zeros (their results are not stored), so every loop runs all 16 rows
+    let mut acc = [_mm512_setzero_ps(); T];
+    let mut lane = order.first().map_or(0, |b| b % GROUP);
     // batch i is stored while batch i + 1 is issued, and scaled one step later (its stores have landed)
     let batches = nb.div_ceil(BATCH);
-    issue(signed, a, wt, 0, nb);
+    issue(signed, a, wt, order, 0);
     for i in 0..=batches {
         if i < batches {
             store(c.add((i % 2) * BATCH * 1024), i * BATCH, nb);
             if i + 1 < batches {
-                issue(signed, a, wt, (i + 1) * BATCH, nb);
+                issue(signed, a, wt, order, (i + 1) * BATCH);
             }
         }
         if i == 0 {
             continue;
         }
-        let (b0, buf) = ((i - 1) * BATCH, c.add(((i - 1) % 2) * BATCH * 1024));
-        for b in b0..(b0 + BATCH).min(nb) {
+        let (k0, buf) = ((i - 1) * BATCH, c.add(((i - 1) % 2) * BATCH * 1024));
+        for (k, &b) in order[k0..(k0 + BATCH).min(nb)].iter().enumerate() {
+            if b % GROUP != lane {
+                // the lane's last block is done: its accumulators, from 0.0 as in the reference
+                for (r, v) in acc.iter_mut().enumerate() {
+                    _mm512_store_ps(lanes.add(lane * T + r) as *mut f32, *v);
+                    *v = _mm512_setzero_ps();
+                }
+                lane = b % GROUP;
+            }
             pf.some();
-            let cb = buf.add((b - b0) * 1024);
+            let cb = buf.add(k * 1024);
             let dw = _mm512_load_ps(s.dw.as_ptr().add(b) as *const f32);
             let mw = _mm512_load_ps(s.mw.as_ptr().add(b) as *const f32);
-            let (at, lane) = (b * T, acc.add(b % GROUP * T));
-            for r in 0..mt {
+            let at = b * T;
+            for (r, v) in acc.iter_mut().enumerate() {
                 let mut p = _mm512_load_si512(cb.add(r * 64) as *const __m512i);
                 if f == IntFormat::Q4_0 {
                     // the nibbles were taken unsigned: subtract 8 x the activation block's sum
@@ -347,16 +363,24 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
                 if f == IntFormat::Q4_1 {
                     term = _mm512_add_ps(term, _mm512_mul_ps(mw, _mm512_set1_ps(*sa.add(at + r))));
                 }
-                let ra = lane.add(r) as *mut f32;
-                _mm512_store_ps(ra, _mm512_add_ps(_mm512_load_ps(ra), term));
+                *v = _mm512_add_ps(*v, term);
             }
+        }
+    }
+    for (r, v) in acc.iter().enumerate() {
+        _mm512_store_ps(lanes.add(lane * T + r) as *mut f32, *v);
+    }
+    // lanes without blocks (rows of fewer than 16 blocks) sum nothing
+    for l in nb..GROUP {
+        for r in 0..T {
+            _mm512_store_ps(lanes.add(l * T + r) as *mut f32, _mm512_setzero_ps());
         }
     }
     let keep: __mmask16 = if nw == T { 0xFFFF } else { (1u16 << nw) - 1 };
     for r in 0..mt {
         let mut h = [_mm512_setzero_ps(); 8];
         for (i, hi) in h.iter_mut().enumerate() {
-            *hi = _mm512_add_ps(_mm512_load_ps(acc.add(i * T + r) as *const f32), _mm512_load_ps(acc.add((i + 8) * T + r) as *const f32));
+            *hi = _mm512_add_ps(_mm512_load_ps(lanes.add(i * T + r) as *const f32), _mm512_load_ps(lanes.add((i + 8) * T + r) as *const f32));
         }
         let v = _mm512_add_ps(
             _mm512_add_ps(_mm512_add_ps(h[0], h[4]), _mm512_add_ps(h[2], h[6])),
