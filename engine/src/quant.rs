@@ -250,7 +250,10 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
     }
     starts.push(total);
     let acts = simd::Acts::new(level, rows);
-    let all = columns(total, m, |cols, out| {
+    // each matrix's [m, n_i] result, written in place by the tasks (not split from one [m, total] buffer)
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.rows)).collect();
+    let dst: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+    split_columns(total, m, |cols| {
         // a task's columns may span several matrices
         let mut c = cols.start;
         while c < cols.end {
@@ -258,25 +261,20 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
             let end = cols.end.min(starts[i + 1]);
             let w = ws[i];
             let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
-            // SAFETY: columns c..end of the task's columns, as promised by `columns`
+            // SAFETY: columns c..end of matrix i belong to this task alone, and its buffer holds m rows of
+            // w.rows columns
             unsafe {
-                let at = simd::Out { ptr: out.ptr.add(c - cols.start), stride: out.stride };
+                let at = simd::Out { ptr: dst[i].column(c - starts[i]), stride: w.rows };
                 simd::tile(level, f, w.rows_bytes(c - starts[i]..end - starts[i]), w.row_bytes, &acts, at);
             }
             c = end;
         }
     });
-    // split each row [m, total] into the matrices' [m, n_i] results
-    ws.iter()
-        .enumerate()
-        .map(|(i, w)| {
-            let mut out = Vec::with_capacity(m * w.rows);
-            for r in all.chunks_exact(total) {
-                out.extend_from_slice(&r[starts[i]..starts[i + 1]]);
-            }
-            out
-        })
-        .collect()
+    for (o, w) in outs.iter_mut().zip(ws) {
+        // SAFETY: the tasks' column ranges cover every column of every matrix, each for all m rows
+        unsafe { o.set_len(m * w.rows) };
+    }
+    outs
 }
 
 /// Computes `n` output columns of `m` values each in parallel tasks owning whole column ranges:
@@ -289,27 +287,34 @@ fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Ve
     // not zeroed: the tasks write every element (a zeroed m x n buffer cost a memset the size of the
     // result on every matmul, 4-6% of batched decode)
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    let dst = SharedOut(out.as_mut_ptr());
+    // SAFETY: each task alone writes its columns of the m x n buffer, which outlives the parallel loop
+    split_columns(n, m, |cols| f(cols.clone(), simd::Out { ptr: unsafe { dst.column(cols.start) }, stride: n }));
+    // SAFETY: the tasks' column ranges cover 0..n, and each task wrote all m rows of its columns.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// Runs `f` on column ranges that cover `0..n` once, in parallel tasks, for `m` activation rows.
+fn split_columns(n: usize, m: usize, f: impl Fn(Range<usize>) + Sync) {
+    if m == 0 || n == 0 {
+        return;
+    }
     let threads = crate::pool::current_threads();
     // one activation row (decode) streams weights from memory: one contiguous range per thread keeps
     // each stream long (every range start waits on memory); more rows are compute-bound, and smaller tasks
-    // balance the threads
-    let per_task = n.div_ceil(threads * if m == 1 { 1 } else { 4 }).max(MIN_COLS_PER_TASK);
-    let tasks = n.div_ceil(per_task);
-    let dst = SharedOut(out.as_mut_ptr());
-    let work = |t: usize| {
-        let cols = t * per_task..((t + 1) * per_task).min(n);
-        // SAFETY: task t alone writes columns [t*per_task, (t+1)*per_task) of the m x n buffer, which
-        // outlives the parallel loop.
-        f(cols.clone(), simd::Out { ptr: unsafe { dst.column(cols.start) }, stride: n });
+    // balance the threads, in whole 16-row weight tiles (a part tile costs the batched kernels a whole one)
+    let per_task = match m {
+        1 => n.div_ceil(threads).max(MIN_COLS_PER_TASK),
+        _ => n.div_ceil(threads * 4).max(MIN_COLS_PER_TASK).next_multiple_of(16),
     };
+    let tasks = n.div_ceil(per_task);
+    let work = |t: usize| f(t * per_task..((t + 1) * per_task).min(n));
     if tasks > 1 && threads > 1 {
         crate::pool::for_each(tasks, work);
     } else {
         (0..tasks).for_each(work);
     }
-    // SAFETY: the tasks' column ranges cover 0..n, and each task wrote all m rows of its columns.
-    unsafe { out.set_len(m * n) };
-    out
 }
 
 /// The output buffer shared by tasks that write disjoint columns.
