@@ -332,7 +332,7 @@ impl SharedOut {
 
 /// Quantizes each `k`-wide row of `x` to 8-bit blocks (rows in parallel when there are many).
 pub fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8Row> {
-    if x.len() >= 1 << 15 && crate::pool::current_threads() > 1 {
+    if x.len() >= 1 << 13 && crate::pool::current_threads() > 1 {
         crate::pool::map(x.len() / k, |i| Q8Row::quantize(&x[i * k..(i + 1) * k]))
     } else {
         x.chunks_exact(k).map(Q8Row::quantize).collect()
