@@ -7,9 +7,9 @@
 //! accumulator `l = b % 16` of every (row, weight row) pair takes `acc + (dw_b*da_b) * p_b` (Q4_1:
 //! `acc + ((dw_b*da_b) * p_b + mw_b*sa_b)`) for the blocks `b = l, l + 16, ...` in order, and the 16
 //! lane accumulators reduce in the same fixed tree. The blocks are multiplied and scaled lane by lane
-//! (`0, 16, 32, ..., 1, 17, ...`), so one lane's accumulators stay in registers over its blocks and start
-//! from 0.0 there, as in the reference, without a buffer to clear. Integer sums are exact and the float operations are
-//! the same ones in the same order, so the bits are those of the scalar reference.
+//! (`0, 16, 32, ..., 1, 17, ...`), so one lane's accumulators stay in registers over its blocks and
+//! start from 0.0 there, as in the reference, without a buffer to clear. Integer sums are exact and the
+//! float operations are the same ones in the same order, so the bits are those of the scalar reference.
 //!
 //! Tiles: `tmm0` the 16x16 `i32` products, `tmm1` 16 activation rows of one block (32 signed bytes
 //! each, in value order), `tmm2` one block of 16 weight rows (8 rows of 16 x 4 bytes: value `4k + j` of
