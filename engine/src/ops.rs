@@ -89,7 +89,7 @@ const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579
 /// width gives the same bits: within a few ulp of the exact value, 0 below `ln(2^-126)` (no subnormal
 /// results), `e^88` above 88.
 #[inline(always)]
-pub fn exp_fixed(x: f32) -> f32 {
+fn exp_fixed(x: f32) -> f32 {
     let xc = x.max(EXP_LO).min(EXP_HI);
     let n = (xc * LOG2E).round_ties_even();
     let r = (xc - n * LN2_C1) - n * LN2_C2;

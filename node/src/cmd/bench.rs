@@ -132,9 +132,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
                         let mut steps: Vec<SeqStep> =
                             caches.iter_mut().zip(&inputs).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(t) }).collect();
                         let out = shard.forward(&mut steps)?;
-                        // each sequence's greedy pick, sequences in parallel (as a server samples a batch)
-                        let logits: Vec<Option<Vec<f32>>> = out.into_iter().map(|o| o.into_logits()).collect();
-                        next = flotilla_engine::pool::map(logits.len(), |i| logits[i].as_deref().map(argmax).unwrap_or(0));
+                        next = out.into_iter().map(|o| o.into_logits().map(|l| argmax(&l)).unwrap_or(0)).collect();
                     }
                     if run > 0 {
                         rates.push((b * a.gen_tokens) as f64 / t.elapsed().as_secs_f64());
