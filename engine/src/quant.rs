@@ -6,17 +6,20 @@ mod dequant;
 pub mod dot;
 pub mod pack;
 pub mod simd;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+#[cfg(target_arch = "x86_64")]
+mod wtile;
 
 use std::ops::Range;
 
 use candle_core::quantized::GgmlDType;
 
 use crate::error::{EngineError, Result};
-use dot::Q8Row;
+use dot::{AlignedBytes, Q8Row};
 use simd::IntFormat;
-
-/// Fewest output columns worth a parallel task.
-const MIN_COLS_PER_TASK: usize = 16;
 
 /// The formats with integer kernels (held in the grouped layout).
 fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
@@ -47,9 +50,10 @@ pub struct QWeight {
     row_len: usize,
     row_bytes: usize,
     kernel: Kernel,
-    /// As in the file, except that the integer formats ([`int_format`]) are held in the grouped layout
-    /// of [`pack`] (same size), even after [`QWeight::into_exact`].
-    data: Vec<u8>,
+    /// As in the file, except that the integer formats ([`int_format`]) are held in the tiles of
+    /// [`pack`] (the same bytes per row, the last tile padded to 16 rows), even after
+    /// [`QWeight::into_exact`].
+    data: AlignedBytes,
 }
 
 impl std::fmt::Debug for QWeight {
@@ -84,13 +88,17 @@ impl QWeight {
         }
         let data = match kernel {
             Kernel::Int(f) => {
-                let mut out = vec![0u8; data.len()];
-                for (src, dst) in data.chunks_exact(row_bytes).zip(out.chunks_exact_mut(row_bytes)) {
-                    pack::pack_row(f, src, dst);
+                let mut out = AlignedBytes::default();
+                out.reset_zeroed(pack::tiled_len(rows, row_bytes));
+                for (t, src) in data.chunks(pack::TILE * row_bytes).enumerate() {
+                    let tile = &mut out.bytes_mut()[t * pack::TILE * row_bytes..(t + 1) * pack::TILE * row_bytes];
+                    for (n, row) in src.chunks_exact(row_bytes).enumerate() {
+                        pack::pack_row(f, row, tile, n);
+                    }
                 }
                 out
             }
-            Kernel::Dequant => data,
+            Kernel::Dequant => AlignedBytes::from(&data[..]),
         };
         Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, data })
     }
@@ -140,13 +148,8 @@ impl QWeight {
         Ok(self)
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
-    }
-
     /// Dequantizes row `r` into `out` (length `row_len`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let b = self.row(r);
         let bs = self.dtype.block_size();
         let ts = self.dtype.type_size();
         let f: fn(&[u8], &mut [f32]) = match self.dtype {
@@ -164,13 +167,18 @@ impl QWeight {
             _ => unreachable!("format checked in QWeight::new"),
         };
         if let Some(p) = int_format(self.dtype) {
+            let tile = &self.data.bytes()[r / pack::TILE * pack::TILE * self.row_bytes..][..pack::TILE * self.row_bytes];
+            let nb = self.row_len / bs;
             let mut blk = [0u8; 34];
             let blk = &mut blk[..ts];
             for (i, o) in out.chunks_exact_mut(bs).enumerate() {
-                pack::unpack_block(p, b, i, blk);
+                pack::unpack_block(p, tile, nb, r % pack::TILE, i, blk);
                 f(blk, o);
             }
-        } else if bs == 1 {
+            return;
+        }
+        let b = &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes];
+        if bs == 1 {
             f(b, out);
         } else {
             for (blk, o) in b.chunks_exact(ts).zip(out.chunks_exact_mut(bs)) {
@@ -226,12 +234,14 @@ impl QWeight {
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
         let acts = simd::Acts::new(level, rows);
         // SAFETY: as promised by `columns`; `acts` was made for `level`
-        columns(self.rows, rows.len(), |cols, out| unsafe { simd::tile(level, f, self.rows_bytes(cols), self.row_bytes, &acts, out) })
+        columns(self.rows, rows.len(), |cols, out| unsafe { simd::tile(level, f, self.tiles_bytes(&cols), self.row_bytes, cols.len(), &acts, out) })
     }
 
-    /// The bytes of consecutive rows.
-    fn rows_bytes(&self, rows: Range<usize>) -> &[u8] {
-        &self.data[rows.start * self.row_bytes..rows.end * self.row_bytes]
+    /// The tiles holding the rows `rows` (which start on a tile).
+    fn tiles_bytes(&self, rows: &Range<usize>) -> &[u8] {
+        debug_assert_eq!(rows.start % pack::TILE, 0);
+        let tb = pack::TILE * self.row_bytes;
+        &self.data.bytes()[rows.start / pack::TILE * tb..rows.end.div_ceil(pack::TILE) * tb]
     }
 }
 
@@ -240,46 +250,50 @@ impl QWeight {
 pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
     let level = simd::detected();
     let m = rows.len();
-    let mut starts = Vec::with_capacity(ws.len() + 1);
-    let mut total = 0;
     for w in ws {
         assert!(w.takes_q8(), "{} does not take 8-bit activations", w.name);
         assert!(rows.iter().all(|r| r.len == w.row_len), "activation width for {}", w.name);
-        starts.push(total);
-        total += w.rows;
     }
-    starts.push(total);
     let acts = simd::Acts::new(level, rows);
     // each matrix's [m, n_i] result, written in place by the tasks (not split from one [m, total] buffer)
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.rows)).collect();
     let dst: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
-    split_columns(total, m, |cols| {
-        // a task's columns may span several matrices
-        let mut c = cols.start;
-        while c < cols.end {
-            let i = starts.partition_point(|&s| s <= c) - 1;
-            let end = cols.end.min(starts[i + 1]);
+    // the tasks split the matrices' tiles, one after another; a task's tiles may span several matrices
+    let tiles: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(pack::TILE)).collect();
+    let mut first = Vec::with_capacity(ws.len() + 1);
+    let mut total = 0;
+    for t in &tiles {
+        first.push(total);
+        total += t;
+    }
+    first.push(total);
+    split_tiles(total, m, |ts| {
+        let mut t = ts.start;
+        while t < ts.end {
+            let i = first.partition_point(|&s| s <= t) - 1;
+            let end = ts.end.min(first[i + 1]);
             let w = ws[i];
             let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
-            // SAFETY: columns c..end of matrix i belong to this task alone, and its buffer holds m rows of
+            let cols = (t - first[i]) * pack::TILE..((end - first[i]) * pack::TILE).min(w.rows);
+            // SAFETY: columns `cols` of matrix i belong to this task alone, and its buffer holds m rows of
             // w.rows columns
             unsafe {
-                let at = simd::Out { ptr: dst[i].column(c - starts[i]), stride: w.rows };
-                simd::tile(level, f, w.rows_bytes(c - starts[i]..end - starts[i]), w.row_bytes, &acts, at);
+                let at = simd::Out { ptr: dst[i].column(cols.start), stride: w.rows };
+                simd::tile(level, f, w.tiles_bytes(&cols), w.row_bytes, cols.len(), &acts, at);
             }
-            c = end;
+            t = end;
         }
     });
     for (o, w) in outs.iter_mut().zip(ws) {
-        // SAFETY: the tasks' column ranges cover every column of every matrix, each for all m rows
+        // SAFETY: the tasks' tiles cover every column of every matrix, each for all m rows
         unsafe { o.set_len(m * w.rows) };
     }
     outs
 }
 
-/// Computes `n` output columns of `m` values each in parallel tasks owning whole column ranges:
-/// `f(columns, out)` writes the results of `columns` through `out` (which points at the first of them in
-/// the row-major `[m, n]` result) and nothing else.
+/// Computes `n` output columns of `m` values each in parallel tasks owning whole tiles of 16 columns:
+/// `f(columns, out)` writes the results of `columns` (which start on a tile) through `out` (which points
+/// at the first of them in the row-major `[m, n]` result) and nothing else.
 fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Vec<f32> {
     if m == 0 || n == 0 {
         return Vec::new();
@@ -288,28 +302,31 @@ fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Ve
     // result on every matmul, 4-6% of batched decode)
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
     let dst = SharedOut(out.as_mut_ptr());
-    // SAFETY: each task alone writes its columns of the m x n buffer, which outlives the parallel loop
-    split_columns(n, m, |cols| f(cols.clone(), simd::Out { ptr: unsafe { dst.column(cols.start) }, stride: n }));
+    split_tiles(n.div_ceil(pack::TILE), m, |ts| {
+        let cols = ts.start * pack::TILE..(ts.end * pack::TILE).min(n);
+        // SAFETY: each task alone writes its columns of the m x n buffer, which outlives the parallel loop
+        f(cols.clone(), simd::Out { ptr: unsafe { dst.column(cols.start) }, stride: n })
+    });
     // SAFETY: the tasks' column ranges cover 0..n, and each task wrote all m rows of its columns.
     unsafe { out.set_len(m * n) };
     out
 }
 
-/// Runs `f` on column ranges that cover `0..n` once, in parallel tasks, for `m` activation rows.
-fn split_columns(n: usize, m: usize, f: impl Fn(Range<usize>) + Sync) {
-    if m == 0 || n == 0 {
+/// Runs `f` on ranges of tiles that cover `0..tiles` once, in parallel tasks, for `m` activation rows.
+fn split_tiles(tiles: usize, m: usize, f: impl Fn(Range<usize>) + Sync) {
+    if m == 0 || tiles == 0 {
         return;
     }
     let threads = crate::pool::current_threads();
     // one activation row (decode) streams weights from memory: one contiguous range per thread keeps
     // each stream long (every range start waits on memory); more rows are compute-bound, and smaller tasks
-    // balance the threads, in whole 16-row weight tiles (a part tile costs the batched kernels a whole one)
+    // balance the threads
     let per_task = match m {
-        1 => n.div_ceil(threads).max(MIN_COLS_PER_TASK),
-        _ => n.div_ceil(threads * 4).max(MIN_COLS_PER_TASK).next_multiple_of(16),
+        1 => tiles.div_ceil(threads),
+        _ => tiles.div_ceil(threads * 4),
     };
-    let tasks = n.div_ceil(per_task);
-    let work = |t: usize| f(t * per_task..((t + 1) * per_task).min(n));
+    let tasks = tiles.div_ceil(per_task);
+    let work = |t: usize| f(t * per_task..((t + 1) * per_task).min(tiles));
     if tasks > 1 && threads > 1 {
         crate::pool::for_each(tasks, work);
     } else {

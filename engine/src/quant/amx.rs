@@ -23,11 +23,9 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use super::dot::Q8Row;
-use super::pack::{self, act_index, GROUP, QK};
+use super::pack::{act_index, GROUP, QK};
 use super::simd::{IntFormat, Out};
-
-/// Rows of a tile (activation rows and weight rows per tile product).
-const T: usize = 16;
+use super::wtile::{self, Line, Prefetch, WeightTile, T};
 
 /// Whether the CPU has AMX-INT8 and the kernel lets this process use the tile state (asked once).
 pub fn available() -> bool {
@@ -57,11 +55,6 @@ pub fn available() -> bool {
         }
     })
 }
-
-/// 64 bytes on a 64-byte boundary.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
 
 /// Activation rows laid out for the tile loads: per tile of 16 rows and per block, the 16 rows' 32 values
 /// in value order (rows past the end are zeros), and each row's scale, scaled sum and integer sum of
@@ -112,11 +105,8 @@ impl Tiles {
 
 /// Per-thread buffers of the kernel.
 struct Scratch {
-    /// A weight tile's blocks, `[block][8 rows][64]`.
-    w: Vec<Line>,
-    /// Its scales and minimums as f32, `[block][16]`.
-    dw: Vec<Line>,
-    mw: Vec<Line>,
+    /// The weight tile being multiplied.
+    wt: WeightTile,
     /// Two batches of tile products, `[2][BATCH][16 rows][64]`.
     c: Vec<Line>,
     /// The 16 lane accumulators of 16 activation rows, `[lane][row]`, 16 weight rows each.
@@ -128,7 +118,7 @@ struct Scratch {
 /// Empty (no allocation): what the thread-local holds while a call has the buffers.
 impl Default for Scratch {
     fn default() -> Self {
-        Scratch { w: Vec::new(), dw: Vec::new(), mw: Vec::new(), c: Vec::new(), acc: Vec::new(), order: Vec::new() }
+        Scratch { wt: WeightTile::default(), c: Vec::new(), acc: Vec::new(), order: Vec::new() }
     }
 }
 
@@ -151,15 +141,14 @@ fn config() -> Config {
     c
 }
 
-/// `w_j · acts[i]` for the consecutive weight rows of `w` (grouped layout, format `f`) and every
-/// activation row of `tiles`, into `out` as [`super::simd::tile`] does.
+/// `w_j · acts[i]` for the `n` weight rows held by the tiles `w` (format `f`, `rb` bytes per row) and
+/// every activation row of `tiles`, into `out` as [`super::simd::tile`] does.
 ///
 /// # Safety
-/// [`available`] is true, the CPU has AVX-512 (F, BW, VL); `out` covers `w.len() / rb` columns of
-/// as many rows as `tiles` holds, which only this call writes.
+/// [`available`] is true, the CPU has AVX-512 (F, BW, VL); `w` holds `n.div_ceil(16)` whole tiles; `out`
+/// covers `n` columns of as many rows as `tiles` holds, which only this call writes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
-    let n = w.len() / rb;
+pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, tiles: &Tiles, out: Out) {
     let nb = tiles.nb;
     if n == 0 || tiles.m == 0 {
         return;
@@ -167,9 +156,6 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
     // taken out of the thread-local for the call (a closure would not inherit the target features)
     let mut scratch = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
     let s = &mut scratch;
-    s.w.resize(nb * 8, Line([0; 64]));
-    s.dw.resize(nb, Line([0; 64]));
-    s.mw.resize(nb, Line([0; 64]));
     s.c.resize(2 * BATCH * T, Line([0; 64]));
     s.acc.resize(T * T, Line([0; 64]));
     s.order.clear();
@@ -178,11 +164,11 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     for j0 in (0..n).step_by(T) {
         let nw = (n - j0).min(T);
-        // the next weight tile (contiguous rows) comes from memory while this one is multiplied, a few
+        // the next weight tile (contiguous bytes) comes from memory while this one is multiplied, a few
         // lines per block (all at once would stall on the fill buffers)
         let next = &w[((j0 + T) * rb).min(w.len())..((j0 + 2 * T) * rb).min(w.len())];
-        let mut pf = Prefetch { p: next.as_ptr(), left: next.len().div_ceil(64), per: next.len().div_ceil(64).div_ceil(nb * tiles.m.div_ceil(T)) };
-        prep_weights(f, &w[j0 * rb..(j0 + nw) * rb], rb, nw, nb, s);
+        let mut pf = Prefetch::new(next, nb * tiles.m.div_ceil(T));
+        wtile::prep(f, &w[j0 * rb..(j0 + T) * rb], nb, false, &mut s.wt);
         for t in 0..tiles.m.div_ceil(T) {
             let mt = (tiles.m - t * T).min(T);
             let at = Out { ptr: out.ptr.add(t * T * out.stride + j0), stride: out.stride };
@@ -191,71 +177,6 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, tiles: &Tiles, out: Out) {
     }
     asm!("tilerelease", options(nostack, nomem));
     SCRATCH.with(|c| *c.borrow_mut() = scratch);
-}
-
-/// Lays out `nw` (at most 16) weight rows of `w` as one B tile per block, with their scales as f32.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-unsafe fn prep_weights(f: IntFormat, w: &[u8], rb: usize, nw: usize, nb: usize, s: &mut Scratch) {
-    let lanes: __mmask16 = if nw == T { 0xFFFF } else { (1u16 << nw) - 1 };
-    let rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(rb as i32));
-    let base = w.as_ptr();
-    let low = _mm512_set1_epi8(0x0F);
-    let dst = s.w.as_mut_ptr() as *mut __m512i;
-    for b in 0..nb {
-        let (gbase, g, i) = pack::locate(f, nb, b);
-        match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                for c in 0..4 {
-                    let v = gather(base, rows, lanes, gbase + c * 4 * g + 4 * i);
-                    _mm512_store_si512(dst.add(b * 8 + c), _mm512_and_si512(v, low));
-                    _mm512_store_si512(dst.add(b * 8 + 4 + c), _mm512_and_si512(_mm512_srli_epi32::<4>(v), low));
-                }
-            }
-            IntFormat::Q8_0 => {
-                for c in 0..8 {
-                    _mm512_store_si512(dst.add(b * 8 + c), gather(base, rows, lanes, gbase + c * 4 * g + 4 * i));
-                }
-            }
-        }
-        // each f16 with the 2 bytes before it (the scales follow the values, so never before the row)
-        let sc = gbase + pack::scales_at(f, g) + 2 * i - 2;
-        _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, f16_high(gather(base, rows, lanes, sc)));
-        if f == IntFormat::Q4_1 {
-            _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, f16_high(gather(base, rows, lanes, sc + 2 * g)));
-        }
-    }
-}
-
-/// The 4 bytes at `at` of each of 16 rows (`rows` holds their offsets from `base`); zeros where `lanes`
-/// is clear.
-#[inline(always)]
-unsafe fn gather(base: *const u8, rows: __m512i, lanes: __mmask16, at: usize) -> __m512i {
-    let off = _mm512_add_epi32(rows, _mm512_set1_epi32(at as i32));
-    _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), lanes, off, base as *const i32)
-}
-
-/// The f16 in the upper half of each 32-bit lane, as f32.
-#[inline(always)]
-unsafe fn f16_high(v: __m512i) -> __m512 {
-    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v)))
-}
-
-/// Lines of memory to prefetch, `per` at a time.
-struct Prefetch {
-    p: *const u8,
-    left: usize,
-    per: usize,
-}
-
-impl Prefetch {
-    #[inline(always)]
-    unsafe fn some(&mut self) {
-        for _ in 0..self.per.min(self.left) {
-            _mm_prefetch::<_MM_HINT_T0>(self.p as *const i8);
-            self.p = self.p.add(64);
-        }
-        self.left = self.left.saturating_sub(self.per);
-    }
 }
 
 /// Blocks whose tile products are in flight together (tmm0, tmm3, tmm4, tmm5).
@@ -318,7 +239,7 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
     let a = (tiles.values.as_ptr() as *const u8).add(t * nb * T * QK);
     let (d, sa, sums) = (tiles.d.as_ptr().add(t * nb * T), tiles.s.as_ptr().add(t * nb * T), tiles.sums.as_ptr().add(t * nb * T));
     let c = s.c.as_mut_ptr() as *mut u8;
-    let wt = s.w.as_ptr() as *const u8;
+    let wt = s.wt.w.as_ptr() as *const u8;
     let lanes = s.acc.as_mut_ptr() as *mut __m512;
     let order = &s.order[..nb];
     let signed = f == IntFormat::Q8_0;
@@ -350,8 +271,8 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
             }
             pf.some();
             let cb = buf.add(k * 1024);
-            let dw = _mm512_load_ps(s.dw.as_ptr().add(b) as *const f32);
-            let mw = _mm512_load_ps(s.mw.as_ptr().add(b) as *const f32);
+            let dw = _mm512_load_ps(s.wt.scales(b));
+            let mw = _mm512_load_ps(s.wt.minimums(b));
             let at = b * T;
             for (r, v) in acc.iter_mut().enumerate() {
                 let mut p = _mm512_load_si512(cb.add(r * 64) as *const __m512i);

@@ -17,8 +17,8 @@ pub struct Q8Row {
     pub qs: AlignedBytes,
 }
 
-/// Bytes on 64-byte boundaries: a 512-bit load of an activation chunk never straddles two cache lines
-/// (which would cost two loads on the kernels' hottest path).
+/// Bytes on 64-byte boundaries: a 512-bit load of an activation chunk or a weight tile's line never
+/// straddles two cache lines (which would cost two loads on the kernels' hottest path).
 #[derive(Debug, Clone, Default)]
 pub struct AlignedBytes {
     lines: Vec<Line>,
@@ -35,6 +35,29 @@ impl AlignedBytes {
         self.lines.clear();
         self.lines.resize(len.div_ceil(64), Line([0; 64]));
         self.len = len;
+    }
+}
+
+impl AlignedBytes {
+    /// The bytes as unsigned.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: as in `deref`; u8 and i8 have the same layout.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.len) }
+    }
+
+    /// The bytes as unsigned, mutable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref_mut`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u8, self.len) }
+    }
+}
+
+impl From<&[u8]> for AlignedBytes {
+    fn from(b: &[u8]) -> Self {
+        let mut a = AlignedBytes::default();
+        a.reset_zeroed(b.len());
+        a.bytes_mut().copy_from_slice(b);
+        a
     }
 }
 

@@ -1,90 +1,112 @@
-//! The block-interleaved layout the integer kernels read, for weights (repacked once at load) and for
-//! 8-bit activations (written that way by the quantizer).
+//! The layouts the integer kernels read: weights in tiles of 16 rows (repacked once at load), and 8-bit
+//! activations in groups of 16 blocks (written that way by the quantizer).
 //!
-//! A row of `nb` 32-value blocks is cut into groups of [`GROUP`] blocks (the last group may be shorter).
-//! Inside a group of `g` blocks the values are stored by 4-value chunk, then by block: chunk `k` of block
-//! `b` (values `4k..4k+4`) sits at `k * 4g + 4b`. One 512-bit load of a full group's chunk thus holds 4
-//! values of each of 16 blocks, and eight `dpbusd` into one register leave each block's exact integer dot
-//! product in its own 32-bit lane: no horizontal sums, and the per-block scaling runs 16 blocks at a time.
+//! **Weights.** A matrix's rows are cut into tiles of [`TILE`] rows (the last one padded with zero
+//! rows), each `TILE * row_bytes` long, the GGUF bytes of its rows reordered so that the 16 rows sit side
+//! by side: the values of block 0, block 1, ... (`16 * value_bytes` each), then the 16 rows' f16 scales
+//! of every block (32 bytes per block), then (Q4_1) their f16 minimums. Inside a block's values, line
+//! `c` (64 bytes) holds bytes `4c..4c+4` of every row's values, row `n` at `4n..4n+4`:
+//! - Q4_0 / Q4_1: 4 lines, the GGUF nibble bytes `qs[4c..4c+4]` (low nibbles are values `4c..4c+4`, high
+//!   nibbles values `16+4c..16+4c+4`);
+//! - Q8_0: 8 lines, values `4c..4c+4`.
 //!
-//! Weight groups keep the GGUF bytes per block, only reordered, so a row has the same size as in the file:
-//! - Q4_0 / Q4_1: `16g` bytes of nibbles (nibble chunk `c` of block `b` at `c * 4g + 4b`, the GGUF bytes
-//!   `qs[4c..4c+4]`: low nibbles are values `4c..4c+4`, high nibbles values `16+4c..16+4c+4`), then `g` f16
-//!   scales, then (Q4_1) `g` f16 minimums.
-//! - Q8_0: `32g` bytes of values in the chunk order above, then `g` f16 scales.
+//! A 512-bit register then holds one 4-value chunk of one block for the 16 rows, and one `dpbusd`
+//! against that chunk of an activation block broadcast to every lane adds 4 products to each of the 16
+//! rows' block sums.
 //!
-//! Activation rows are padded with zero blocks to whole groups, so the kernels load them unmasked.
+//! **Activations.** A row of `nb` 32-value blocks is cut into groups of [`GROUP`] blocks; inside a group
+//! chunk `k` of block `b` (values `4k..4k+4`) sits at `k * 4 * GROUP + 4 * (b % GROUP)`, and rows are
+//! padded with zero blocks to whole groups (the AMX kernel gathers 16 blocks' chunks with one stride).
 
 use super::simd::IntFormat;
 
-/// Blocks per group.
+/// Blocks per activation group.
 pub const GROUP: usize = 16;
+
+/// Weight rows per tile.
+pub const TILE: usize = 16;
 
 /// Values per block.
 pub const QK: usize = 32;
 
 /// Bytes of 4-bit or 8-bit values per block (without scales).
-fn value_bytes(f: IntFormat) -> usize {
+pub fn value_bytes(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_0 | IntFormat::Q4_1 => 16,
         IntFormat::Q8_0 => 32,
     }
 }
 
-/// Byte offset of the scales (and whether minimums follow) in a GGUF block.
-fn gguf_scales(f: IntFormat) -> usize {
+/// Byte offset of the values in a GGUF block (after the scale and, for Q4_1, the minimum).
+fn gguf_values(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_1 => 4,
         IntFormat::Q4_0 | IntFormat::Q8_0 => 2,
     }
 }
 
-/// Where block `b` of a row lives: (byte offset of its group, blocks in that group, index in the group).
+/// Byte offset, inside a tile of rows with `nb` blocks, of block `b`'s value lines.
 #[inline(always)]
-pub fn locate(f: IntFormat, nb: usize, b: usize) -> (usize, usize, usize) {
-    let g0 = b / GROUP * GROUP;
-    (g0 * f.block_bytes(), (nb - g0).min(GROUP), b - g0)
+pub fn values_at(f: IntFormat, b: usize) -> usize {
+    b * TILE * value_bytes(f)
 }
 
-/// Byte offset, inside a group of `g` blocks, of its f16 scales; the minimums (Q4_1) follow at `+ 2g`.
+/// Byte offset, inside a tile of rows with `nb` blocks, of block `b`'s 16 f16 scales; its minimums
+/// (Q4_1) follow at `+ 32 * nb`.
 #[inline(always)]
-pub fn scales_at(f: IntFormat, g: usize) -> usize {
-    value_bytes(f) * g
+pub fn scales_at(f: IntFormat, nb: usize, b: usize) -> usize {
+    nb * TILE * value_bytes(f) + 2 * TILE * b
 }
 
-/// Reorders one row of GGUF blocks into the grouped layout.
-pub fn pack_row(f: IntFormat, gguf: &[u8], out: &mut [u8]) {
+/// Bytes the tiles of `rows` rows of `row_bytes` take (the last tile padded to 16 rows).
+pub fn tiled_len(rows: usize, row_bytes: usize) -> usize {
+    rows.div_ceil(TILE) * TILE * row_bytes
+}
+
+/// Writes GGUF row `n` (0..16) of a tile (`tile` is `16 * gguf.len()` bytes long) into its place.
+pub fn pack_row(f: IntFormat, gguf: &[u8], tile: &mut [u8], n: usize) {
     let bb = f.block_bytes();
     let nb = gguf.len() / bb;
-    let (vb, so) = (value_bytes(f), gguf_scales(f));
+    let (vb, vo) = (value_bytes(f), gguf_values(f));
+    debug_assert_eq!(tile.len(), TILE * gguf.len());
     for (b, blk) in gguf.chunks_exact(bb).enumerate() {
-        let (base, g, i) = locate(f, nb, b);
-        let grp = &mut out[base..base + g * bb];
+        let v = values_at(f, b);
         for c in 0..vb / 4 {
-            grp[c * 4 * g + 4 * i..][..4].copy_from_slice(&blk[so + 4 * c..so + 4 * c + 4]);
+            tile[v + c * 64 + 4 * n..][..4].copy_from_slice(&blk[vo + 4 * c..vo + 4 * c + 4]);
         }
-        let s = scales_at(f, g);
-        grp[s + 2 * i..s + 2 * i + 2].copy_from_slice(&blk[0..2]);
+        let s = scales_at(f, nb, b) + 2 * n;
+        tile[s..s + 2].copy_from_slice(&blk[0..2]);
         if f == IntFormat::Q4_1 {
-            grp[s + 2 * g + 2 * i..s + 2 * g + 2 * i + 2].copy_from_slice(&blk[2..4]);
+            tile[s + 2 * TILE * nb..s + 2 * TILE * nb + 2].copy_from_slice(&blk[2..4]);
         }
     }
 }
 
-/// Block `b` of a grouped row back in its GGUF bytes (`out` is one block long).
-pub fn unpack_block(f: IntFormat, row: &[u8], b: usize, out: &mut [u8]) {
-    let bb = f.block_bytes();
-    let nb = row.len() / bb;
-    let (vb, so) = (value_bytes(f), gguf_scales(f));
-    let (base, g, i) = locate(f, nb, b);
-    let grp = &row[base..base + g * bb];
+/// Block `b` of row `n` of a tile (rows of `nb` blocks) back in its GGUF bytes (`out` is one block long).
+pub fn unpack_block(f: IntFormat, tile: &[u8], nb: usize, n: usize, b: usize, out: &mut [u8]) {
+    let (vb, vo) = (value_bytes(f), gguf_values(f));
+    let v = values_at(f, b);
     for c in 0..vb / 4 {
-        out[so + 4 * c..so + 4 * c + 4].copy_from_slice(&grp[c * 4 * g + 4 * i..][..4]);
+        out[vo + 4 * c..vo + 4 * c + 4].copy_from_slice(&tile[v + c * 64 + 4 * n..][..4]);
     }
-    let s = scales_at(f, g);
-    out[0..2].copy_from_slice(&grp[s + 2 * i..s + 2 * i + 2]);
+    let s = scales_at(f, nb, b) + 2 * n;
+    out[0..2].copy_from_slice(&tile[s..s + 2]);
     if f == IntFormat::Q4_1 {
-        out[2..4].copy_from_slice(&grp[s + 2 * g + 2 * i..s + 2 * g + 2 * i + 2]);
+        out[2..4].copy_from_slice(&tile[s + 2 * TILE * nb..s + 2 * TILE * nb + 2]);
+    }
+}
+
+/// Weight value `j` (0..32) of block `b` of row `n` in a tile, as stored: Q4 nibbles unsigned (0..15),
+/// Q8_0 signed.
+#[inline(always)]
+pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> i32 {
+    let v = values_at(f, b);
+    match f {
+        IntFormat::Q4_0 | IntFormat::Q4_1 => {
+            let byte = tile[v + (j % 16) / 4 * 64 + 4 * n + j % 4];
+            (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32
+        }
+        IntFormat::Q8_0 => tile[v + j / 4 * 64 + 4 * n + j % 4] as i8 as i32,
     }
 }
 

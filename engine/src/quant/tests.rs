@@ -128,25 +128,40 @@ fn q8_rounding_is_round_half_away_from_zero() {
 }
 
 #[test]
-fn packing_a_row_keeps_every_block() {
+fn packing_rows_into_a_tile_keeps_every_block() {
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for blocks in [1, 2, 15, 16, 17, 18, 31, 33, 48] {
             let ts = dtype.type_size();
-            let gguf: Vec<u8> = (0..blocks * ts).map(|i| (i * 131 % 251) as u8).collect();
             let f = match dtype {
                 GgmlDType::Q4_0 => simd::IntFormat::Q4_0,
                 GgmlDType::Q4_1 => simd::IntFormat::Q4_1,
                 _ => simd::IntFormat::Q8_0,
             };
-            let mut packed = vec![0u8; gguf.len()];
-            pack::pack_row(f, &gguf, &mut packed);
-            assert_ne!(packed, gguf, "{dtype:?} {blocks}");
+            let rows: Vec<Vec<u8>> = (0..pack::TILE).map(|n| (0..blocks * ts).map(|i| ((i + 7 * n) * 131 % 251) as u8).collect()).collect();
+            let mut tile = vec![0u8; pack::TILE * blocks * ts];
+            for (n, r) in rows.iter().enumerate() {
+                pack::pack_row(f, r, &mut tile, n);
+            }
+            assert_ne!(&tile[..blocks * ts], &rows[0][..], "{dtype:?} {blocks}");
             let mut blk = vec![0u8; ts];
-            for b in 0..blocks {
-                pack::unpack_block(f, &packed, b, &mut blk);
-                assert_eq!(blk, gguf[b * ts..(b + 1) * ts], "{dtype:?} {blocks} blocks, block {b}");
+            for (n, r) in rows.iter().enumerate() {
+                for b in 0..blocks {
+                    pack::unpack_block(f, &tile, blocks, n, b, &mut blk);
+                    assert_eq!(blk, r[b * ts..(b + 1) * ts], "{dtype:?} {blocks} blocks, row {n} block {b}");
+                }
             }
         }
+    }
+}
+
+#[test]
+fn a_matrix_with_a_part_tile_keeps_every_row() {
+    // 21 rows: one whole tile and 5 rows of a second, padded one
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let (w, q) = quantized(dtype, 21, 96, 3);
+        let theirs: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(w.dequantize(), theirs, "{dtype:?}");
+        assert_eq!(w.size_bytes(), 32 * 96 / 32 * dtype.type_size(), "{dtype:?}: two tiles");
     }
 }
 

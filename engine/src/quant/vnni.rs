@@ -1,0 +1,326 @@
+//! The AVX-512 VNNI kernel: the 16 weight rows of a tile side by side in the lanes of each register.
+//!
+//! A register holds one 4-value chunk of one block for the tile's 16 rows (the layout of
+//! [`super::pack`]), and one `dpbusd` against that chunk of an activation block broadcast to every lane
+//! adds 4 products to each of the 16 rows' block sums: eight of them give the block's exact integer sums
+//! `p_b` for 16 weight rows. The scaling is the canonical one of [`super::simd`] with the 16 weight rows
+//! side by side: lane accumulator `l` takes `acc + (dw_b*da_b) * p_b` (Q4_1: `acc + ((dw_b*da_b) * p_b +
+//! mw_b*sa_b)`) for the blocks `b = l, l + 16, ...` in order, starting from 0.0. The lane accumulators
+//! are formed one after another, in the order the fixed reduction adds them (`0, 8, 4, 12, 2, 10, ...`),
+//! and folded into it at once, so per activation row only the tree's partial sums stay live and the
+//! results of 16 weight rows come out in one register. Same operations in the same order: the scalar
+//! reference's bits, for any row width (no short-group special case) and any number of activation rows.
+//!
+//! Up to [`ROWS`] activation rows share each block's weights; a single row (decode) unpacks the nibbles
+//! as it streams the tiles, and [`PREP_ROWS`] or more unpack each tile once into a buffer first
+//! ([`super::wtile`]) that every pass over the rows reads.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use super::dot::Q8Row;
+use super::pack::{self, GROUP, QK, TILE};
+use super::simd::{IntFormat, Out};
+use super::wtile::{self, Prefetch, WeightTile};
+
+/// Activation rows multiplied together by one pass over a tile.
+const ROWS: usize = 4;
+
+/// Fewest activation rows for which a tile is unpacked once into a buffer instead of in every pass.
+pub const PREP_ROWS: usize = 8;
+
+/// How far ahead of the tile being multiplied the weights are prefetched, in bytes: single-stream
+/// decode streams ~100 MB of weights per token, and only this many bytes in flight come close to one
+/// core's DRAM bandwidth (1 KiB reached 25-28 GB/s on the Zen 5 VM, 8 KiB 37 GB/s of its ~41).
+const PREFETCH: usize = 8192;
+
+thread_local! {
+    static SCRATCH: RefCell<WeightTile> = RefCell::new(WeightTile::default());
+}
+
+/// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
+/// format `f`) and every activation row, as [`super::simd::tile`] does.
+///
+/// # Safety
+/// The CPU has AVX-512 (F, BW, VL, VNNI) and F16C; `w` holds `n.div_ceil(16)` tiles; `out` covers `n`
+/// columns of `acts.len()` rows that only this call writes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+    // the first weights, which no earlier tile prefetched
+    let mut off = 0;
+    while off < w.len().min(PREFETCH) {
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(off) as *const i8);
+        off += 64;
+    }
+    // one specialised copy per format
+    match f {
+        IntFormat::Q4_0 => tiles_as::<Q4_0>(w, rb, n, acts, out),
+        IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, acts, out),
+        IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, acts, out),
+    }
+}
+
+/// The formats as const parameters (the kernels are compiled once per format).
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+const fn format(code: u8) -> IntFormat {
+    match code {
+        Q4_0 => IntFormat::Q4_0,
+        Q4_1 => IntFormat::Q4_1,
+        _ => IntFormat::Q8_0,
+    }
+}
+
+#[inline(always)]
+unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+    let f = format(F);
+    let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
+    if n == 0 || m == 0 {
+        return;
+    }
+    debug_assert!(w.len() >= n.div_ceil(TILE) * tb);
+    if m < PREP_ROWS {
+        // at least a tile ahead, so a block's part of it was asked for a tile ago
+        let ahead = PREFETCH.max(tb);
+        for j0 in (0..n).step_by(TILE) {
+            let src = Packed { p: w.as_ptr().add(j0 / TILE * tb), nb, ahead: w.as_ptr().wrapping_add(j0 / TILE * tb + ahead) };
+            rows::<F, Packed>(&src, nb, acts, out, j0, n);
+        }
+        return;
+    }
+    // taken out of the thread-local for the call (a closure would not inherit the target features)
+    let mut wt = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    for j0 in (0..n).step_by(TILE) {
+        let t = j0 / TILE;
+        let next = &w[((t + 1) * tb).min(w.len())..((t + 2) * tb).min(w.len())];
+        wtile::prep(f, &w[t * tb..(t + 1) * tb], nb, true, &mut wt);
+        // the next tile a few lines per block read, over every pass
+        let pf = Prefetch::new(next, nb * m.div_ceil(ROWS));
+        rows::<F, Prepped>(&Prepped { t: &wt, pf }, nb, acts, out, j0, n);
+    }
+    SCRATCH.with(|c| *c.borrow_mut() = wt);
+}
+
+/// Every activation row against the tile of weight rows `j0..j0 + 16` (those below `n`).
+#[inline(always)]
+unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: Out, j0: usize, n: usize) {
+    let nw = (n - j0).min(TILE);
+    let keep: __mmask16 = if nw == TILE { 0xFFFF } else { (1u16 << nw) - 1 };
+    let at = |r: usize| Out { ptr: out.ptr.add(r * out.stride + j0), stride: out.stride };
+    let m = acts.len();
+    let mut r = 0;
+    while r + ROWS <= m {
+        pass::<F, ROWS, S>(src, nb, &acts[r..r + ROWS], at(r), keep);
+        r += ROWS;
+    }
+    match m - r {
+        0 => {}
+        1 if m == 1 => single::<F, S>(src, nb, &acts[0], at(0), keep),
+        1 => pass::<F, 1, S>(src, nb, &acts[r..], at(r), keep),
+        2 => pass::<F, 2, S>(src, nb, &acts[r..], at(r), keep),
+        3 => pass::<F, 3, S>(src, nb, &acts[r..], at(r), keep),
+        _ => unreachable!("fewer rows than a pass are left"),
+    }
+}
+
+/// One block of a tile's 16 weight rows, ready for `dpbusd`: 8 registers of unsigned bytes (chunk `k`
+/// of every row), the scales and (Q4_1) minimums.
+struct Block {
+    w: [__m512i; 8],
+    dw: __m512,
+    mw: __m512,
+}
+
+/// Where a pass takes a tile's blocks from.
+trait Source {
+    /// Block `b` of the tile, whose format is `f`.
+    unsafe fn block(&self, f: IntFormat, b: usize) -> Block;
+}
+
+/// The packed tile itself: nibbles unpacked (Q8_0 values offset by 128) on every read.
+struct Packed {
+    p: *const u8,
+    nb: usize,
+    /// the tile `PREFETCH` bytes ahead, whose part of block `b` is prefetched when `b` is read
+    ahead: *const u8,
+}
+
+impl Source for Packed {
+    #[inline(always)]
+    unsafe fn block(&self, f: IntFormat, b: usize) -> Block {
+        let nb = self.nb;
+        let bb = TILE * f.block_bytes();
+        let mut off = 0;
+        while off < bb {
+            _mm_prefetch::<_MM_HINT_T0>(self.ahead.wrapping_add(b * bb + off) as *const i8);
+            off += 64;
+        }
+        let v = self.p.add(pack::values_at(f, b)) as *const __m512i;
+        let mut w = [_mm512_setzero_si512(); 8];
+        match f {
+            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                let low = _mm512_set1_epi8(0x0F);
+                for c in 0..4 {
+                    let x = _mm512_loadu_si512(v.add(c) as *const _);
+                    w[c] = _mm512_and_si512(x, low);
+                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low);
+                }
+            }
+            IntFormat::Q8_0 => {
+                for (k, wk) in w.iter_mut().enumerate() {
+                    *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), _mm512_set1_epi8(-128));
+                }
+            }
+        }
+        let s = self.p.add(pack::scales_at(f, nb, b));
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
+        let mw = if f == IntFormat::Q4_1 { _mm512_cvtph_ps(_mm256_loadu_si256(s.add(2 * TILE * nb) as *const __m256i)) } else { _mm512_setzero_ps() };
+        Block { w, dw, mw }
+    }
+}
+
+/// A tile unpacked once by [`wtile::prep`] (unsigned values, f32 scales), and the next tile to prefetch.
+struct Prepped<'a> {
+    t: &'a WeightTile,
+    pf: Prefetch,
+}
+
+impl Source for Prepped<'_> {
+    #[inline(always)]
+    unsafe fn block(&self, f: IntFormat, b: usize) -> Block {
+        self.pf.some();
+        let v = self.t.values(b);
+        let mut w = [_mm512_setzero_si512(); 8];
+        for (k, wk) in w.iter_mut().enumerate() {
+            *wk = _mm512_load_si512(v.add(k));
+        }
+        let dw = _mm512_load_ps(self.t.scales(b));
+        let mw = if f == IntFormat::Q4_1 { _mm512_load_ps(self.t.minimums(b)) } else { _mm512_setzero_ps() };
+        Block { w, dw, mw }
+    }
+}
+
+/// `R` activation rows against a tile: the 16 weight rows' results of row `r` go to
+/// `out.ptr + r * out.stride`, the lanes in `keep`.
+#[inline(always)]
+unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: Out, keep: __mmask16) {
+    // h[i] = acc[i] + acc[i + 8], then ((h0 + h4) + (h2 + h6)) + ((h1 + h5) + (h3 + h7))
+    let mut h = [[_mm512_setzero_ps(); R]; 8];
+    for (i, hi) in h.iter_mut().enumerate() {
+        pair::<F, R, S>(src, nb, i, acts, hi);
+    }
+    let v = add::<R>(add::<R>(add::<R>(h[0], h[4]), add::<R>(h[2], h[6])), add::<R>(add::<R>(h[1], h[5]), add::<R>(h[3], h[7])));
+    for (r, v) in v.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.ptr.add(r * out.stride), keep, *v);
+    }
+}
+
+/// One activation row against a tile, the blocks in their order into 16 lane accumulators (every block
+/// independent of the others until the reduction: the most work in flight while the weights stream).
+#[inline(always)]
+unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out, keep: __mmask16) {
+    let f = format(F);
+    let mut acc = [_mm512_setzero_ps(); GROUP];
+    for g0 in (0..nb).step_by(GROUP) {
+        macro_rules! block {
+            ($l:literal) => {
+                if g0 + $l < nb {
+                    acc[$l] = _mm512_add_ps(acc[$l], term(f, &src.block(f, g0 + $l), g0 + $l, x));
+                }
+            };
+        }
+        block!(0);
+        block!(1);
+        block!(2);
+        block!(3);
+        block!(4);
+        block!(5);
+        block!(6);
+        block!(7);
+        block!(8);
+        block!(9);
+        block!(10);
+        block!(11);
+        block!(12);
+        block!(13);
+        block!(14);
+        block!(15);
+    }
+    let mut h = [_mm512_setzero_ps(); 8];
+    for (i, hi) in h.iter_mut().enumerate() {
+        *hi = _mm512_add_ps(acc[i], acc[i + 8]);
+    }
+    let v = _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(h[0], h[4]), _mm512_add_ps(h[2], h[6])),
+        _mm512_add_ps(_mm512_add_ps(h[1], h[5]), _mm512_add_ps(h[3], h[7])),
+    );
+    _mm512_mask_storeu_ps(out.ptr, keep, v);
+}
+
+#[inline(always)]
+unsafe fn add<const R: usize>(a: [__m512; R], b: [__m512; R]) -> [__m512; R] {
+    let mut out = a;
+    for r in 0..R {
+        out[r] = _mm512_add_ps(a[r], b[r]);
+    }
+    out
+}
+
+/// `h[i] = acc[i] + acc[i + 8]` of `R` activation rows against the tile's 16 weight rows, into `h`: lane
+/// accumulators `i` and `i + 8` over their blocks (not inlined: one copy per format, row count and source
+/// instead of eight keeps the code in the first-level caches).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+#[inline(never)]
+unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: &[Q8Row], h: &mut [__m512; R]) {
+    let f = format(F);
+    let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+    let mut b = i;
+    while b < nb {
+        let blk = src.block(f, b);
+        for (r, x) in acts.iter().enumerate().take(R) {
+            lo[r] = _mm512_add_ps(lo[r], term(f, &blk, b, x));
+        }
+        if b + 8 < nb {
+            let blk = src.block(f, b + 8);
+            for (r, x) in acts.iter().enumerate().take(R) {
+                hi[r] = _mm512_add_ps(hi[r], term(f, &blk, b + 8, x));
+            }
+        }
+        b += GROUP;
+    }
+    *h = add::<R>(lo, hi);
+}
+
+/// Block `b`'s canonical term for the tile's 16 weight rows and one activation row.
+#[inline(always)]
+unsafe fn term(f: IntFormat, blk: &Block, b: usize, x: &Q8Row) -> __m512 {
+    // block b's chunk k in an activation row: its group, then chunk k of every block, then b's 4 bytes
+    let a = x.qs.as_ptr().add((b / GROUP) * GROUP * QK + (b % GROUP) * 4);
+    let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[0], chunk(a, 0));
+    let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[1], chunk(a, 1));
+    for k in (2..8).step_by(2) {
+        i0 = _mm512_dpbusd_epi32(i0, blk.w[k], chunk(a, k));
+        i1 = _mm512_dpbusd_epi32(i1, blk.w[k + 1], chunk(a, k + 1));
+    }
+    let mut p = _mm512_add_epi32(i0, i1);
+    // Q4_0 and Q8_0 weights were taken unsigned (+8, +128): the offset times the activations' sum
+    match f {
+        IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(*x.sums.get_unchecked(b) << 3)),
+        IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(*x.sums.get_unchecked(b) << 7)),
+        IntFormat::Q4_1 => {}
+    }
+    let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(*x.d.get_unchecked(b))), _mm512_cvtepi32_ps(p));
+    if f == IntFormat::Q4_1 {
+        _mm512_add_ps(term, _mm512_mul_ps(blk.mw, _mm512_set1_ps(*x.s.get_unchecked(b))))
+    } else {
+        term
+    }
+}
+
+/// Chunk `k` of a block of activations (4 bytes at `a + 64k`) in every lane.
+#[inline(always)]
+unsafe fn chunk(a: *const i8, k: usize) -> __m512i {
+    _mm512_set1_epi32((a.add(k * 4 * GROUP) as *const i32).read_unaligned())
+}

@@ -1,0 +1,167 @@
+//! A weight tile unpacked for many activation rows: the operand the batched kernels ([`super::amx`],
+//! [`super::vnni`]) read once per block and activation tile or pass.
+//!
+//! Block `b` is 8 lines of 64 bytes: line `k` holds value chunk `k` (values `4k..4k+4`) of the 16 rows,
+//! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q8_0 as signed bytes or, for `dpbusd`,
+//! offset by 128); its scales and (Q4_1) minimums are 16 f32 lanes, row `n` in lane `n`. The zero rows
+//! that pad a matrix's last tile have zero scales.
+
+use std::arch::x86_64::*;
+use std::cell::Cell;
+
+use super::pack;
+use super::simd::IntFormat;
+
+/// Weight rows in a tile.
+pub const T: usize = pack::TILE;
+
+/// 64 bytes on a 64-byte boundary.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Line(pub [u8; 64]);
+
+/// One laid-out weight tile (buffers reused from tile to tile).
+#[derive(Default)]
+pub struct WeightTile {
+    /// `[block][8 chunks][64]`.
+    pub w: Vec<Line>,
+    /// Scales and minimums as f32, `[block][16]`.
+    pub dw: Vec<Line>,
+    pub mw: Vec<Line>,
+}
+
+impl WeightTile {
+    /// The 8 lines of block `b`.
+    #[inline(always)]
+    pub fn values(&self, b: usize) -> *const __m512i {
+        // SAFETY (of the pointer arithmetic): callers stay below the blocks laid out
+        self.w.as_ptr().wrapping_add(b * 8) as *const __m512i
+    }
+
+    #[inline(always)]
+    pub fn scales(&self, b: usize) -> *const f32 {
+        self.dw.as_ptr().wrapping_add(b) as *const f32
+    }
+
+    #[inline(always)]
+    pub fn minimums(&self, b: usize) -> *const f32 {
+        self.mw.as_ptr().wrapping_add(b) as *const f32
+    }
+}
+
+/// The lines of the next tile, prefetched a few at a time while the current one is multiplied (all at
+/// once would stall on the fill buffers).
+pub struct Prefetch {
+    p: Cell<*const u8>,
+    left: Cell<usize>,
+    per: usize,
+}
+
+impl Prefetch {
+    /// `next` spread over `steps` calls of [`Prefetch::some`].
+    pub fn new(next: &[u8], steps: usize) -> Self {
+        let lines = next.len().div_ceil(64);
+        Prefetch { p: Cell::new(next.as_ptr()), left: Cell::new(lines), per: lines.div_ceil(steps.max(1)) }
+    }
+
+    /// The next few lines.
+    #[inline(always)]
+    pub unsafe fn some(&self) {
+        let (mut p, left) = (self.p.get(), self.left.get());
+        for _ in 0..self.per.min(left) {
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+            p = p.add(64);
+        }
+        self.p.set(p);
+        self.left.set(left.saturating_sub(self.per));
+    }
+}
+
+/// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`; Q8_0 values offset
+/// by 128 (unsigned) when `unsigned_q8`.
+///
+/// # Safety
+/// The CPU has AVX-512 (F, BW) and F16C; `tile` is one whole tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &mut WeightTile) {
+    debug_assert_eq!(tile.len(), T * nb * f.block_bytes());
+    s.w.resize(nb * 8, Line([0; 64]));
+    s.dw.resize(nb, Line([0; 64]));
+    s.mw.resize(nb, Line([0; 64]));
+    let low = _mm512_set1_epi8(0x0F);
+    let flip = _mm512_set1_epi8(if unsigned_q8 { -128 } else { 0 });
+    let dst = s.w.as_mut_ptr() as *mut __m512i;
+    let p = tile.as_ptr();
+    for b in 0..nb {
+        let v = p.add(pack::values_at(f, b)) as *const __m512i;
+        match f {
+            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                for c in 0..4 {
+                    let x = _mm512_loadu_si512(v.add(c) as *const _);
+                    _mm512_store_si512(dst.add(b * 8 + c), _mm512_and_si512(x, low));
+                    _mm512_store_si512(dst.add(b * 8 + 4 + c), _mm512_and_si512(_mm512_srli_epi16::<4>(x), low));
+                }
+            }
+            IntFormat::Q8_0 => {
+                for k in 0..8 {
+                    _mm512_store_si512(dst.add(b * 8 + k), _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), flip));
+                }
+            }
+        }
+        let sc = p.add(pack::scales_at(f, nb, b));
+        _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, _mm512_cvtph_ps(_mm256_loadu_si256(sc as *const __m256i)));
+        if f == IntFormat::Q4_1 {
+            let mn = sc.add(2 * T * nb) as *const __m256i;
+            _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, _mm512_cvtph_ps(_mm256_loadu_si256(mn)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::dequant::f16_at;
+
+    #[test]
+    fn prep_unpacks_every_row_block_and_scale() {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")) {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let mut seed = 7u64;
+        for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0] {
+            for nb in [1, 2, 3, 16, 17, 18, 33, 48] {
+                let tile: Vec<u8> = (0..T * nb * f.block_bytes())
+                    .map(|_| {
+                        seed ^= seed << 13;
+                        seed ^= seed >> 7;
+                        seed ^= seed << 17;
+                        (seed >> 24) as u8
+                    })
+                    .collect();
+                for unsigned_q8 in [false, true] {
+                    let mut t = WeightTile::default();
+                    // SAFETY: the CPU has the features (checked above), `tile` is one tile
+                    unsafe { prep(f, &tile, nb, unsigned_q8, &mut t) };
+                    let floats = |v: &[Line], b: usize| v[b].0.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).to_bits()).collect::<Vec<_>>();
+                    for b in 0..nb {
+                        for n in 0..T {
+                            for j in 0..32 {
+                                let want = pack::weight_value(f, &tile, n, b, j);
+                                let want = if f == IntFormat::Q8_0 && unsigned_q8 { want + 128 } else { want };
+                                let got = t.w[b * 8 + j / 4].0[4 * n + j % 4];
+                                let got = if f == IntFormat::Q8_0 && !unsigned_q8 { got as i8 as i32 } else { got as i32 };
+                                assert_eq!(got, want, "{f:?} nb={nb} block {b} row {n} value {j}");
+                            }
+                            let s = pack::scales_at(f, nb, b) + 2 * n;
+                            assert_eq!(floats(&t.dw, b)[n], f16_at(&tile, s).to_bits(), "{f:?} nb={nb} block {b} row {n} scale");
+                            if f == IntFormat::Q4_1 {
+                                assert_eq!(floats(&t.mw, b)[n], f16_at(&tile, s + 2 * T * nb).to_bits(), "{f:?} minimum");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
