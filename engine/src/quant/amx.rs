@@ -85,14 +85,12 @@ impl Tiles {
             s: vec![0.0; tiles * nb * T],
             sums: vec![0; tiles * nb * T],
         };
-        // chunk k of a block sits 4 * GROUP bytes after chunk k - 1
-        let idx = _mm256_setr_epi32(0, 64, 128, 192, 256, 320, 384, 448);
         let dst = t.values.as_mut_ptr() as *mut u8;
         for (i, r) in rows.iter().enumerate() {
             let (tile, row) = (i / T, i % T);
             for b in 0..nb {
                 let at = (tile * nb + b) * T + row;
-                let v = _mm256_i32gather_epi32::<1>(r.qs.as_ptr().add(act_index(b, 0)) as *const i32, idx);
+                let v = _mm256_loadu_si256(r.qs.as_ptr().add(act_index(b, 0)) as *const __m256i);
                 _mm256_storeu_si256(dst.add(at * QK) as *mut __m256i, v);
                 t.d[at] = r.d[b];
                 t.s[at] = r.s[b];

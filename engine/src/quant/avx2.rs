@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::dot::Q8Row;
-use super::pack::{self, GROUP, QK, TILE};
+use super::pack::{self, GROUP, TILE};
 use super::simd::{IntFormat, Out};
 
 /// Activation rows multiplied together by one pass over a half tile.
@@ -150,10 +150,9 @@ unsafe fn lane<const R: usize>(half: &Half, l: usize, acts: &[Q8Row]) -> [__m256
     let mut b = l;
     while b < nb {
         let blk = half.block(b);
-        let ab = (b / GROUP) * GROUP * QK + (b % GROUP) * 4;
         for (r, x) in acts.iter().enumerate().take(R) {
-            let a = x.qs.as_ptr().add(ab);
-            let chunk = |k: usize| (a.add(k * 4 * GROUP) as *const i32).read_unaligned();
+            let a = x.qs.as_ptr().add(pack::act_index(b, 0));
+            let chunk = |k: usize| (a.add(4 * k) as *const i32).read_unaligned();
             let mut p = match f {
                 IntFormat::Q4_0 | IntFormat::Q4_1 => {
                     let mut s0 = _mm256_maddubs_epi16(blk.w[0], _mm256_set1_epi32(chunk(0)));

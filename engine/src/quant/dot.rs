@@ -6,8 +6,8 @@ use super::pack::{act_index, GROUP};
 pub const QK8: usize = 32;
 
 /// One row of activations quantized to 8-bit blocks: `x ≈ d * q`, with `sums = Σq` and `s = d * Σq` per
-/// block. The values are in the grouped layout of [`super::pack`], padded with zero blocks to whole groups
-/// (`d`, `s` and `sums` too); `len` is the unpadded width.
+/// block. The values are in the layout of [`super::pack`] (block after block), padded with zero blocks to
+/// whole groups (`d`, `s` and `sums` too); `len` is the unpadded width.
 #[derive(Debug, Clone, Default)]
 pub struct Q8Row {
     pub len: usize,
@@ -149,11 +149,7 @@ impl Q8Row {
             let mut q = [0i32; 8];
             _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(n0));
             _mm_storeu_si128(q.as_mut_ptr().add(4) as *mut __m128i, _mm512_cvtepi32_epi8(n1));
-            let at = act_index(b, 0);
-            let dst = self.qs.as_mut_ptr().add(at) as *mut i32;
-            for (k, &c) in q.iter().enumerate() {
-                dst.add(k * GROUP).write_unaligned(c);
-            }
+            std::ptr::copy_nonoverlapping(q.as_ptr() as *const i8, self.qs.as_mut_ptr().add(act_index(b, 0)), QK8);
             self.d.push(d);
             self.s.push(d * sum as f32);
             self.sums.push(sum);
@@ -187,9 +183,7 @@ impl Q8Row {
         for (b, blk) in x.chunks_exact(QK8).enumerate() {
             let (d, sum) = quantize_block(blk.try_into().expect("32 values"), &mut q);
             let at = act_index(b, 0);
-            for (k, c) in q.chunks_exact(4).enumerate() {
-                self.qs[at + k * 4 * GROUP..][..4].copy_from_slice(c);
-            }
+            self.qs[at..at + QK8].copy_from_slice(&q);
             self.d.push(d);
             self.s.push(d * sum as f32);
             self.sums.push(sum);

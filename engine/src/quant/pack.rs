@@ -14,13 +14,13 @@
 //! against that chunk of an activation block broadcast to every lane adds 4 products to each of the 16
 //! rows' block sums.
 //!
-//! **Activations.** A row of `nb` 32-value blocks is cut into groups of [`GROUP`] blocks; inside a group
-//! chunk `k` of block `b` (values `4k..4k+4`) sits at `k * 4 * GROUP + 4 * (b % GROUP)`, and rows are
-//! padded with zero blocks to whole groups (the AMX kernel gathers 16 blocks' chunks with one stride).
+//! **Activations.** A row of `nb` 32-value blocks holds each block's 32 values in order (block `b` at
+//! `32 * b`), padded with zero blocks to whole groups of [`GROUP`] blocks.
 
 use super::simd::IntFormat;
 
-/// Blocks per activation group.
+/// Blocks per activation group (rows are padded to whole groups; also the lane accumulators of the
+/// canonical sum).
 pub const GROUP: usize = 16;
 
 /// Weight rows per tile.
@@ -110,8 +110,8 @@ pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> 
     }
 }
 
-/// Position of value `j` (0..32) of block `b` in an activation row padded to whole groups.
+/// Position of value `j` (0..32) of block `b` in an activation row.
 #[inline(always)]
 pub fn act_index(b: usize, j: usize) -> usize {
-    (b / GROUP) * GROUP * QK + (j / 4) * 4 * GROUP + (b % GROUP) * 4 + j % 4
+    b * QK + j
 }

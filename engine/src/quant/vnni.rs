@@ -19,12 +19,12 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::dot::Q8Row;
-use super::pack::{self, GROUP, QK, TILE};
+use super::pack::{self, GROUP, TILE};
 use super::simd::{IntFormat, Out};
 use super::wtile::{self, Prefetch, WeightTile};
 
 /// Activation rows multiplied together by one pass over a tile.
-const ROWS: usize = 4;
+const ROWS: usize = 6;
 
 /// Fewest activation rows for which a tile is unpacked once into a buffer instead of in every pass.
 pub const PREP_ROWS: usize = 8;
@@ -121,6 +121,8 @@ unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: 
         1 => pass::<F, 1, S>(src, nb, &acts[r..], at(r), keep),
         2 => pass::<F, 2, S>(src, nb, &acts[r..], at(r), keep),
         3 => pass::<F, 3, S>(src, nb, &acts[r..], at(r), keep),
+        4 => pass::<F, 4, S>(src, nb, &acts[r..], at(r), keep),
+        5 => pass::<F, 5, S>(src, nb, &acts[r..], at(r), keep),
         _ => unreachable!("fewer rows than a pass are left"),
     }
 }
@@ -207,10 +209,7 @@ impl Source for Prepped<'_> {
 #[inline(always)]
 unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: Out, keep: __mmask16) {
     // h[i] = acc[i] + acc[i + 8], then ((h0 + h4) + (h2 + h6)) + ((h1 + h5) + (h3 + h7))
-    let mut h = [[_mm512_setzero_ps(); R]; 8];
-    for (i, hi) in h.iter_mut().enumerate() {
-        pair::<F, R, S>(src, nb, i, acts, hi);
-    }
+    let h: [[__m512; R]; 8] = std::array::from_fn(|i| pair::<F, R, S>(src, nb, i, acts));
     let v = add::<R>(add::<R>(add::<R>(h[0], h[4]), add::<R>(h[2], h[6])), add::<R>(add::<R>(h[1], h[5]), add::<R>(h[3], h[7])));
     for (r, v) in v.iter().enumerate() {
         _mm512_mask_storeu_ps(out.ptr.add(r * out.stride), keep, *v);
@@ -268,12 +267,12 @@ unsafe fn add<const R: usize>(a: [__m512; R], b: [__m512; R]) -> [__m512; R] {
     out
 }
 
-/// `h[i] = acc[i] + acc[i + 8]` of `R` activation rows against the tile's 16 weight rows, into `h`: lane
+/// `h[i] = acc[i] + acc[i + 8]` of `R` activation rows against the tile's 16 weight rows: lane
 /// accumulators `i` and `i + 8` over their blocks (not inlined: one copy per format, row count and source
 /// instead of eight keeps the code in the first-level caches).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 #[inline(never)]
-unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: &[Q8Row], h: &mut [__m512; R]) {
+unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: &[Q8Row]) -> [__m512; R] {
     let f = format(F);
     let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
     let mut b = i;
@@ -290,14 +289,13 @@ unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: us
         }
         b += GROUP;
     }
-    *h = add::<R>(lo, hi);
+    add::<R>(lo, hi)
 }
 
 /// Block `b`'s canonical term for the tile's 16 weight rows and one activation row.
 #[inline(always)]
 unsafe fn term(f: IntFormat, blk: &Block, b: usize, x: &Q8Row) -> __m512 {
-    // block b's chunk k in an activation row: its group, then chunk k of every block, then b's 4 bytes
-    let a = x.qs.as_ptr().add((b / GROUP) * GROUP * QK + (b % GROUP) * 4);
+    let a = x.qs.as_ptr().add(pack::act_index(b, 0));
     let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[0], chunk(a, 0));
     let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[1], chunk(a, 1));
     for k in (2..8).step_by(2) {
@@ -319,8 +317,8 @@ unsafe fn term(f: IntFormat, blk: &Block, b: usize, x: &Q8Row) -> __m512 {
     }
 }
 
-/// Chunk `k` of a block of activations (4 bytes at `a + 64k`) in every lane.
+/// Chunk `k` of a block of activations (values `4k..4k+4` at `a`) in every lane.
 #[inline(always)]
 unsafe fn chunk(a: *const i8, k: usize) -> __m512i {
-    _mm512_set1_epi32((a.add(k * 4 * GROUP) as *const i32).read_unaligned())
+    _mm512_set1_epi32((a.add(4 * k) as *const i32).read_unaligned())
 }
