@@ -1,6 +1,7 @@
 //! flotilla's inference engine: llama-family GGUF models split into layer-range shards whose batched
 //! forward passes are bit-identical whatever the split, the batch or the thread count.
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod error;

@@ -8,7 +8,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::quant::QWeight;
-use crate::{ops, pool};
+use crate::{attention, ops, pool};
 
 /// Weights of one decoder layer.
 struct Layer {
@@ -188,7 +188,7 @@ impl Shard {
 
     /// An empty cache for one sequence on this shard.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.range.start, self.layers.len(), self.cfg.kv_dim())
+        KvCache::new(self.range.start, self.layers.len(), self.cfg.n_head_kv, self.cfg.head_dim)
     }
 
     /// Runs one batched step: every sequence brings its new positions (any number, any start).
@@ -291,11 +291,11 @@ impl Shard {
             let mut r0 = 0;
             for (s, &n) in batch.iter().zip(&rows) {
                 let (kc, vc) = s.cache.layer(li);
-                seqs.push(ops::AttnSeq { q: &q[r0 * q_dim..(r0 + n) * q_dim], k: kc, v: vc, start: s.cache.len() });
+                seqs.push(attention::AttnSeq { q: &q[r0 * q_dim..(r0 + n) * q_dim], k: kc, v: vc, start: s.cache.len() });
                 r0 += n;
             }
             let mut attn = vec![0f32; total * q_dim];
-            ops::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, hd, &mut attn);
+            attention::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, hd, &mut attn);
             let o = l.wo.matmul(&attn, total);
             add(&mut x, &o);
 
