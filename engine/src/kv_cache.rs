@@ -1,6 +1,6 @@
 //! Per-sequence key/value cache for the layers of one shard.
 
-use crate::attention::{key_index, key_len};
+use crate::attention::{key_index, key_len, KEY_BLOCK};
 
 /// Keys and values of one sequence for every layer a shard holds: keys in the key blocks of
 /// [`crate::attention`] (16 positions side by side), values one `kv_dim`-wide row per position.
@@ -75,8 +75,9 @@ impl KvCache {
             for g in 0..n_kv {
                 // the 16 positions of a block sit side by side: element d of this position every 16 floats
                 let at = key_index(p, g, 0, n_kv, hd);
-                for (d, &x) in row[g * hd..(g + 1) * hd].iter().enumerate() {
-                    keys[at + d * crate::attention::KEY_BLOCK] = x;
+                let dst = keys[at..at + (hd - 1) * KEY_BLOCK + 1].iter_mut().step_by(KEY_BLOCK);
+                for (o, &x) in dst.zip(&row[g * hd..(g + 1) * hd]) {
+                    *o = x;
                 }
             }
         }

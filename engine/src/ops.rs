@@ -2,16 +2,36 @@
 
 use crate::config::RopeStyle;
 
-/// RMS-normalizes each `width`-wide row of `x` in place and scales by `weight` (sum of squares in f64).
+/// RMS-normalizes each `width`-wide row of `x` in place and scales by `weight` (sum of squares in f64,
+/// in [`sum_squares`]' fixed order).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let width = weight.len();
     for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let ss: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let ss = sum_squares(row);
         let scale = 1.0 / ((ss / width as f64) as f32 + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
             *o = v * scale * w;
         }
     }
+}
+
+/// `Σ v²` in f64 as 8 interleaved partial sums (`p[l]` takes elements `l, l + 8, ...` in order), then
+/// `((p0+p4)+(p1+p5)) + ((p2+p6)+(p3+p7)) + tail` (the elements past the last whole 8, in order): independent
+/// lanes the compiler vectorizes, the same bits in every build.
+#[inline]
+fn sum_squares(row: &[f32]) -> f64 {
+    let mut p = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let mut tail = 0f64;
+    for &v in chunks.remainder() {
+        tail += v as f64 * v as f64;
+    }
+    for c in chunks {
+        for l in 0..8 {
+            p[l] += c[l] as f64 * c[l] as f64;
+        }
+    }
+    ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])) + tail
 }
 
 /// Rotary tables for one position: `(cos, sin)` per rotated pair.

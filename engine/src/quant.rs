@@ -204,17 +204,48 @@ impl QWeight {
     /// `out[i, j] = x[i, :] · W[j, :]` for `m` rows of `x`; each element is one fixed-order dot product,
     /// so a row's result does not depend on `m`, the other rows, the thread count or the SIMD level.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let mut out: Vec<f32> = Vec::with_capacity(m * self.rows);
+        // SAFETY: the buffer holds m rows of `rows` columns, and `matmul_to` writes every element (not
+        // zeroed first: a memset the size of the result on every matmul was 4-6% of batched decode)
+        unsafe {
+            self.matmul_to(x, m, simd::Out::strided(out.as_mut_ptr(), self.rows));
+            out.set_len(m * self.rows);
+        }
+        out
+    }
+
+    /// As [`QWeight::matmul`], each row of the result in a vector of its own (the logits of a batch,
+    /// handed out one per sequence without a copy).
+    pub fn matmul_rows(&self, x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = (0..m).map(|_| Vec::with_capacity(self.rows)).collect();
+        let table: Vec<*mut f32> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+        // SAFETY: every row's buffer holds `rows` columns, `table` outlives the call, and `matmul_to` writes
+        // every element
+        unsafe {
+            self.matmul_to(x, m, simd::Out::table(table.as_ptr()));
+            for o in &mut outs {
+                o.set_len(self.rows);
+            }
+        }
+        outs
+    }
+
+    /// Writes `x · Wᵀ` through `out`.
+    ///
+    /// # Safety
+    /// `out` covers `m` rows of `self.rows` columns that nothing else writes meanwhile.
+    unsafe fn matmul_to(&self, x: &[f32], m: usize, out: simd::Out) {
         let k = self.row_len;
         assert_eq!(x.len(), m * k, "matmul input for {} has {} values, expected {m}x{k}", self.name, x.len());
         match self.kernel {
-            Kernel::Int(_) => self.matmul_q8(&quantize_rows(x, k)),
-            Kernel::Dequant => columns(self.rows, m, |cols, out| {
+            Kernel::Int(_) => self.matmul_q8_to(simd::detected(), &quantize_rows(x, k), out),
+            Kernel::Dequant => columns(self.rows, m, out, |cols, out| {
                 let mut wrow = vec![0f32; k];
                 for (jj, j) in cols.enumerate() {
                     self.dequantize_row(j, &mut wrow);
                     for (i, a) in x.chunks_exact(k).enumerate() {
                         // SAFETY: as promised by `columns`
-                        unsafe { *out.ptr.add(i * out.stride + jj) = dot::dot_f32(&wrow, a) };
+                        unsafe { out.put(jj, i, dot::dot_f32(&wrow, a)) };
                     }
                 }
             }),
@@ -228,13 +259,25 @@ impl QWeight {
 
     /// As [`QWeight::matmul_q8`] with an explicit kernel level (tests compare levels).
     pub fn matmul_q8_at(&self, level: simd::Level, rows: &[Q8Row]) -> Vec<f32> {
+        let mut out: Vec<f32> = Vec::with_capacity(rows.len() * self.rows);
+        // SAFETY: as in `matmul`
+        unsafe {
+            self.matmul_q8_to(level, rows, simd::Out::strided(out.as_mut_ptr(), self.rows));
+            out.set_len(rows.len() * self.rows);
+        }
+        out
+    }
+
+    /// # Safety
+    /// As [`QWeight::matmul_to`], for `rows.len()` rows.
+    unsafe fn matmul_q8_to(&self, level: simd::Level, rows: &[Q8Row], out: simd::Out) {
         let Kernel::Int(f) = self.kernel else {
             panic!("{} ({:?}) does not take 8-bit activations", self.name, self.dtype);
         };
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
         let acts = simd::Acts::new(level, rows);
         // SAFETY: as promised by `columns`; `acts` was made for `level`
-        columns(self.rows, rows.len(), |cols, out| unsafe { simd::tile(level, f, self.tiles_bytes(&cols), self.row_bytes, cols.len(), &acts, out) })
+        columns(self.rows, rows.len(), out, |cols, out| unsafe { simd::tile(level, f, self.tiles_bytes(&cols), self.row_bytes, cols.len(), &acts, out) })
     }
 
     /// The tiles holding the rows `rows` (which start on a tile).
@@ -257,7 +300,7 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
     let acts = simd::Acts::new(level, rows);
     // each matrix's [m, n_i] result, written in place by the tasks (not split from one [m, total] buffer)
     let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.rows)).collect();
-    let dst: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+    let dst: Vec<simd::Out> = outs.iter_mut().zip(ws).map(|(o, w)| simd::Out::strided(o.as_mut_ptr(), w.rows)).collect();
     // the tasks split the matrices' tiles, one after another; a task's tiles may span several matrices
     let tiles: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(pack::TILE)).collect();
     let mut first = Vec::with_capacity(ws.len() + 1);
@@ -278,7 +321,7 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
             // SAFETY: columns `cols` of matrix i belong to this task alone, and its buffer holds m rows of
             // w.rows columns
             unsafe {
-                let at = simd::Out { ptr: dst[i].column(cols.start), stride: w.rows };
+                let at = dst[i].offset(0, cols.start);
                 simd::tile(level, f, w.tiles_bytes(&cols), w.row_bytes, cols.len(), &acts, at);
             }
             t = end;
@@ -291,25 +334,15 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
     outs
 }
 
-/// Computes `n` output columns of `m` values each in parallel tasks owning whole tiles of 16 columns:
+/// Computes `n` output columns of `m` rows in parallel tasks owning whole tiles of 16 columns:
 /// `f(columns, out)` writes the results of `columns` (which start on a tile) through `out` (which points
-/// at the first of them in the row-major `[m, n]` result) and nothing else.
-fn columns(n: usize, m: usize, f: impl Fn(Range<usize>, simd::Out) + Sync) -> Vec<f32> {
-    if m == 0 || n == 0 {
-        return Vec::new();
-    }
-    // not zeroed: the tasks write every element (a zeroed m x n buffer cost a memset the size of the
-    // result on every matmul, 4-6% of batched decode)
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    let dst = SharedOut(out.as_mut_ptr());
+/// at the first of them) and nothing else.
+fn columns(n: usize, m: usize, out: simd::Out, f: impl Fn(Range<usize>, simd::Out) + Sync) {
     split_tiles(n.div_ceil(pack::TILE), m, |ts| {
         let cols = ts.start * pack::TILE..(ts.end * pack::TILE).min(n);
-        // SAFETY: each task alone writes its columns of the m x n buffer, which outlives the parallel loop
-        f(cols.clone(), simd::Out { ptr: unsafe { dst.column(cols.start) }, stride: n })
+        // SAFETY: each task alone writes its columns, for rows the caller's `out` covers
+        f(cols.clone(), unsafe { out.offset(0, cols.start) })
     });
-    // SAFETY: the tasks' column ranges cover 0..n, and each task wrote all m rows of its columns.
-    unsafe { out.set_len(m * n) };
-    out
 }
 
 /// Runs `f` on ranges of tiles that cover `0..tiles` once, in parallel tasks, for `m` activation rows.
@@ -331,19 +364,6 @@ fn split_tiles(tiles: usize, m: usize, f: impl Fn(Range<usize>) + Sync) {
         crate::pool::for_each(tasks, work);
     } else {
         (0..tasks).for_each(work);
-    }
-}
-
-/// The output buffer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    /// # Safety
-    /// `j` is within the buffer.
-    unsafe fn column(&self, j: usize) -> *mut f32 {
-        self.0.add(j)
     }
 }
 

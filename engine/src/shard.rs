@@ -328,8 +328,8 @@ impl Shard {
         }
         let mut normed = vec![0f32; last.len()];
         ops::rms_norm(&last, &head.norm, cfg.rms_eps, &mut normed);
-        let logits = head.output.matmul(&normed, batch.len());
-        Ok(logits.chunks_exact(cfg.vocab_size).map(|l| StageOutput::Logits(l.to_vec())).collect())
+        // each sequence's logits straight into a vector of its own
+        Ok(head.output.matmul_rows(&normed, batch.len()).into_iter().map(StageOutput::Logits).collect())
     }
 }
 

@@ -169,7 +169,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, tiles: &Tiles, o
         wtile::prep(f, &w[j0 * rb..(j0 + T) * rb], nb, false, &mut s.wt);
         for t in 0..tiles.m.div_ceil(T) {
             let mt = (tiles.m - t * T).min(T);
-            let at = Out { ptr: out.ptr.add(t * T * out.stride + j0), stride: out.stride };
+            let at = out.offset(t * T, j0);
             tile_product(f, tiles, t, mt, nw, s, &mut pf, at);
         }
     }
@@ -305,6 +305,6 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
             _mm512_add_ps(_mm512_add_ps(h[0], h[4]), _mm512_add_ps(h[2], h[6])),
             _mm512_add_ps(_mm512_add_ps(h[1], h[5]), _mm512_add_ps(h[3], h[7])),
         );
-        _mm512_mask_storeu_ps(out.ptr.add(r * out.stride), keep, v);
+        _mm512_mask_storeu_ps(out.row(r), keep, v);
     }
 }

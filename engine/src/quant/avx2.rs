@@ -50,7 +50,7 @@ unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
             }
             let half = Half { f, p: tile, nb, h };
             let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - j).min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let at = |r: usize| Out { ptr: out.ptr.add(r * out.stride + j), stride: out.stride };
+            let at = |r: usize| out.offset(r, j);
             let mut r = 0;
             while r + ROWS <= m {
                 pass::<ROWS>(&half, &acts[r..r + ROWS], at(r), keep);
@@ -110,7 +110,7 @@ impl Half {
 }
 
 /// `R` activation rows against a half tile: the 8 weight rows' results of row `r` go to
-/// `out.ptr + r * out.stride`, the lanes in `keep`.
+/// `out.row(r)`, the lanes in `keep`.
 #[inline(always)]
 unsafe fn pass<const R: usize>(half: &Half, acts: &[Q8Row], out: Out, keep: __m256i) {
     // the reduction's order, lane by lane, as in `vnni::pass`
@@ -128,7 +128,7 @@ unsafe fn pass<const R: usize>(half: &Half, acts: &[Q8Row], out: Out, keep: __m2
     let (h3, h7) = (h!(3), h!(7));
     let v = add::<R>(s, add::<R>(q, add::<R>(h3, h7)));
     for (r, v) in v.iter().enumerate() {
-        _mm256_maskstore_ps(out.ptr.add(r * out.stride), keep, *v);
+        _mm256_maskstore_ps(out.row(r), keep, *v);
     }
 }
 

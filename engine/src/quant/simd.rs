@@ -92,19 +92,64 @@ impl IntFormat {
 }
 
 /// Where a tile's results go: the result of weight row `j` (counted from the tile's first) and activation
-/// row `i` at `ptr + i * stride + j`.
+/// row `i` at `row(i) + j`, the activation rows' results `stride` apart in one buffer or each in a buffer
+/// of its own.
 #[derive(Debug, Clone, Copy)]
 pub struct Out {
-    pub ptr: *mut f32,
-    pub stride: usize,
+    base: *mut f32,
+    stride: usize,
+    /// One pointer per activation row (null: rows `stride` apart from `base`).
+    table: *const *mut f32,
+    /// Columns added to every row's pointer.
+    col: usize,
 }
 
+// SAFETY: an `Out` is handed to parallel tasks that each write their own columns only.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
 impl Out {
+    /// Row `i` at `base + i * stride`.
+    pub fn strided(base: *mut f32, stride: usize) -> Self {
+        Out { base, stride, table: std::ptr::null(), col: 0 }
+    }
+
+    /// Row `i` at `table[i]` (the table outlives every use of this `Out`).
+    pub fn table(table: *const *mut f32) -> Self {
+        Out { base: std::ptr::null_mut(), stride: 0, table, col: 0 }
+    }
+
+    /// Where activation row `i`'s results start.
+    ///
+    /// # Safety
+    /// `i` is one of the rows this `Out` covers.
+    #[inline(always)]
+    pub unsafe fn row(self, i: usize) -> *mut f32 {
+        if self.table.is_null() {
+            self.base.add(i * self.stride + self.col)
+        } else {
+            (*self.table.add(i)).add(self.col)
+        }
+    }
+
+    /// The results from activation row `i` and column `j` on.
+    ///
+    /// # Safety
+    /// As [`Out::row`].
+    #[inline(always)]
+    pub unsafe fn offset(self, i: usize, j: usize) -> Self {
+        if self.table.is_null() {
+            Out { base: self.base.add(i * self.stride), col: self.col + j, ..self }
+        } else {
+            Out { table: self.table.add(i), col: self.col + j, ..self }
+        }
+    }
+
     /// # Safety
     /// The element is in bounds of the buffer and no other thread writes it.
     #[inline(always)]
-    unsafe fn put(self, j: usize, i: usize, v: f32) {
-        *self.ptr.add(i * self.stride + j) = v;
+    pub(crate) unsafe fn put(self, j: usize, i: usize, v: f32) {
+        *self.row(i).add(j) = v;
     }
 }
 

@@ -108,7 +108,7 @@ unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: &[Q8Row], o
 unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: Out, j0: usize, n: usize) {
     let nw = (n - j0).min(TILE);
     let keep: __mmask16 = if nw == TILE { 0xFFFF } else { (1u16 << nw) - 1 };
-    let at = |r: usize| Out { ptr: out.ptr.add(r * out.stride + j0), stride: out.stride };
+    let at = |r: usize| out.offset(r, j0);
     let m = acts.len();
     let mut r = 0;
     while r + ROWS <= m {
@@ -205,14 +205,14 @@ impl Source for Prepped<'_> {
 }
 
 /// `R` activation rows against a tile: the 16 weight rows' results of row `r` go to
-/// `out.ptr + r * out.stride`, the lanes in `keep`.
+/// `out.row(r)`, the lanes in `keep`.
 #[inline(always)]
 unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: Out, keep: __mmask16) {
     // h[i] = acc[i] + acc[i + 8], then ((h0 + h4) + (h2 + h6)) + ((h1 + h5) + (h3 + h7))
     let h: [[__m512; R]; 8] = std::array::from_fn(|i| pair::<F, R, S>(src, nb, i, acts));
     let v = add::<R>(add::<R>(add::<R>(h[0], h[4]), add::<R>(h[2], h[6])), add::<R>(add::<R>(h[1], h[5]), add::<R>(h[3], h[7])));
     for (r, v) in v.iter().enumerate() {
-        _mm512_mask_storeu_ps(out.ptr.add(r * out.stride), keep, *v);
+        _mm512_mask_storeu_ps(out.row(r), keep, *v);
     }
 }
 
@@ -255,7 +255,7 @@ unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out
         _mm512_add_ps(_mm512_add_ps(h[0], h[4]), _mm512_add_ps(h[2], h[6])),
         _mm512_add_ps(_mm512_add_ps(h[1], h[5]), _mm512_add_ps(h[3], h[7])),
     );
-    _mm512_mask_storeu_ps(out.ptr, keep, v);
+    _mm512_mask_storeu_ps(out.row(0), keep, v);
 }
 
 #[inline(always)]
