@@ -21,7 +21,7 @@ use crate::error::{EngineError, Result};
 use dot::{AlignedBytes, Q8Row};
 use simd::IntFormat;
 
-/// The formats with integer kernels (held in the grouped layout).
+/// The formats with integer kernels (held in the tiles of [`pack`]).
 fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
     match dtype {
         GgmlDType::Q4_0 => Some(IntFormat::Q4_0),

@@ -164,8 +164,8 @@ fn config_from_metadata() {
     assert!(c.tied_embeddings);
 }
 
-/// Many sequences at once (so row chunks, short-group panels and parallel attention all see several
-/// rows), split in three stages, on a 2-thread pool: every sequence's logits at every step equal those
+/// Many sequences at once (so passes over weight tiles of 1 to 6 activation rows, unpacked and packed
+/// tiles, and parallel attention all see several rows), split in three stages, on a 2-thread pool: every sequence's logits at every step equal those
 /// of that sequence run alone.
 #[test]
 fn big_mixed_batches_over_three_stages_equal_each_sequence_alone() {

@@ -93,7 +93,7 @@ fn q8_row_of_zeros_is_zero() {
 }
 
 #[test]
-fn q8_row_keeps_every_value_in_the_grouped_layout() {
+fn q8_row_keeps_every_value_in_block_order() {
     // 17 blocks: a full group and a one-block tail, padded to two groups
     let x: Vec<f32> = (0..17 * 32).map(|i| ((i * 37 % 255) as f32 - 127.0) / 127.0).collect();
     let r = Q8Row::quantize(&x);
@@ -171,19 +171,24 @@ fn unsupported_format_is_named() {
     assert!(err.to_string().contains("blk.0.x") && err.to_string().contains("Q2K"), "{err}");
 }
 
-/// Raw blocks with every byte random (including Q8_0's -128 and extreme scales), so SIMD paths meet
-/// values a quantizer would never produce.
-fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight {
-    let bytes = rows * cols / dtype.block_size() * dtype.type_size();
+/// `n` deterministic random bytes (also used by other modules' tests).
+pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;
-    let mut data: Vec<u8> = (0..bytes)
+    (0..n)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
             (s >> 32) as u8
         })
-        .collect();
+        .collect()
+}
+
+/// Raw blocks with every byte random (including Q8_0's -128 and extreme scales), so SIMD paths meet
+/// values a quantizer would never produce.
+fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight {
+    let bytes = rows * cols / dtype.block_size() * dtype.type_size();
+    let mut data = random_bytes(bytes, seed);
     // Keep scales finite and moderate: f16 bytes of each block set to ~0.01..0.02.
     let ts = dtype.type_size();
     let n_scales = if dtype == GgmlDType::Q4_1 { 2 } else { 1 };

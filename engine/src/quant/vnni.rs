@@ -5,14 +5,17 @@
 //! adds 4 products to each of the 16 rows' block sums: eight of them give the block's exact integer sums
 //! `p_b` for 16 weight rows. The scaling is the canonical one of [`super::simd`] with the 16 weight rows
 //! side by side: lane accumulator `l` takes `acc + (dw_b*da_b) * p_b` (Q4_1: `acc + ((dw_b*da_b) * p_b +
-//! mw_b*sa_b)`) for the blocks `b = l, l + 16, ...` in order, starting from 0.0. The lane accumulators
-//! are formed one after another, in the order the fixed reduction adds them (`0, 8, 4, 12, 2, 10, ...`),
-//! and folded into it at once, so per activation row only the tree's partial sums stay live and the
-//! results of 16 weight rows come out in one register. Same operations in the same order: the scalar
-//! reference's bits, for any row width (no short-group special case) and any number of activation rows.
+//! mw_b*sa_b)`) for the blocks `b = l, l + 16, ...` in order, starting from 0.0. With several activation
+//! rows the lane accumulators are formed in pairs `(i, i + 8)`, the first step of the fixed reduction
+//! (`h[i] = acc[i] + acc[i + 8]`), and the eight pairs are added in the tree's order, so per activation
+//! row only two accumulators are live while the blocks stream; a single activation row (decode) takes the
+//! blocks in their order into 16 lane accumulators instead (every block independent until the reduction).
+//! Either way the results of 16 weight rows come out in one register. Same operations in the same order:
+//! the scalar reference's bits, for any row width (no short-group special case) and any number of
+//! activation rows.
 //!
-//! Up to [`ROWS`] activation rows share each block's weights; a single row (decode) unpacks the nibbles
-//! as it streams the tiles, and [`PREP_ROWS`] or more unpack each tile once into a buffer first
+//! Up to [`ROWS`] activation rows share each block's weights; fewer than [`PREP_ROWS`] rows unpack the
+//! nibbles as they stream the tiles, and more unpack each tile once into a buffer first
 //! ([`super::wtile`]) that every pass over the rows reads.
 
 use std::arch::x86_64::*;

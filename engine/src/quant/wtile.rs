@@ -128,17 +128,9 @@ mod tests {
             eprintln!("skipped: no AVX-512");
             return;
         }
-        let mut seed = 7u64;
         for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0] {
             for nb in [1, 2, 3, 16, 17, 18, 33, 48] {
-                let tile: Vec<u8> = (0..T * nb * f.block_bytes())
-                    .map(|_| {
-                        seed ^= seed << 13;
-                        seed ^= seed >> 7;
-                        seed ^= seed << 17;
-                        (seed >> 24) as u8
-                    })
-                    .collect();
+                let tile = crate::quant::tests::random_bytes(T * nb * f.block_bytes(), 7 + nb as u64);
                 for unsigned_q8 in [false, true] {
                     let mut t = WeightTile::default();
                     // SAFETY: the CPU has the features (checked above), `tile` is one tile
