@@ -159,6 +159,9 @@ pub struct Acts<'a> {
     pub rows: &'a [Q8Row],
     #[cfg(target_arch = "x86_64")]
     tiles: Option<super::amx::Tiles>,
+    /// The rows laid out for the AVX-512 kernel's passes (two or more rows that AMX does not take).
+    #[cfg(target_arch = "x86_64")]
+    passes: Option<super::vnni::PassRows>,
 }
 
 impl<'a> Acts<'a> {
@@ -167,7 +170,9 @@ impl<'a> Acts<'a> {
         {
             // SAFETY: the AMX level is only detected on CPUs with AVX2.
             let tiles = (level == Level::Avx512Amx && rows.len() >= AMX_MIN_ROWS).then(|| unsafe { super::amx::Tiles::new(rows) });
-            Acts { rows, tiles }
+            let vnni = matches!(level, Level::Avx512Vnni | Level::Avx512Amx) && tiles.is_none() && rows.len() > 1;
+            let passes = vnni.then(|| super::vnni::PassRows::new(rows));
+            Acts { rows, tiles, passes }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -188,13 +193,15 @@ pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, n: us
     if let Some(t) = &acts.tiles {
         return super::amx::tile(f, w, row_bytes, n, t, out);
     }
+    #[cfg(target_arch = "x86_64")]
+    let passes = acts.passes.as_ref();
     let acts = acts.rows;
     debug_assert!(acts.iter().all(|a| a.blocks() * f.block_bytes() == row_bytes));
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => super::avx2::tile(f, w, row_bytes, n, acts, out),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512Vnni | Level::Avx512Amx => super::vnni::tile(f, w, row_bytes, n, acts, out),
+        Level::Avx512Vnni | Level::Avx512Amx => super::vnni::tile(f, w, row_bytes, n, acts, passes, out),
         _ => {
             for j in 0..n {
                 let t = &w[j / TILE * TILE * row_bytes..][..TILE * row_bytes];

@@ -21,8 +21,8 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::dot::Q8Row;
-use super::pack::{self, GROUP, TILE};
+use super::dot::{AlignedBytes, Q8Row};
+use super::pack::{self, GROUP, QK, TILE};
 use super::simd::{IntFormat, Out};
 use super::wtile::{self, Prefetch, WeightTile};
 
@@ -41,25 +41,72 @@ thread_local! {
     static SCRATCH: RefCell<WeightTile> = RefCell::new(WeightTile::default());
 }
 
+/// Activation rows laid out for the passes, once per matmul: pass `p` holds rows `p * ROWS..` (at most
+/// [`ROWS`]) block after block, each block's rows side by side (values `[b][r][32]`, then `d`, `s` and
+/// `sums` as `[b][r]`), so a pass reaches every row from one base at fixed offsets.
+pub struct PassRows {
+    qs: AlignedBytes,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    sums: Vec<i32>,
+}
+
+impl PassRows {
+    pub fn new(rows: &[Q8Row]) -> Self {
+        let (nb, m) = (rows.first().map_or(0, Q8Row::blocks), rows.len());
+        let mut p = PassRows { qs: AlignedBytes::default(), d: vec![0.0; m * nb], s: vec![0.0; m * nb], sums: vec![0; m * nb] };
+        p.qs.reset_zeroed(m * nb * QK);
+        for (i, row) in rows.iter().enumerate() {
+            let (p0, r) = (i / ROWS * ROWS, i % ROWS);
+            let n = (m - p0).min(ROWS);
+            for b in 0..nb {
+                let at = p0 * nb + b * n + r;
+                p.qs[at * QK..(at + 1) * QK].copy_from_slice(&row.qs[pack::act_index(b, 0)..pack::act_index(b + 1, 0)]);
+                (p.d[at], p.s[at], p.sums[at]) = (row.d[b], row.s[b], row.sums[b]);
+            }
+        }
+        p
+    }
+
+    /// The pass starting at row `r0` of rows with `nb` blocks.
+    fn pass(&self, r0: usize, nb: usize) -> PassPtrs {
+        let at = r0 * nb;
+        PassPtrs { qs: self.qs[at * QK..].as_ptr(), d: self.d[at..].as_ptr(), s: self.s[at..].as_ptr(), sums: self.sums[at..].as_ptr() }
+    }
+}
+
+/// One pass's rows in [`PassRows`]: its first values, scales, scaled sums and integer sums.
+#[derive(Clone, Copy)]
+struct PassPtrs {
+    qs: *const i8,
+    d: *const f32,
+    s: *const f32,
+    sums: *const i32,
+}
+
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
-/// format `f`) and every activation row, as [`super::simd::tile`] does.
+/// format `f`) and every activation row, as [`super::simd::tile`] does; `passes` holds the rows laid out
+/// for passes when there are two or more.
 ///
 /// # Safety
 /// The CPU has AVX-512 (F, BW, VL, VNNI) and F16C; `w` holds `n.div_ceil(16)` tiles; `out` covers `n`
-/// columns of `acts.len()` rows that only this call writes.
+/// columns of `acts.len()` rows that only this call writes; `passes` was made from `acts`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], passes: Option<&PassRows>, out: Out) {
     // the first weights, which no earlier tile prefetched
     let mut off = 0;
     while off < w.len().min(PREFETCH) {
         _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(off) as *const i8);
         off += 64;
     }
+    if acts.is_empty() {
+        return;
+    }
     // one specialised copy per format
     match f {
-        IntFormat::Q4_0 => tiles_as::<Q4_0>(w, rb, n, acts, out),
-        IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, acts, out),
-        IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, acts, out),
+        IntFormat::Q4_0 => tiles_as::<Q4_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
+        IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
+        IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
     }
 }
 
@@ -76,10 +123,19 @@ const fn format(code: u8) -> IntFormat {
     }
 }
 
+/// The activation rows of a call: the first one (all there is for decode), how many, and their pass
+/// layout when there are several.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    one: &'a Q8Row,
+    m: usize,
+    passes: Option<&'a PassRows>,
+}
+
 #[inline(always)]
-unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: Rows, out: Out) {
     let f = format(F);
-    let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
+    let (nb, m, tb) = (rb / f.block_bytes(), acts.m, TILE * rb);
     if n == 0 || m == 0 {
         return;
     }
@@ -108,25 +164,23 @@ unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: &[Q8Row], o
 
 /// Every activation row against the tile of weight rows `j0..j0 + 16` (those below `n`).
 #[inline(always)]
-unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: Out, j0: usize, n: usize) {
+unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: Rows, out: Out, j0: usize, n: usize) {
     let nw = (n - j0).min(TILE);
     let keep: __mmask16 = if nw == TILE { 0xFFFF } else { (1u16 << nw) - 1 };
     let at = |r: usize| out.offset(r, j0);
-    let m = acts.len();
-    let mut r = 0;
-    while r + ROWS <= m {
-        pass::<F, ROWS, S>(src, nb, &acts[r..r + ROWS], at(r), keep);
-        r += ROWS;
-    }
-    match m - r {
-        0 => {}
-        1 if m == 1 => single::<F, S>(src, nb, &acts[0], at(0), keep),
-        1 => pass::<F, 1, S>(src, nb, &acts[r..], at(r), keep),
-        2 => pass::<F, 2, S>(src, nb, &acts[r..], at(r), keep),
-        3 => pass::<F, 3, S>(src, nb, &acts[r..], at(r), keep),
-        4 => pass::<F, 4, S>(src, nb, &acts[r..], at(r), keep),
-        5 => pass::<F, 5, S>(src, nb, &acts[r..], at(r), keep),
-        _ => unreachable!("fewer rows than a pass are left"),
+    let Some(passes) = acts.passes else {
+        return single::<F, S>(src, nb, acts.one, at(0), keep);
+    };
+    for r in (0..acts.m).step_by(ROWS) {
+        let p = passes.pass(r, nb);
+        match (acts.m - r).min(ROWS) {
+            1 => pass::<F, 1, S>(src, nb, p, at(r), keep),
+            2 => pass::<F, 2, S>(src, nb, p, at(r), keep),
+            3 => pass::<F, 3, S>(src, nb, p, at(r), keep),
+            4 => pass::<F, 4, S>(src, nb, p, at(r), keep),
+            5 => pass::<F, 5, S>(src, nb, p, at(r), keep),
+            _ => pass::<F, ROWS, S>(src, nb, p, at(r), keep),
+        }
     }
 }
 
@@ -210,7 +264,7 @@ impl Source for Prepped<'_> {
 /// `R` activation rows against a tile: the 16 weight rows' results of row `r` go to
 /// `out.row(r)`, the lanes in `keep`.
 #[inline(always)]
-unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts: &[Q8Row], out: Out, keep: __mmask16) {
+unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts: PassPtrs, out: Out, keep: __mmask16) {
     // h[i] = acc[i] + acc[i + 8], then ((h0 + h4) + (h2 + h6)) + ((h1 + h5) + (h3 + h7))
     let h: [[__m512; R]; 8] = std::array::from_fn(|i| pair::<F, R, S>(src, nb, i, acts));
     let v = add::<R>(add::<R>(add::<R>(h[0], h[4]), add::<R>(h[2], h[6])), add::<R>(add::<R>(h[1], h[5]), add::<R>(h[3], h[7])));
@@ -229,7 +283,9 @@ unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out
         macro_rules! block {
             ($l:literal) => {
                 if g0 + $l < nb {
-                    acc[$l] = _mm512_add_ps(acc[$l], term(f, &src.block(f, g0 + $l), g0 + $l, x));
+                    let b = g0 + $l;
+                    let t = term(f, &src.block(f, b), x.qs.as_ptr().add(pack::act_index(b, 0)), x.d[b], x.s[b], x.sums[b]);
+                    acc[$l] = _mm512_add_ps(acc[$l], t);
                 }
             };
         }
@@ -275,30 +331,42 @@ unsafe fn add<const R: usize>(a: [__m512; R], b: [__m512; R]) -> [__m512; R] {
 /// instead of eight keeps the code in the first-level caches).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 #[inline(never)]
-unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: &[Q8Row]) -> [__m512; R] {
-    let f = format(F);
-    let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
-    let mut b = i;
-    while b < nb {
-        let blk = src.block(f, b);
-        for (r, x) in acts.iter().enumerate().take(R) {
-            lo[r] = _mm512_add_ps(lo[r], term(f, &blk, b, x));
-        }
-        if b + 8 < nb {
-            let blk = src.block(f, b + 8);
-            for (r, x) in acts.iter().enumerate().take(R) {
-                hi[r] = _mm512_add_ps(hi[r], term(f, &blk, b + 8, x));
-            }
-        }
-        b += GROUP;
-    }
-    add::<R>(lo, hi)
+unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: PassPtrs) -> [__m512; R] {
+    add::<R>(lane::<F, R, S>(src, nb, i, acts), lane::<F, R, S>(src, nb, i + 8, acts))
 }
 
-/// Block `b`'s canonical term for the tile's 16 weight rows and one activation row.
+/// Lane accumulator `l` of `R` activation rows against the tile's 16 weight rows.
 #[inline(always)]
-unsafe fn term(f: IntFormat, blk: &Block, b: usize, x: &Q8Row) -> __m512 {
-    let a = x.qs.as_ptr().add(pack::act_index(b, 0));
+unsafe fn lane<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, l: usize, acts: PassPtrs) -> [__m512; R] {
+    let f = format(F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    // every row written out (a loop over the rows is not always unrolled, and then the accumulators
+    // live in memory)
+    macro_rules! rows {
+        ($b:expr, $blk:expr, $($r:literal)*) => {
+            $(
+                if $r < R {
+                    let at = $b * R + $r;
+                    let t = term(f, $blk, acts.qs.add(at * QK), *acts.d.add(at), *acts.s.add(at), *acts.sums.add(at));
+                    acc[$r] = _mm512_add_ps(acc[$r], t);
+                }
+            )*
+        };
+    }
+    const _: () = assert!(ROWS <= 6, "rows! writes out 6 rows");
+    let mut b = l;
+    while b < nb {
+        let blk = src.block(f, b);
+        rows!(b, &blk, 0 1 2 3 4 5);
+        b += GROUP;
+    }
+    acc
+}
+
+/// A block's canonical term for the tile's 16 weight rows and one activation row: its values at `a`,
+/// its scale `d`, scaled sum `s` and integer sum `sum`.
+#[inline(always)]
+unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32) -> __m512 {
     let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[0], chunk(a, 0));
     let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[1], chunk(a, 1));
     for k in (2..8).step_by(2) {
@@ -308,13 +376,13 @@ unsafe fn term(f: IntFormat, blk: &Block, b: usize, x: &Q8Row) -> __m512 {
     let mut p = _mm512_add_epi32(i0, i1);
     // Q4_0 and Q8_0 weights were taken unsigned (+8, +128): the offset times the activations' sum
     match f {
-        IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(*x.sums.get_unchecked(b) << 3)),
-        IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(*x.sums.get_unchecked(b) << 7)),
+        IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 3)),
+        IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 7)),
         IntFormat::Q4_1 => {}
     }
-    let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(*x.d.get_unchecked(b))), _mm512_cvtepi32_ps(p));
+    let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(d)), _mm512_cvtepi32_ps(p));
     if f == IntFormat::Q4_1 {
-        _mm512_add_ps(term, _mm512_mul_ps(blk.mw, _mm512_set1_ps(*x.s.get_unchecked(b))))
+        _mm512_add_ps(term, _mm512_mul_ps(blk.mw, _mm512_set1_ps(s)))
     } else {
         term
     }
