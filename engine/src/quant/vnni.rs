@@ -169,6 +169,7 @@ unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: Rows, out: Out,
     let keep: __mmask16 = if nw == TILE { 0xFFFF } else { (1u16 << nw) - 1 };
     let at = |r: usize| out.offset(r, j0);
     let Some(passes) = acts.passes else {
+        assert_eq!(acts.m, 1, "several activation rows need their pass layout");
         return single::<F, S>(src, nb, acts.one, at(0), keep);
     };
     for r in (0..acts.m).step_by(ROWS) {
