@@ -6,6 +6,12 @@ mod http;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's malloc: the engine's forward pass allocates and frees its activations,
+/// 8-bit rows and kernel layouts layer by layer, and glibc's frees and consolidations took 15-20% of a
+/// one-thread prefill (BENCHMARKS.md, 2026-12-02 Sapphire Rapids).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// flotilla: an elastic, actor-based LLM inference cluster.
 #[derive(Parser)]
 #[command(name = "flotilla", version, about)]
