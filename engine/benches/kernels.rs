@@ -15,12 +15,13 @@ fn weight(dtype: GgmlDType, n: usize, k: usize) -> QWeight {
 fn matmul(c: &mut Criterion) {
     // SmolLM2-135M shapes: ffn_up (1536x576, 18 blocks per row), ffn_down (576x1536, 48 blocks), and the
     // output head's format (Q8_0) at ffn_up's shape; 1 activation row (decode), 8 (the fewest whose
-    // tiles are unpacked once) and 32 (batched decode). Per-level figures run on one thread.
+    // tiles are unpacked once), 32 (batched decode) and 128 (a prompt). Per-level figures run on one
+    // thread.
     let one = flotilla_engine::pool::Pool::new(1);
     for (dtype, n, k) in [(GgmlDType::Q4_1, 1536, 576), (GgmlDType::Q4_1, 576, 1536), (GgmlDType::Q8_0, 1536, 576)] {
         let w = weight(dtype, n, k);
         let mut g = c.benchmark_group(format!("matmul_{dtype:?}_{n}x{k}"));
-        for m in [1usize, 8, 32] {
+        for m in [1usize, 8, 32, 128] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 200) as f32 / 100.0) - 1.0).collect();
             let rows = quantize_rows(&x, k);
             g.throughput(Throughput::Elements((m * n * k) as u64));

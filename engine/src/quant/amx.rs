@@ -71,10 +71,9 @@ pub struct Tiles {
 }
 
 impl Tiles {
-    /// # Safety
-    /// The CPU has AVX2.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn new(rows: &[Q8Row]) -> Self {
+    /// The layout of `rows`, one task per tile of 16 rows when the pool has several threads (a serial
+    /// copy between the parallel matmuls held the other threads up).
+    pub fn new(rows: &[Q8Row]) -> Self {
         let nb = rows.first().map_or(0, Q8Row::blocks);
         let tiles = rows.len().div_ceil(T);
         let mut t = Tiles {
@@ -85,20 +84,51 @@ impl Tiles {
             s: vec![0.0; tiles * nb * T],
             sums: vec![0; tiles * nb * T],
         };
-        let dst = t.values.as_mut_ptr() as *mut u8;
-        for (i, r) in rows.iter().enumerate() {
-            let (tile, row) = (i / T, i % T);
-            for b in 0..nb {
-                let at = (tile * nb + b) * T + row;
-                let v = _mm256_loadu_si256(r.qs.as_ptr().add(act_index(b, 0)) as *const __m256i);
-                _mm256_storeu_si256(dst.add(at * QK) as *mut __m256i, v);
-                t.d[at] = r.d[b];
-                t.s[at] = r.s[b];
-                t.sums[at] = r.sums[b];
+        let per_tile = nb * T;
+        let parts: Vec<std::sync::Mutex<TilePart>> = t
+            .values
+            .chunks_mut(per_tile / 2)
+            .zip(t.d.chunks_mut(per_tile))
+            .zip(t.s.chunks_mut(per_tile))
+            .zip(t.sums.chunks_mut(per_tile))
+            .map(|(((v, d), s), sums)| std::sync::Mutex::new(TilePart { values: v, d, s, sums }))
+            .collect();
+        let fill = |i: usize| {
+            let mut p = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            let p = &mut *p;
+            let values = line_bytes(p.values);
+            for (row, r) in rows[i * T..((i + 1) * T).min(rows.len())].iter().enumerate() {
+                for b in 0..nb {
+                    let at = b * T + row;
+                    values[at * QK..(at + 1) * QK].copy_from_slice(&r.qs[act_index(b, 0)..act_index(b + 1, 0)]);
+                    p.d[at] = r.d[b];
+                    p.s[at] = r.s[b];
+                    p.sums[at] = r.sums[b];
+                }
             }
+        };
+        if tiles > 1 && crate::pool::current_threads() > 1 {
+            crate::pool::for_each(tiles, fill);
+        } else {
+            (0..tiles).for_each(fill);
         }
+        drop(parts);
         t
     }
+}
+
+/// One activation tile's share of [`Tiles`].
+struct TilePart<'a> {
+    values: &'a mut [Line],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    sums: &'a mut [i32],
+}
+
+/// Lines as signed bytes.
+fn line_bytes(l: &mut [Line]) -> &mut [i8] {
+    // SAFETY: `Line` is 64 plain bytes (repr(C)), so the lines are `64 * len` initialised bytes
+    unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr() as *mut i8, l.len() * 64) }
 }
 
 /// Per-thread buffers of the kernel.

@@ -168,8 +168,7 @@ impl<'a> Acts<'a> {
     pub fn new(level: Level, rows: &'a [Q8Row]) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: the AMX level is only detected on CPUs with AVX2.
-            let tiles = (level == Level::Avx512Amx && rows.len() >= AMX_MIN_ROWS).then(|| unsafe { super::amx::Tiles::new(rows) });
+            let tiles = (level == Level::Avx512Amx && rows.len() >= AMX_MIN_ROWS).then(|| super::amx::Tiles::new(rows));
             let vnni = matches!(level, Level::Avx512Vnni | Level::Avx512Amx) && tiles.is_none() && rows.len() > 1;
             let passes = vnni.then(|| super::vnni::PassRows::new(rows));
             Acts { rows, tiles, passes }
