@@ -283,6 +283,16 @@ pub fn rows_mut(x: &mut [f32], width: usize, min_len: usize, f: impl Fn(std::ops
     });
 }
 
+/// `f(i, &mut items[i])` for every item, in parallel tasks of whole items when the pool has several
+/// threads and there are two or more (else in order on this thread).
+pub fn each_mut<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync) {
+    if items.len() < 2 || current_threads() == 1 {
+        return items.iter_mut().enumerate().for_each(|(i, x)| f(i, x));
+    }
+    let slots: Vec<Mutex<&mut T>> = items.iter_mut().map(Mutex::new).collect();
+    for_each(slots.len(), |i| f(i, &mut slots[i].lock().unwrap_or_else(|e| e.into_inner())));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

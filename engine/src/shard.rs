@@ -232,6 +232,8 @@ impl Shard {
             rows.push(n);
         }
         let total: usize = rows.iter().sum();
+        // each sequence's first row in the batch's rows
+        let first: Vec<usize> = rows.iter().scan(0, |r0, &n| Some(std::mem::replace(r0, *r0 + n))).collect();
 
         // Gather the input rows of every sequence into one [total, d] matrix.
         let mut x = Vec::with_capacity(total * d);
@@ -282,11 +284,11 @@ impl Shard {
             add_bias(&mut v, l.bv.as_deref());
             rope(&mut q, q_dim);
             rope(&mut k, kv_dim);
-            let mut r0 = 0;
-            for (s, &n) in batch.iter_mut().zip(&rows) {
-                s.cache.push(li, &k[r0 * kv_dim..(r0 + n) * kv_dim], &v[r0 * kv_dim..(r0 + n) * kv_dim]);
-                r0 += n;
-            }
+            // each sequence's cache on its own (a position's keys touch a line per key block row)
+            pool::each_mut(batch, |i, s| {
+                let (a, b) = (first[i], first[i] + rows[i]);
+                s.cache.push(li, &k[a * kv_dim..b * kv_dim], &v[a * kv_dim..b * kv_dim]);
+            });
             let mut seqs = Vec::with_capacity(batch.len());
             let mut r0 = 0;
             for (s, &n) in batch.iter().zip(&rows) {
