@@ -2,6 +2,8 @@
 # Side-by-side engine comparison with llama.cpp on the same GGUF, alternating runs so both see the same
 # machine noise. Needs ../shared/baseline/build-llamacpp.sh to have built llama.cpp (outside the repo).
 # Usage: scripts/bench-vs-llamacpp.sh [ROUNDS]   -> one line per measurement, then medians.
+# LLAMACPP_ARGS adds llama-bench options (`--repack 0` where its AMX kernels die of SIGILL, as on the
+# Sapphire Rapids VM in BENCHMARKS.md).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-3}
@@ -13,7 +15,7 @@ FLOTILLA=$ROOT/target/release/flotilla
 OUT=$(mktemp)
 for r in $(seq "$ROUNDS"); do
   for t in 1 2; do
-    LD_LIBRARY_PATH=$BIN "$BIN/llama-bench" -m "$MODEL" -p 128 -n 64 -t "$t" -r 3 -o json 2>/dev/null \
+    LD_LIBRARY_PATH=$BIN "$BIN/llama-bench" -m "$MODEL" -p 128 -n 64 -t "$t" -r 3 ${LLAMACPP_ARGS:-} -o json 2>/dev/null \
       | python3 -c "import json,sys; [print('llamacpp', $t, ('prefill' if x['n_prompt'] else 'decode'), x['avg_ts']) for x in json.load(sys.stdin)]" >>"$OUT"
     "$FLOTILLA" bench engine --model "$MODEL" --threads "$t" --runs 3 --json \
       | python3 -c "import json,sys; x=json.load(sys.stdin); print('flotilla', $t, 'prefill', x['prefill_tok_s']); print('flotilla', $t, 'decode', x['decode_tok_s'])" >>"$OUT"
