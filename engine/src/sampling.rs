@@ -101,15 +101,23 @@ pub fn uniform(seed: u64, index: u64) -> f64 {
 
 /// Index of the largest logit, the lowest index on ties; NaN never wins.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best = i;
-            best_v = v;
+    // the largest value in 16 independent lanes (the compiler vectorizes them: a greedy step over a
+    // 49152-token vocabulary per sequence was 3.5% of a 32-sequence batched step), then its first index
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = logits.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
         }
     }
-    best as u32
+    let best = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    if best == f32::NEG_INFINITY {
+        // nothing above -inf: the first index, as a scan that only moves on a larger value gives
+        return 0;
+    }
+    logits.iter().position(|&v| v == best).unwrap_or(0) as u32
 }
 
 /// Picks token `index` of the output. `context` is prompt + output so far (for the repetition penalty),
@@ -197,6 +205,8 @@ mod tests {
     #[test]
     fn greedy_takes_lowest_index_on_ties() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[]), 0);
         assert_eq!(sample(&[0.0, 2.0, 1.0], &SamplingParams::greedy(1), 0, &[], &[]), 1);
     }
 
@@ -256,5 +266,34 @@ mod tests {
             assert!(e.to_string().contains(name), "{e}");
         }
         SamplingParams::default().validate().unwrap();
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_on_any_length() {
+        // the scan the lanes must agree with
+        fn first_largest(x: &[f32]) -> u32 {
+            let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
+            for (i, &v) in x.iter().enumerate() {
+                if v > best_v {
+                    (best, best_v) = (i, v);
+                }
+            }
+            best as u32
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for len in [1usize, 15, 16, 17, 33, 100, 49152] {
+            for case in 0..20 {
+                // few distinct values, so ties are common; some NaN, -0.0 / 0.0 and -inf
+                let x: Vec<f32> = (0..len)
+                    .map(|_| match rng.next_u64() % 23 {
+                        0 => f32::NAN,
+                        1 => -0.0,
+                        2 => f32::NEG_INFINITY,
+                        r => (r % (2 + case as u64)) as f32 - 3.0,
+                    })
+                    .collect();
+                assert_eq!(argmax(&x), first_largest(&x), "len {len} case {case}");
+            }
+        }
     }
 }
