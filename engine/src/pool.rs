@@ -298,6 +298,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_mut_hands_every_item_its_index_once() {
+        for threads in [1, 2, 3] {
+            Pool::new(threads).install(|| {
+                for n in [0usize, 1, 2, 5, 64] {
+                    let mut items: Vec<(usize, usize)> = vec![(usize::MAX, 0); n];
+                    each_mut(&mut items, |i, x| *x = (i, x.1 + 1));
+                    assert!(items.iter().enumerate().all(|(i, &(seen, visits))| seen == i && visits == 1), "{threads} threads, {n} items");
+                }
+            });
+        }
+    }
+
+    #[test]
     fn every_task_runs_once_across_many_regions() {
         let pool = Pool::new(3);
         pool.install(|| {
