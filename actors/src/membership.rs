@@ -192,8 +192,8 @@ pub struct MembershipState {
     /// heartbeats, such a peer may come back under the same incarnation (the pause or the broken link
     /// may have been on this side).
     revivable: BTreeSet<(String, u64)>,
-    /// What the local scheduler was last told: leader and (name, incarnation, state, capacity) of each member.
-    published: Option<(Option<String>, Vec<(String, u64, MemberState, u64)>)>,
+    /// What the local scheduler was last told.
+    published: Option<Published>,
     /// Fault injection (`admin cut-link`): peers whose link this node keeps closed until the instant.
     cut_links: HashMap<String, Instant>,
     ticker: Option<tokio::task::JoinHandle<()>>,
@@ -673,6 +673,9 @@ pub fn state_name(s: MemberState) -> &'static str {
     }
 }
 
+/// What the local scheduler is told: the leader and (name, incarnation, state, capacity) of each member.
+type Published = (Option<String>, Vec<(String, u64, MemberState, u64)>);
+
 fn reply<T>(port: RpcReplyPort<T>, v: T) {
     if port.send(v).is_err() {
         tracing::debug!("the caller stopped waiting for an answer");
@@ -847,7 +850,10 @@ impl Actor for Membership {
             MembershipMsg::Admin(cmd, port) => {
                 let cmd = match cmd {
                     Wire::Ok(c) => c,
-                    Wire::Bad(e) => return Ok(reply(port, Wire::Ok(AdminReply::Error(format!("undecodable command: {e}"))))),
+                    Wire::Bad(e) => {
+                        reply(port, Wire::Ok(AdminReply::Error(format!("undecodable command: {e}"))));
+                        return Ok(());
+                    }
                 };
                 let me = st.identity().name;
                 let target = match &cmd {

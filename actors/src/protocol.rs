@@ -124,6 +124,7 @@ pub struct ClusterStatus {
 
 /// The answer to an [`AdminRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // one reply per operator command; boxing would buy nothing
 pub enum AdminReply {
     Status(ClusterStatus),
     Done(String),

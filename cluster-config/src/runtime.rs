@@ -79,7 +79,7 @@ impl FileConfig {
         let cluster_listen = socket("cluster.listen", &c.listen)?;
         let seeds = c.seeds.iter().map(|s| host_port("cluster.seeds", s)).collect::<Result<Vec<_>>>()?;
         let advertise_host = match &c.advertise {
-            Some(h) if h.is_empty() || h.contains(':') && !h.parse::<std::net::Ipv6Addr>().is_ok() => {
+            Some(h) if h.is_empty() || h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err() => {
                 return Err(invalid("cluster.advertise", format!("{h:?} must be a host name or IP address without a port")));
             }
             Some(h) => h.clone(),

@@ -78,7 +78,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], start: usize, n_head: usize, n
 pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, head_dim: usize, out: &mut [f32]) {
     /// Query rows per task: a long prompt splits into many tasks, so threads share it evenly.
     const ROWS_PER_TASK: usize = 16;
-    assert!(n_head_kv > 0 && n_head % n_head_kv == 0, "{n_head} query heads over {n_head_kv} cache heads");
+    assert!(n_head_kv > 0 && n_head.is_multiple_of(n_head_kv), "{n_head} query heads over {n_head_kv} cache heads");
     let q_dim = n_head * head_dim;
     assert_eq!(out.len(), seqs.iter().map(|s| s.q.len()).sum::<usize>(), "attention output size");
     // tasks: (sequence, cache head, first row, end row, output row of the first row)
@@ -167,10 +167,10 @@ impl HeadJob<'_> {
 unsafe fn head(j: HeadJob<'_>, out: *mut f32, stride: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        if j.head_dim % 16 == 0 && is_x86_feature_detected!("avx512f") {
+        if j.head_dim.is_multiple_of(16) && is_x86_feature_detected!("avx512f") {
             return x86::head512(j, out, stride);
         }
-        if j.head_dim % 8 == 0 && is_x86_feature_detected!("avx2") {
+        if j.head_dim.is_multiple_of(8) && is_x86_feature_detected!("avx2") {
             return x86::head256(j, out, stride);
         }
     }
@@ -210,6 +210,7 @@ unsafe fn head_portable(j: HeadJob<'_>, out: *mut f32, stride: usize) {
                 }
             }
             let mut tail = 0f32;
+            #[allow(clippy::needless_range_loop)] // q and the keys side by side, as in the loop above
             for d in hd / 8 * 8..hd {
                 tail += q[d] * j.k[key_index(p, g, d, n_kv, hd)];
             }

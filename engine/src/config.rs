@@ -101,13 +101,13 @@ impl ModelConfig {
         if self.n_embd == 0 || self.n_ff == 0 || self.vocab_size == 0 {
             return fail("embedding_length", "model dimensions must be non-zero".into());
         }
-        if self.n_head == 0 || self.n_head_kv == 0 || self.n_head % self.n_head_kv != 0 {
+        if self.n_head == 0 || self.n_head_kv == 0 || !self.n_head.is_multiple_of(self.n_head_kv) {
             return fail("attention.head_count_kv", format!("{} query heads cannot be grouped over {} kv heads", self.n_head, self.n_head_kv));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return fail("attention.key_length", format!("head dimension {} must be even and non-zero", self.head_dim));
         }
-        if self.rope_dims > self.head_dim || self.rope_dims % 2 != 0 {
+        if self.rope_dims > self.head_dim || !self.rope_dims.is_multiple_of(2) {
             return fail("rope.dimension_count", format!("{} must be even and at most the head dimension {}", self.rope_dims, self.head_dim));
         }
         if self.context_length == 0 {

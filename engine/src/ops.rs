@@ -100,14 +100,18 @@ fn swiglu_scalar(gate: &mut [f32], up: &[f32]) {
 const EXP_LO: f32 = -87.336_55; // ln(2^-126): below, the result is 0
 const EXP_HI: f32 = 88.0; // n stays <= 127
 const LOG2E: f32 = std::f32::consts::LOG2_E;
+// the published constants, digit for digit (the f32 values are the same)
+#[allow(clippy::excessive_precision)]
 const LN2_C1: f32 = 0.693_359_375;
 const LN2_C2: f32 = -2.121_944_4e-4;
+#[allow(clippy::excessive_precision)]
 const EXP_P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
 
 /// `e^x` by a fixed sequence of f32 operations (no fused multiply-add), so every build and every vector
 /// width gives the same bits: within a few ulp of the exact value, 0 below `ln(2^-126)` (no subnormal
 /// results), `e^88` above 88.
 #[inline(always)]
+#[allow(clippy::manual_clamp)] // max then min, the operations the vector builds use (clamp treats NaN otherwise)
 pub(crate) fn exp_fixed(x: f32) -> f32 {
     let xc = x.max(EXP_LO).min(EXP_HI);
     let n = (xc * LOG2E).round_ties_even();

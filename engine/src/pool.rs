@@ -184,7 +184,7 @@ fn worker(inner: &Inner) {
                 break s;
             }
             spins += 1;
-            if spins % 256 == 0 && started.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && started.elapsed() > SPIN {
                 let mut l = inner.lock.lock().unwrap_or_else(|e| e.into_inner());
                 inner.sleepers.fetch_add(1, SeqCst);
                 while inner.state.load(SeqCst) >> 32 == seen && !inner.shutdown.load(SeqCst) {

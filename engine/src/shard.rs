@@ -382,7 +382,7 @@ pub fn hidden_to_bytes(h: &[f32]) -> Vec<u8> {
 
 /// Hidden states back from their wire bytes; `width` is the model width.
 pub fn hidden_from_bytes(b: &[u8], width: usize) -> Result<Vec<f32>> {
-    if width == 0 || b.len() % (4 * width) != 0 {
+    if width == 0 || !b.len().is_multiple_of(4 * width) {
         return Err(EngineError::HiddenBytes { bytes: b.len(), width });
     }
     Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())

@@ -1,4 +1,6 @@
 //! Bad input gives a clear error naming the problem, never a panic.
+// `[0..n]`: a list of shard ranges that holds one shard (the whole model)
+#![allow(clippy::single_range_in_vec_init)]
 
 #[path = "support/common.rs"]
 mod common;

@@ -1,4 +1,6 @@
 //! Checks on the real default model (SmolLM2-135M-Instruct Q4_1); `make test` fetches it.
+// `[0..n]`: a list of shard ranges that holds one shard (the whole model)
+#![allow(clippy::single_range_in_vec_init)]
 
 #[path = "support/common.rs"]
 mod common;
@@ -200,6 +202,7 @@ fn big_mixed_batches_over_three_stages_equal_each_sequence_alone() {
             .collect();
         // batched through three stages: everyone prefills together, then decodes together
         let mut caches: Vec<Vec<_>> = stages.iter().map(|s| (0..24).map(|_| s.new_cache()).collect()).collect();
+        #[allow(clippy::needless_range_loop)] // step is also the token index into each sequence alone
         for step in 0..3 {
             let inputs: Vec<Vec<u32>> = (0..24).map(|i| if step == 0 { prompts[i].clone() } else { vec![next[i] + step as u32 - 1] }).collect();
             let mut hidden: Vec<Vec<f32>> = Vec::new();

@@ -224,6 +224,7 @@ struct Knobs {
 }
 
 impl Knobs {
+    #[allow(clippy::result_large_err)] // the error is the response the handler returns
     fn params(self) -> Result<SamplingParams, Response> {
         let bad = |param: &str, msg: String| error(StatusCode::BAD_REQUEST, msg, "invalid_request_error", Some(param));
         let stop = match self.stop {
@@ -261,6 +262,7 @@ impl Knobs {
 }
 
 /// The JSON body, or an OpenAI-shaped error (413 when over the size limit, 400 otherwise).
+#[allow(clippy::result_large_err)] // the error is the response the handler returns
 fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -283,6 +285,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) ->
     Ok(v)
 }
 
+#[allow(clippy::result_large_err)] // the error is the response the handler returns
 fn check_model(st: &AppState, model: &Option<String>, n: Option<u32>) -> Result<(), Response> {
     if let Some(m) = model {
         if *m != st.model_id {

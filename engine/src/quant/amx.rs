@@ -262,6 +262,7 @@ unsafe fn store(c: *mut u8, b0: usize, nb: usize) {
 /// unit while the vector units scale the previous ones. Blocks go in lane order (`s.order`), so the 16
 /// rows' accumulators of one lane stay in registers over all its blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usize, s: &mut Scratch, pf: &mut Prefetch, out: Out) {
     let nb = tiles.nb;
     let a = (tiles.values.as_ptr() as *const u8).add(t * nb * T * QK);

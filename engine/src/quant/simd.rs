@@ -220,6 +220,7 @@ fn reduce(a: [f32; GROUP]) -> f32 {
 }
 
 /// The canonical dot product of row `n` of a weight tile with one activation row.
+#[allow(clippy::assign_op_pattern)] // `acc = acc + term`, the kernels' operations as they write them
 pub fn row_scalar(f: IntFormat, tile: &[u8], n: usize, a: &Q8Row) -> f32 {
     let nb = a.blocks();
     let mut acc = [0f32; GROUP];
