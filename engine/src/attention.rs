@@ -87,7 +87,10 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
     for (i, s) in seqs.iter().enumerate() {
         let n = s.q.len() / q_dim;
         let visible = s.start + n;
-        assert!(s.k.len() >= key_len(visible, n_head_kv * head_dim) && s.v.len() >= visible * n_head_kv * head_dim, "cache shorter than the visible positions");
+        assert!(
+            s.k.len() >= key_len(visible, n_head_kv * head_dim) && s.v.len() >= visible * n_head_kv * head_dim,
+            "cache shorter than the visible positions"
+        );
         for g in 0..n_head_kv {
             for t0 in (0..n).step_by(ROWS_PER_TASK) {
                 units.push((i, g, t0, (t0 + ROWS_PER_TASK).min(n), rows + t0));
@@ -271,12 +274,16 @@ mod x86 {
                 }
                 // (head widths here are whole multiples of 16: the tail is 0.0, added as in the reference)
                 let dot = _mm512_add_ps(
-                    _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(part[0], part[4]), _mm512_add_ps(part[1], part[5])), _mm512_add_ps(_mm512_add_ps(part[2], part[6]), _mm512_add_ps(part[3], part[7]))),
+                    _mm512_add_ps(
+                        _mm512_add_ps(_mm512_add_ps(part[0], part[4]), _mm512_add_ps(part[1], part[5])),
+                        _mm512_add_ps(_mm512_add_ps(part[2], part[6]), _mm512_add_ps(part[3], part[7])),
+                    ),
                     _mm512_setzero_ps(),
                 );
                 let s = _mm512_mul_ps(dot, _mm512_set1_ps(scale));
                 // positions past the visible ones (the block's end) take no part
-                let seen = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((b * KEY_BLOCK) as i32)), _mm512_set1_epi32(visible as i32));
+                let seen =
+                    _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((b * KEY_BLOCK) as i32)), _mm512_set1_epi32(visible as i32));
                 let s = _mm512_mask_blend_ps(seen, _mm512_set1_ps(f32::NEG_INFINITY), s);
                 max = _mm512_max_ps(max, s);
                 _mm512_storeu_ps(sp.add(b * KEY_BLOCK), s);
@@ -336,7 +343,10 @@ mod x86 {
                     }
                 }
                 let dot = _mm256_add_ps(
-                    _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(part[0], part[4]), _mm256_add_ps(part[1], part[5])), _mm256_add_ps(_mm256_add_ps(part[2], part[6]), _mm256_add_ps(part[3], part[7]))),
+                    _mm256_add_ps(
+                        _mm256_add_ps(_mm256_add_ps(part[0], part[4]), _mm256_add_ps(part[1], part[5])),
+                        _mm256_add_ps(_mm256_add_ps(part[2], part[6]), _mm256_add_ps(part[3], part[7])),
+                    ),
                     _mm256_setzero_ps(),
                 );
                 let s = _mm256_mul_ps(dot, _mm256_set1_ps(scale));
@@ -432,7 +442,9 @@ mod tests {
             for h in 0..n_head {
                 let g = h / (n_head / n_kv);
                 let qh = &q[(t * n_head + h) * hd..][..hd];
-                let s: Vec<f64> = (0..=start + t).map(|p| (0..hd).map(|d| qh[d] as f64 * kr[(p * n_kv + g) * hd + d] as f64).sum::<f64>() / (hd as f64).sqrt()).collect();
+                let s: Vec<f64> = (0..=start + t)
+                    .map(|p| (0..hd).map(|d| qh[d] as f64 * kr[(p * n_kv + g) * hd + d] as f64).sum::<f64>() / (hd as f64).sqrt())
+                    .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -467,7 +479,9 @@ mod tests {
             attention(&q, &k, &v, start, n_head, n_kv, hd, &mut got);
             assert_eq!(bits(&got), bits(&want), "head width {hd}, dispatched build");
             #[cfg(target_arch = "x86_64")]
-            for (build, ok) in [("avx512", hd % 16 == 0 && is_x86_feature_detected!("avx512f")), ("avx2", hd % 8 == 0 && is_x86_feature_detected!("avx2"))] {
+            for (build, ok) in
+                [("avx512", hd % 16 == 0 && is_x86_feature_detected!("avx512f")), ("avx2", hd % 8 == 0 && is_x86_feature_detected!("avx2"))]
+            {
                 if !ok {
                     continue;
                 }

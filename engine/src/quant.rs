@@ -2,12 +2,12 @@
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod dequant;
 pub mod dot;
 pub mod pack;
 pub mod simd;
-#[cfg(target_arch = "x86_64")]
-mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 #[cfg(target_arch = "x86_64")]
@@ -277,7 +277,9 @@ impl QWeight {
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
         let acts = simd::Acts::new(level, rows);
         // SAFETY: as promised by `columns`; `acts` was made for `level`
-        columns(self.rows, rows.len(), out, |cols, out| unsafe { simd::tile(level, f, self.tiles_bytes(&cols), self.row_bytes, cols.len(), &acts, out) })
+        columns(self.rows, rows.len(), out, |cols, out| unsafe {
+            simd::tile(level, f, self.tiles_bytes(&cols), self.row_bytes, cols.len(), &acts, out)
+        })
     }
 
     /// The tiles holding the rows `rows` (which start on a tile).

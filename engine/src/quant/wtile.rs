@@ -135,7 +135,9 @@ mod tests {
                     let mut t = WeightTile::default();
                     // SAFETY: the CPU has the features (checked above), `tile` is one tile
                     unsafe { prep(f, &tile, nb, unsigned_q8, &mut t) };
-                    let floats = |v: &[Line], b: usize| v[b].0.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).to_bits()).collect::<Vec<_>>();
+                    let floats = |v: &[Line], b: usize| {
+                        v[b].0.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).to_bits()).collect::<Vec<_>>()
+                    };
                     for b in 0..nb {
                         for n in 0..T {
                             for j in 0..32 {
