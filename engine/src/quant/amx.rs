@@ -85,17 +85,15 @@ impl Tiles {
             sums: vec![0; tiles * nb * T],
         };
         let per_tile = nb * T;
-        let parts: Vec<std::sync::Mutex<TilePart>> = t
+        let mut parts: Vec<TilePart> = t
             .values
             .chunks_mut(per_tile / 2)
             .zip(t.d.chunks_mut(per_tile))
             .zip(t.s.chunks_mut(per_tile))
             .zip(t.sums.chunks_mut(per_tile))
-            .map(|(((v, d), s), sums)| std::sync::Mutex::new(TilePart { values: v, d, s, sums }))
+            .map(|(((values, d), s), sums)| TilePart { values, d, s, sums })
             .collect();
-        let fill = |i: usize| {
-            let mut p = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-            let p = &mut *p;
+        crate::pool::each_mut(&mut parts, |i, p| {
             let values = line_bytes(p.values);
             for (row, r) in rows[i * T..((i + 1) * T).min(rows.len())].iter().enumerate() {
                 for b in 0..nb {
@@ -106,13 +104,7 @@ impl Tiles {
                     p.sums[at] = r.sums[b];
                 }
             }
-        };
-        if tiles > 1 && crate::pool::current_threads() > 1 {
-            crate::pool::for_each(tiles, fill);
-        } else {
-            (0..tiles).for_each(fill);
-        }
-        drop(parts);
+        });
         t
     }
 }
