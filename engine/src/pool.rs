@@ -124,7 +124,10 @@ impl Pool {
             let _l = inner.lock.lock().unwrap_or_else(|e| e.into_inner());
             inner.wake.notify_all();
         }
+        // the submitter runs tasks too: a region started inside one of them runs there alone, as on a worker
+        let outer = IN_TASK.with(|w| w.replace(true));
         let mine = catch_unwind(AssertUnwindSafe(|| run_tasks(inner, f)));
+        IN_TASK.with(|w| w.set(outer));
         while inner.pending.load(Acquire) != 0 {
             std::hint::spin_loop();
         }
@@ -172,7 +175,7 @@ fn run_tasks(inner: &Inner, f: &(dyn Fn(usize) + Sync)) {
 }
 
 fn worker(inner: &Inner) {
-    IN_WORKER.with(|w| w.set(true));
+    IN_TASK.with(|w| w.set(true));
     let mut seen = 0u64;
     loop {
         // wait for a new epoch: spin, then park
@@ -224,8 +227,9 @@ fn worker(inner: &Inner) {
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<Pool>>> = const { RefCell::new(None) };
-    /// Set on pool workers: a region started inside a task runs on that worker alone.
-    static IN_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set on pool workers, and on a submitter while it runs tasks: a region started inside a task runs on
+    /// that thread alone.
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 static GLOBAL: OnceLock<Arc<Pool>> = OnceLock::new();
@@ -244,7 +248,7 @@ pub fn current() -> Arc<Pool> {
 
 /// Compute threads of the current pool (1 inside a task).
 pub fn current_threads() -> usize {
-    if IN_WORKER.with(|w| w.get()) {
+    if IN_TASK.with(|w| w.get()) {
         return 1;
     }
     CURRENT.with(|c| c.borrow().as_ref().map(|p| p.threads())).unwrap_or_else(|| current().threads())
@@ -252,7 +256,7 @@ pub fn current_threads() -> usize {
 
 /// `f(i)` for every `i < tasks` on the current pool.
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
-    if IN_WORKER.with(|w| w.get()) {
+    if IN_TASK.with(|w| w.get()) {
         return (0..tasks).for_each(f);
     }
     current().for_each(tasks, &f)

@@ -214,6 +214,13 @@ impl QWeight {
         out
     }
 
+    /// As [`QWeight::matmul`], into a buffer of the caller's (`m` rows of [`QWeight::rows`] columns).
+    pub fn matmul_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), m * self.rows, "matmul output for {}", self.name);
+        // SAFETY: the buffer holds m rows of `rows` columns and is borrowed exclusively for the call
+        unsafe { self.matmul_to(x, m, simd::Out::strided(out.as_mut_ptr(), self.rows)) }
+    }
+
     /// As [`QWeight::matmul`], each row of the result in a vector of its own (the logits of a batch,
     /// handed out one per sequence without a copy).
     pub fn matmul_rows(&self, x: &[f32], m: usize) -> Vec<Vec<f32>> {
@@ -293,6 +300,39 @@ impl QWeight {
 /// Several matrices with the same 8-bit input in one parallel region (one fork-join instead of one each).
 /// Each result is bit-identical to [`QWeight::matmul_q8`] of that matrix alone.
 pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
+    let m = rows.len();
+    // each matrix's [m, n_i] result, written in place by the tasks (not split from one [m, total] buffer)
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.rows)).collect();
+    let dst: Vec<simd::Out> = outs.iter_mut().zip(ws).map(|(o, w)| simd::Out::strided(o.as_mut_ptr(), w.rows)).collect();
+    // SAFETY: each buffer holds m rows of w.rows columns, which the call writes entirely
+    unsafe {
+        matmul_q8_many_to(ws, rows, &dst);
+        for (o, w) in outs.iter_mut().zip(ws) {
+            o.set_len(m * w.rows);
+        }
+    }
+    outs
+}
+
+/// As [`matmul_q8_many`], each result into a buffer of the caller's (`rows.len()` rows of the matrix's
+/// output width).
+pub fn matmul_q8_many_into(ws: &[&QWeight], rows: &[Q8Row], outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "one output per matrix");
+    let dst: Vec<simd::Out> = outs
+        .iter_mut()
+        .zip(ws)
+        .map(|(o, w)| {
+            assert_eq!(o.len(), rows.len() * w.rows, "output size for {}", w.name);
+            simd::Out::strided(o.as_mut_ptr(), w.rows)
+        })
+        .collect();
+    // SAFETY: each buffer holds m rows of w.rows columns and is borrowed exclusively for the call
+    unsafe { matmul_q8_many_to(ws, rows, &dst) }
+}
+
+/// # Safety
+/// Each `dst[i]` covers `rows.len()` rows of `ws[i].rows` columns that nothing else writes meanwhile.
+unsafe fn matmul_q8_many_to(ws: &[&QWeight], rows: &[Q8Row], dst: &[simd::Out]) {
     let level = simd::detected();
     let m = rows.len();
     for w in ws {
@@ -300,9 +340,6 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
         assert!(rows.iter().all(|r| r.len == w.row_len), "activation width for {}", w.name);
     }
     let acts = simd::Acts::new(level, rows);
-    // each matrix's [m, n_i] result, written in place by the tasks (not split from one [m, total] buffer)
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.rows)).collect();
-    let dst: Vec<simd::Out> = outs.iter_mut().zip(ws).map(|(o, w)| simd::Out::strided(o.as_mut_ptr(), w.rows)).collect();
     // the tasks split the matrices' tiles, one after another; a task's tiles may span several matrices
     let tiles: Vec<usize> = ws.iter().map(|w| w.rows.div_ceil(pack::TILE)).collect();
     let mut first = Vec::with_capacity(ws.len() + 1);
@@ -320,8 +357,8 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
             let w = ws[i];
             let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
             let cols = (t - first[i]) * pack::TILE..((end - first[i]) * pack::TILE).min(w.rows);
-            // SAFETY: columns `cols` of matrix i belong to this task alone, and its buffer holds m rows of
-            // w.rows columns
+            // SAFETY: columns `cols` of matrix i belong to this task alone, and its output covers m rows
+            // of w.rows columns
             unsafe {
                 let at = dst[i].offset(0, cols.start);
                 simd::tile(level, f, w.tiles_bytes(&cols), w.row_bytes, cols.len(), &acts, at);
@@ -329,11 +366,6 @@ pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
             t = end;
         }
     });
-    for (o, w) in outs.iter_mut().zip(ws) {
-        // SAFETY: the tasks' tiles cover every column of every matrix, each for all m rows
-        unsafe { o.set_len(m * w.rows) };
-    }
-    outs
 }
 
 /// Computes `n` output columns of `m` rows in parallel tasks owning whole tiles of 16 columns:

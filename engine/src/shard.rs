@@ -235,55 +235,54 @@ impl Shard {
         // each sequence's first row in the batch's rows
         let first: Vec<usize> = rows.iter().scan(0, |r0, &n| Some(std::mem::replace(r0, *r0 + n))).collect();
 
-        // Gather the input rows of every sequence into one [total, d] matrix.
-        let mut x = Vec::with_capacity(total * d);
-        for s in batch.iter() {
-            match s.input {
-                StageInput::Tokens(t) => {
-                    let emb = self.embedding.as_ref().expect("first stage");
-                    for &id in t {
-                        let at = x.len();
-                        x.resize(at + d, 0.0);
-                        emb.dequantize_row(id as usize, &mut x[at..]);
+        // Rows in parts: one per thread for a prompt, each part's rows carried through the row-wise steps
+        // and matmuls of a layer by the thread that owns it; one part of all rows otherwise.
+        let parts = row_parts(total, pool::current_threads());
+        let inputs: Vec<StageInput> = batch.iter().map(|s| s.input).collect();
+        let starts: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
+        // which sequence row r is, and which of its new positions
+        let locate = |r: usize| {
+            let i = first.partition_point(|&f| f <= r) - 1;
+            (i, r - first[i])
+        };
+
+        // The input rows of every sequence in one [total, d] matrix, with their rotary tables (by absolute
+        // position).
+        let mut x = vec![0f32; total * d];
+        let mut tables: Vec<Vec<(f32, f32)>> = vec![Vec::new(); total];
+        {
+            let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(split_rows_mut(&mut tables, 1, &parts)).zip(&parts).collect();
+            pool::each_mut(&mut ps, |_, ((xs, ts), part)| {
+                for ((r, xr), t) in part.clone().zip(xs.chunks_exact_mut(d)).zip(ts.iter_mut()) {
+                    let (i, j) = locate(r);
+                    match inputs[i] {
+                        StageInput::Tokens(toks) => self.embedding.as_ref().expect("first stage").dequantize_row(toks[j] as usize, xr),
+                        StageInput::Hidden(h) => xr.copy_from_slice(&h[j * d..(j + 1) * d]),
                     }
+                    ops::rope_table(starts[i] + j, &self.inv_freq, t);
                 }
-                StageInput::Hidden(h) => x.extend_from_slice(h),
-            }
+            });
         }
 
-        // Rotary tables per row, by absolute position.
-        let mut tables = Vec::with_capacity(total);
-        for (s, &n) in batch.iter().zip(&rows) {
-            for p in s.cache.len()..s.cache.len() + n {
-                let mut t = Vec::new();
-                ops::rope_table(p, &self.inv_freq, &mut t);
-                tables.push(t);
-            }
-        }
-
-        let (q_dim, kv_dim, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        // row-wise work runs in parallel parts of rows (same bits) once there is enough of it
-        const PAR: usize = 1 << 14;
-        let norm = |x: &[f32], w: &[f32], h: &mut [f32]| {
-            pool::rows_mut(h, d, PAR, |rows, part| ops::rms_norm(&x[rows.start * d..rows.end * d], w, cfg.rms_eps, part))
-        };
-        let add = |x: &mut [f32], y: &[f32]| pool::rows_mut(x, d, PAR, |rows, part| ops::add_assign(part, &y[rows.start * d..rows.end * d]));
-        let rope = |x: &mut [f32], width: usize| {
-            pool::rows_mut(x, width, PAR, |rows, part| {
-                for (r, row) in rows.zip(part.chunks_exact_mut(width)) {
-                    ops::apply_rope(row, hd, &tables[r], cfg.rope_style);
-                }
-            })
-        };
-        let mut h = vec![0f32; total * d];
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        // every layer's buffers (written whole by each layer), and each part's normed rows
+        let mut q = vec![0f32; total * q_dim];
+        let mut k = vec![0f32; total * kv_dim];
+        let mut v = vec![0f32; total * kv_dim];
+        let mut attn = vec![0f32; total * q_dim];
+        let mut normed: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.len() * d]).collect();
         for (li, l) in self.layers.iter().enumerate() {
-            norm(&x, &l.attn_norm, &mut h);
-            let [mut q, mut k, mut v] = SharedInput::new(&h, total, d).matmul_many([&l.wq, &l.wk, &l.wv]);
-            add_bias(&mut q, l.bq.as_deref());
-            add_bias(&mut k, l.bk.as_deref());
-            add_bias(&mut v, l.bv.as_deref());
-            rope(&mut q, q_dim);
-            rope(&mut k, kv_dim);
+            {
+                let mut ps: Vec<_> = split_rows_mut(&mut q, q_dim, &parts)
+                    .into_iter()
+                    .zip(split_rows_mut(&mut k, kv_dim, &parts))
+                    .zip(split_rows_mut(&mut v, kv_dim, &parts))
+                    .zip(normed.iter_mut().zip(&parts))
+                    .collect();
+                pool::each_mut(&mut ps, |_, (((q, k), v), (h, part))| {
+                    self.attention_input(l, &x[part.start * d..part.end * d], &tables[part.clone()], h, q, k, v)
+                });
+            }
             // each sequence's cache on its own (a position's keys touch a line per key block row)
             pool::each_mut(batch, |i, s| {
                 let (a, b) = (first[i], first[i] + rows[i]);
@@ -296,17 +295,9 @@ impl Shard {
                 seqs.push(attention::AttnSeq { q: &q[r0 * q_dim..(r0 + n) * q_dim], k: kc, v: vc, start: s.cache.len() });
                 r0 += n;
             }
-            let mut attn = vec![0f32; total * q_dim];
-            attention::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, hd, &mut attn);
-            let o = l.wo.matmul(&attn, total);
-            add(&mut x, &o);
-
-            norm(&x, &l.ffn_norm, &mut h);
-            let [mut gate, up] = SharedInput::new(&h, total, d).matmul_many([&l.w_gate, &l.w_up]);
-            let ff = gate.len() / total;
-            pool::rows_mut(&mut gate, ff, PAR, |rows, part| ops::swiglu(part, &up[rows.start * ff..rows.end * ff]));
-            let down = l.w_down.matmul(&gate, total);
-            add(&mut x, &down);
+            attention::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, cfg.head_dim, &mut attn);
+            let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(normed.iter_mut().zip(&parts)).collect();
+            pool::each_mut(&mut ps, |_, (x, (h, part))| self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], h, x));
         }
         for (s, &n) in batch.iter_mut().zip(&rows) {
             s.cache.advance(n);
@@ -335,6 +326,90 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// A layer's attention input for some rows `x` (with their rotary tables): normed (into `h`), projected
+    /// to queries, keys and values (with biases) into `q`, `k`, `v`, rotated.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_input(&self, l: &Layer, x: &[f32], tables: &[Vec<(f32, f32)>], h: &mut [f32], q: &mut [f32], k: &mut [f32], v: &mut [f32]) {
+        let cfg = &*self.cfg;
+        let (d, n) = (cfg.n_embd, tables.len());
+        norm_rows(cfg, x, &l.attn_norm, h);
+        SharedInput::new(h, n, d).matmul_many_into([&l.wq, &l.wk, &l.wv], [&mut *q, &mut *k, &mut *v]);
+        add_bias(q, l.bq.as_deref());
+        add_bias(k, l.bk.as_deref());
+        add_bias(v, l.bv.as_deref());
+        rope_rows(cfg, q, cfg.q_dim(), tables);
+        rope_rows(cfg, k, cfg.kv_dim(), tables);
+    }
+
+    /// The rest of a layer for some rows: the attention output `attn` projected and added to the residual
+    /// stream `x`, then the feed-forward block (its input normed into `h`) added to it.
+    fn attention_output_and_ffn(&self, l: &Layer, attn: &[f32], h: &mut [f32], x: &mut [f32]) {
+        let cfg = &*self.cfg;
+        let d = cfg.n_embd;
+        let n = x.len() / d;
+        let o = l.wo.matmul(attn, n);
+        add_rows(d, x, &o);
+        norm_rows(cfg, x, &l.ffn_norm, h);
+        let [mut gate, up] = SharedInput::new(h, n, d).matmul_many([&l.w_gate, &l.w_up]);
+        let ff = gate.len() / n;
+        pool::rows_mut(&mut gate, ff, PAR, |rows, part| ops::swiglu(part, &up[rows.start * ff..rows.end * ff]));
+        let down = l.w_down.matmul(&gate, n);
+        add_rows(d, x, &down);
+    }
+}
+
+/// Row-wise steps run in parallel parts of rows (same bits) once there is this much of them (values).
+const PAR: usize = 1 << 14;
+
+fn norm_rows(cfg: &ModelConfig, x: &[f32], w: &[f32], h: &mut [f32]) {
+    let d = cfg.n_embd;
+    pool::rows_mut(h, d, PAR, |rows, part| ops::rms_norm(&x[rows.start * d..rows.end * d], w, cfg.rms_eps, part))
+}
+
+fn add_rows(d: usize, x: &mut [f32], y: &[f32]) {
+    pool::rows_mut(x, d, PAR, |rows, part| ops::add_assign(part, &y[rows.start * d..rows.end * d]))
+}
+
+fn rope_rows(cfg: &ModelConfig, x: &mut [f32], width: usize, tables: &[Vec<(f32, f32)>]) {
+    pool::rows_mut(x, width, PAR, |rows, part| {
+        for (r, row) in rows.zip(part.chunks_exact_mut(width)) {
+            ops::apply_rope(row, cfg.head_dim, &tables[r], cfg.rope_style);
+        }
+    })
+}
+
+/// Rows each thread's part of a prompt needs at least; fewer (decode, small batches) stay one part, and
+/// the matmuls split their columns instead, so each weight streams from memory once per step.
+const PART_MIN_ROWS: usize = 32;
+
+/// The batch's `total` rows in parts: one per thread, in whole tiles of 16 rows (the batched kernels'
+/// unit), when every thread gets at least [`PART_MIN_ROWS`]; else one part. A thread that carries its
+/// rows through a layer's row-wise steps and matmuls finds them in its own cache (split by matmul
+/// columns, half of every step's input comes from the other core), and a layer runs in three parallel
+/// regions instead of twenty. Every row's result is the same either way.
+#[allow(clippy::single_range_in_vec_init, reason = "one part holding every row is meant")]
+fn row_parts(total: usize, threads: usize) -> Vec<Range<usize>> {
+    if threads < 2 || total < threads * PART_MIN_ROWS {
+        return vec![0..total];
+    }
+    let tiles = total.div_ceil(16);
+    let (per, extra) = (tiles / threads, tiles % threads);
+    let end = |t: usize| ((t * per + t.min(extra)) * 16).min(total);
+    (0..threads).map(|t| end(t)..end(t + 1)).collect()
+}
+
+/// `x` (rows of `width` items) cut into the consecutive row ranges `parts` (which cover it).
+fn split_rows_mut<'a, T>(mut x: &'a mut [T], width: usize, parts: &[Range<usize>]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (a, b) = std::mem::take(&mut x).split_at_mut(p.len() * width);
+        out.push(a);
+        x = b;
+    }
+    out
+}
+
 /// An input multiplied by several matrices: quantized to 8-bit blocks once, on first use.
 struct SharedInput<'a> {
     x: &'a [f32],
@@ -353,6 +428,20 @@ impl<'a> SharedInput<'a> {
     }
 
     /// Every matrix times this input; matrices that take 8-bit input share one parallel region.
+    fn matmul_many_into<const N: usize>(&self, ws: [&QWeight; N], mut outs: [&mut [f32]; N]) {
+        if ws.iter().all(|w| w.takes_q8()) {
+            crate::quant::matmul_q8_many_into(&ws, self.q8(), &mut outs);
+        } else {
+            for (w, o) in ws.iter().zip(outs) {
+                if w.takes_q8() {
+                    crate::quant::matmul_q8_many_into(&[w], self.q8(), &mut [o]);
+                } else {
+                    w.matmul_into(self.x, self.rows, o);
+                }
+            }
+        }
+    }
+
     fn matmul_many<const N: usize>(&self, ws: [&QWeight; N]) -> [Vec<f32>; N] {
         if ws.iter().all(|w| w.takes_q8()) {
             let mut out = crate::quant::matmul_q8_many(&ws, self.q8()).into_iter();
@@ -386,4 +475,26 @@ pub fn hidden_from_bytes(b: &[u8], width: usize) -> Result<Vec<f32>> {
         return Err(EngineError::HiddenBytes { bytes: b.len(), width });
     }
     Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_parts_cover_every_row_once_in_whole_tiles() {
+        assert_eq!(row_parts(128, 1), vec![0..128]);
+        assert_eq!(row_parts(32, 2), vec![0..32], "too few rows per thread: one part");
+        assert_eq!(row_parts(128, 2), vec![0..64, 64..128]);
+        assert_eq!(row_parts(110, 3), vec![0..48, 48..80, 80..110]);
+        for threads in 1..5 {
+            for total in 1..300 {
+                let parts = row_parts(total, threads);
+                assert_eq!(parts.first().unwrap().start, 0);
+                assert_eq!(parts.last().unwrap().end, total);
+                assert!(parts.windows(2).all(|w| w[0].end == w[1].start && w[0].end % 16 == 0 && !w[0].is_empty()));
+                assert!(parts.len() == 1 || parts.iter().all(|p| !p.is_empty()), "{total} rows, {threads} threads");
+            }
+        }
+    }
 }

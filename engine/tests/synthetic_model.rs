@@ -122,6 +122,46 @@ fn thread_count_does_not_change_logits() {
     assert_bit_identical(&one, &three, "1 vs 3 threads");
 }
 
+/// Prompts long enough that every thread carries a part of the rows through each layer (whole tiles of 16
+/// rows, sequences straddling parts, a last part with a partial tile), first stage and a middle stage,
+/// against each sequence alone on one thread.
+#[test]
+fn rows_split_among_threads_give_the_same_logits() {
+    let m = synthetic(&SyntheticSpec { n_embd: 128, n_ff: 256, ..Default::default() });
+    let mut model = Model::open(&m.path).unwrap();
+    let whole = model.load_shard(0..4).unwrap();
+    let (front, back) = (model.load_shard(0..2).unwrap(), model.load_shard(2..4).unwrap());
+    let prompts: Vec<Vec<u32>> =
+        [37usize, 50, 23].iter().enumerate().map(|(s, &n)| (0..n).map(|i| ((i * 13 + s * 71) % 270) as u32).collect()).collect();
+    let alone: Vec<Vec<f32>> = flotilla_engine::pool::Pool::new(1).install(|| prompts.iter().map(|p| run_chunked(&whole, p, &[p.len()])).collect());
+    for threads in [2, 3] {
+        flotilla_engine::pool::Pool::new(threads).install(|| {
+            let mut caches: Vec<_> = prompts.iter().map(|_| front.new_cache()).collect();
+            let mut steps: Vec<_> = caches.iter_mut().zip(&prompts).map(|(c, p)| SeqStep { cache: c, input: StageInput::Tokens(p) }).collect();
+            let hidden: Vec<Vec<f32>> = front
+                .forward(&mut steps)
+                .unwrap()
+                .into_iter()
+                .map(|o| match o {
+                    StageOutput::Hidden(h) => h,
+                    StageOutput::Logits(_) => panic!("a first stage returns hidden states"),
+                })
+                .collect();
+            let mut caches: Vec<_> = prompts.iter().map(|_| back.new_cache()).collect();
+            let mut steps: Vec<_> = caches.iter_mut().zip(&hidden).map(|(c, h)| SeqStep { cache: c, input: StageInput::Hidden(h) }).collect();
+            let out = back.forward(&mut steps).unwrap();
+            for (i, (o, a)) in out.into_iter().zip(&alone).enumerate() {
+                assert_bit_identical(&o.into_logits().unwrap(), a, &format!("{threads} threads, two stages, sequence {i}"));
+            }
+            let mut caches: Vec<_> = prompts.iter().map(|_| whole.new_cache()).collect();
+            let mut steps: Vec<_> = caches.iter_mut().zip(&prompts).map(|(c, p)| SeqStep { cache: c, input: StageInput::Tokens(p) }).collect();
+            for (i, (o, a)) in whole.forward(&mut steps).unwrap().into_iter().zip(&alone).enumerate() {
+                assert_bit_identical(&o.into_logits().unwrap(), a, &format!("{threads} threads, one stage, sequence {i}"));
+            }
+        });
+    }
+}
+
 #[test]
 fn every_weight_format_runs_invariantly_and_matches_reference() {
     for (dtype, embd) in [
