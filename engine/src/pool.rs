@@ -254,6 +254,14 @@ pub fn current_threads() -> usize {
     CURRENT.with(|c| c.borrow().as_ref().map(|p| p.threads())).unwrap_or_else(|| current().threads())
 }
 
+/// Range `t` of `0..n` cut into `parts` consecutive ranges whose sizes differ by at most one, the larger
+/// first.
+pub fn range(n: usize, parts: usize, t: usize) -> std::ops::Range<usize> {
+    let (per, extra) = (n / parts, n % parts);
+    let start = |t: usize| t * per + t.min(extra);
+    start(t)..start(t + 1)
+}
+
 /// `f(i)` for every `i < tasks` on the current pool.
 pub fn for_each(tasks: usize, f: impl Fn(usize) + Sync) {
     if IN_TASK.with(|w| w.get()) {

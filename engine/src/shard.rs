@@ -394,9 +394,7 @@ fn row_parts(total: usize, threads: usize) -> Vec<Range<usize>> {
         return vec![0..total];
     }
     let tiles = total.div_ceil(16);
-    let (per, extra) = (tiles / threads, tiles % threads);
-    let end = |t: usize| ((t * per + t.min(extra)) * 16).min(total);
-    (0..threads).map(|t| end(t)..end(t + 1)).collect()
+    (0..threads).map(|t| pool::range(tiles, threads, t)).map(|r| r.start * 16..(r.end * 16).min(total)).collect()
 }
 
 /// `x` (rows of `width` items) cut into the consecutive row ranges `parts` (which cover it).
@@ -427,7 +425,8 @@ impl<'a> SharedInput<'a> {
         self.q8.get_or_init(|| crate::quant::quantize_rows(self.x, self.width))
     }
 
-    /// Every matrix times this input; matrices that take 8-bit input share one parallel region.
+    /// Every matrix times this input, into `outs`; matrices that take 8-bit input share one parallel
+    /// region.
     fn matmul_many_into<const N: usize>(&self, ws: [&QWeight; N], mut outs: [&mut [f32]; N]) {
         if ws.iter().all(|w| w.takes_q8()) {
             crate::quant::matmul_q8_many_into(&ws, self.q8(), &mut outs);
@@ -442,6 +441,7 @@ impl<'a> SharedInput<'a> {
         }
     }
 
+    /// As [`SharedInput::matmul_many_into`], each result in a new vector.
     fn matmul_many<const N: usize>(&self, ws: [&QWeight; N]) -> [Vec<f32>; N] {
         if ws.iter().all(|w| w.takes_q8()) {
             let mut out = crate::quant::matmul_q8_many(&ws, self.q8()).into_iter();
