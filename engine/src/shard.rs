@@ -231,6 +231,11 @@ impl Shard {
             }
             rows.push(n);
         }
+        // A batch of many short sequences (batched decode): each thread runs the whole stage for its own
+        // run of sequences, with no step shared between threads.
+        if let Some(groups) = sequence_groups(&rows, pool::current_threads()) {
+            return self.forward_groups(batch, &groups);
+        }
         let total: usize = rows.iter().sum();
         // each sequence's first row in the batch's rows
         let first: Vec<usize> = rows.iter().scan(0, |r0, &n| Some(std::mem::replace(r0, *r0 + n))).collect();
@@ -327,6 +332,29 @@ impl Shard {
 }
 
 impl Shard {
+    /// [`Shard::forward`] of each run of sequences `groups` (consecutive, covering the batch) on a thread
+    /// of its own: inside a task the pool runs every region on that thread alone, so each run takes the
+    /// one-part path, as a batch of its own. A sequence's result does not depend on the other sequences
+    /// in its batch, so the results are those of the whole batch in one.
+    fn forward_groups(&self, batch: &mut [SeqStep<'_>], groups: &[Range<usize>]) -> Result<Vec<StageOutput>> {
+        let mut rest = batch;
+        let mut runs: Vec<_> = groups
+            .iter()
+            .map(|g| {
+                let (run, tail) = std::mem::take(&mut rest).split_at_mut(g.len());
+                rest = tail;
+                (run, None::<Result<Vec<StageOutput>>>)
+            })
+            .collect();
+        debug_assert!(rest.is_empty(), "the groups cover the batch");
+        pool::each_mut(&mut runs, |_, (run, out)| *out = Some(self.forward(run)));
+        let mut out = Vec::new();
+        for (_, r) in runs {
+            out.extend(r.expect("every run ran")?);
+        }
+        Ok(out)
+    }
+
     /// A layer's attention input for some rows `x` (with their rotary tables): normed (into `h`), projected
     /// to queries, keys and values (with biases) into `q`, `k`, `v`, rotated.
     #[allow(clippy::too_many_arguments)]
@@ -395,6 +423,39 @@ fn row_parts(total: usize, threads: usize) -> Vec<Range<usize>> {
     }
     let tiles = total.div_ceil(16);
     (0..threads).map(|t| pool::range(tiles, threads, t)).map(|r| r.start * 16..(r.end * 16).min(total)).collect()
+}
+
+/// Rows each thread's run of sequences needs at least for [`sequence_groups`]: the batched kernels'
+/// per-row cost levels off from about 16 activation rows, and a thread running its own sequences streams
+/// every weight itself.
+const GROUP_MIN_ROWS: usize = 16;
+
+/// The batch's sequences (their new rows `rows`) in one run of consecutive sequences per thread, when
+/// each run gets at least [`GROUP_MIN_ROWS`] rows and none more than a quarter over an even share; else
+/// `None` (a long prompt, or too few rows), and the rows go into [`row_parts`]. Two threads each running
+/// their half of 32 decode steps kept the speed of two separate one-thread processes, while splitting
+/// every matmul's columns between them (about 20 parallel regions per layer) did not.
+fn sequence_groups(rows: &[usize], threads: usize) -> Option<Vec<Range<usize>>> {
+    let total: usize = rows.iter().sum();
+    if threads < 2 || rows.len() < threads || total < threads * GROUP_MIN_ROWS {
+        return None;
+    }
+    // cut before the sequence whose first row is nearest each even share's end
+    let starts: Vec<usize> = rows.iter().scan(0, |r0, &n| Some(std::mem::replace(r0, *r0 + n))).collect();
+    let mut cuts = vec![0];
+    for t in 1..threads {
+        let target = total * t / threads;
+        let i = (0..rows.len()).min_by_key(|&i| starts[i].abs_diff(target)).expect("rows is not empty");
+        cuts.push(i);
+    }
+    cuts.push(rows.len());
+    let groups: Vec<Range<usize>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
+    let most = (total.div_ceil(threads) * 5).div_ceil(4);
+    let fits = groups.iter().all(|g| {
+        let n: usize = rows[g.clone()].iter().sum();
+        !g.is_empty() && n >= GROUP_MIN_ROWS && n <= most
+    });
+    fits.then_some(groups)
 }
 
 /// `x` (rows of `width` items) cut into the consecutive row ranges `parts` (which cover it).
@@ -480,6 +541,28 @@ pub fn hidden_from_bytes(b: &[u8], width: usize) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_groups_cut_between_sequences_near_even_shares() {
+        assert_eq!(sequence_groups(&[1; 32], 1), None, "one thread");
+        assert_eq!(sequence_groups(&[1; 32], 2), Some(vec![0..16, 16..32]));
+        assert_eq!(sequence_groups(&[1; 31], 2), None, "too few rows for a second run");
+        assert_eq!(sequence_groups(&[1; 48], 3), Some(vec![0..16, 16..32, 32..48]));
+        assert_eq!(sequence_groups(&[128], 2), None, "one prompt: row parts");
+        assert_eq!(sequence_groups(&[37, 50, 23], 2), None, "no cut near an even share");
+        assert_eq!(sequence_groups(&[20, 3, 20, 1, 2], 2), Some(vec![0..2, 2..5]));
+        for threads in 2..5 {
+            for n in 1..80 {
+                let rows: Vec<usize> = (0..n).map(|i| 1 + i % 3).collect();
+                if let Some(g) = sequence_groups(&rows, threads) {
+                    assert_eq!(g.len(), threads);
+                    assert_eq!((g[0].start, g[threads - 1].end), (0, n));
+                    assert!(g.windows(2).all(|w| w[0].end == w[1].start));
+                    assert!(g.iter().all(|g| rows[g.clone()].iter().sum::<usize>() >= GROUP_MIN_ROWS));
+                }
+            }
+        }
+    }
 
     #[test]
     fn row_parts_cover_every_row_once_in_whole_tiles() {

@@ -162,6 +162,59 @@ fn rows_split_among_threads_give_the_same_logits() {
     }
 }
 
+/// Many short sequences, as in batched decode: each thread runs the stage for its own run of sequences
+/// (prompts of 1-3 tokens, then one decode step each at different positions), first and middle stages
+/// and a whole model, against each sequence alone on one thread.
+#[test]
+fn sequences_split_among_threads_give_the_same_logits() {
+    let m = synthetic(&SyntheticSpec { n_embd: 128, n_ff: 256, ..Default::default() });
+    let mut model = Model::open(&m.path).unwrap();
+    let whole = model.load_shard(0..4).unwrap();
+    let (front, back) = (model.load_shard(0..2).unwrap(), model.load_shard(2..4).unwrap());
+    let prompts: Vec<Vec<u32>> = (0..50).map(|s| (0..1 + s % 3).map(|i| ((i * 29 + s * 53) % 270) as u32).collect()).collect();
+    let next: Vec<u32> = (0..50).map(|s| (s * 17 % 270) as u32).collect();
+    let one = flotilla_engine::pool::Pool::new(1);
+    let alone: Vec<(Vec<f32>, Vec<f32>)> = one.install(|| {
+        prompts
+            .iter()
+            .zip(&next)
+            .map(|(p, &t)| {
+                let mut longer = p.clone();
+                longer.push(t);
+                (run_chunked(&whole, p, &[p.len()]), run_chunked(&whole, &longer, &[longer.len()]))
+            })
+            .collect()
+    });
+    let hidden = |o: StageOutput| match o {
+        StageOutput::Hidden(h) => h,
+        StageOutput::Logits(_) => panic!("a first stage returns hidden states"),
+    };
+    for threads in [2, 3] {
+        flotilla_engine::pool::Pool::new(threads).install(|| {
+            // whole model: the prompts, then a decode step of one token each
+            let mut caches: Vec<_> = prompts.iter().map(|_| whole.new_cache()).collect();
+            let mut steps: Vec<_> = caches.iter_mut().zip(&prompts).map(|(c, p)| SeqStep { cache: c, input: StageInput::Tokens(p) }).collect();
+            for (i, (o, a)) in whole.forward(&mut steps).unwrap().into_iter().zip(&alone).enumerate() {
+                assert_bit_identical(&o.into_logits().unwrap(), &a.0, &format!("{threads} threads, prompts, sequence {i}"));
+            }
+            let mut steps: Vec<_> =
+                caches.iter_mut().zip(&next).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(std::slice::from_ref(t)) }).collect();
+            for (i, (o, a)) in whole.forward(&mut steps).unwrap().into_iter().zip(&alone).enumerate() {
+                assert_bit_identical(&o.into_logits().unwrap(), &a.1, &format!("{threads} threads, decode step, sequence {i}"));
+            }
+            // two stages: hidden states between them
+            let mut caches: Vec<_> = prompts.iter().map(|_| front.new_cache()).collect();
+            let mut steps: Vec<_> = caches.iter_mut().zip(&prompts).map(|(c, p)| SeqStep { cache: c, input: StageInput::Tokens(p) }).collect();
+            let h: Vec<Vec<f32>> = front.forward(&mut steps).unwrap().into_iter().map(hidden).collect();
+            let mut caches: Vec<_> = prompts.iter().map(|_| back.new_cache()).collect();
+            let mut steps: Vec<_> = caches.iter_mut().zip(&h).map(|(c, h)| SeqStep { cache: c, input: StageInput::Hidden(h) }).collect();
+            for (i, (o, a)) in back.forward(&mut steps).unwrap().into_iter().zip(&alone).enumerate() {
+                assert_bit_identical(&o.into_logits().unwrap(), &a.0, &format!("{threads} threads, two stages, sequence {i}"));
+            }
+        });
+    }
+}
+
 #[test]
 fn every_weight_format_runs_invariantly_and_matches_reference() {
     for (dtype, embd) in [
