@@ -335,7 +335,8 @@ impl Shard {
     /// [`Shard::forward`] of each run of sequences `groups` (consecutive, covering the batch) on a thread
     /// of its own: inside a task the pool runs every region on that thread alone, so each run takes the
     /// one-part path, as a batch of its own. A sequence's result does not depend on the other sequences
-    /// in its batch, so the results are those of the whole batch in one.
+    /// in its batch, so the results are those of the whole batch in one. [`Shard::forward`] checked every
+    /// sequence before, so no run fails on its input after another has written its caches.
     fn forward_groups(&self, batch: &mut [SeqStep<'_>], groups: &[Range<usize>]) -> Result<Vec<StageOutput>> {
         let mut rest = batch;
         let mut runs: Vec<_> = groups
@@ -432,9 +433,9 @@ const GROUP_MIN_ROWS: usize = 16;
 
 /// The batch's sequences (their new rows `rows`) in one run of consecutive sequences per thread, when
 /// each run gets at least [`GROUP_MIN_ROWS`] rows and none more than a quarter over an even share; else
-/// `None` (a long prompt, or too few rows), and the rows go into [`row_parts`]. Two threads each running
-/// their half of 32 decode steps kept the speed of two separate one-thread processes, while splitting
-/// every matmul's columns between them (about 20 parallel regions per layer) did not.
+/// `None` (a long prompt, or too few rows), and the rows go into [`row_parts`]. 32 decode steps on two
+/// threads ran about 10% faster this way than with every matmul's columns split between the threads
+/// (about 20 parallel regions per layer; BENCHMARKS.md, Emerald Rapids).
 fn sequence_groups(rows: &[usize], threads: usize) -> Option<Vec<Range<usize>>> {
     let total: usize = rows.iter().sum();
     if threads < 2 || rows.len() < threads || total < threads * GROUP_MIN_ROWS {
