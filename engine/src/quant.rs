@@ -297,25 +297,9 @@ impl QWeight {
     }
 }
 
-/// Several matrices with the same 8-bit input in one parallel region (one fork-join instead of one each).
-/// Each result is bit-identical to [`QWeight::matmul_q8`] of that matrix alone.
-pub fn matmul_q8_many(ws: &[&QWeight], rows: &[Q8Row]) -> Vec<Vec<f32>> {
-    let m = rows.len();
-    // each matrix's [m, n_i] result, written in place by the tasks (not split from one [m, total] buffer)
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| Vec::with_capacity(m * w.rows)).collect();
-    let dst: Vec<simd::Out> = outs.iter_mut().zip(ws).map(|(o, w)| simd::Out::strided(o.as_mut_ptr(), w.rows)).collect();
-    // SAFETY: each buffer holds m rows of w.rows columns, which the call writes entirely
-    unsafe {
-        matmul_q8_many_to(ws, rows, &dst);
-        for (o, w) in outs.iter_mut().zip(ws) {
-            o.set_len(m * w.rows);
-        }
-    }
-    outs
-}
-
-/// As [`matmul_q8_many`], each result into a buffer of the caller's (`rows.len()` rows of the matrix's
-/// output width).
+/// Several matrices with the same 8-bit input in one parallel region (one fork-join instead of one each),
+/// each result into a buffer of the caller's (`rows.len()` rows of the matrix's output width). Each
+/// result is bit-identical to [`QWeight::matmul_q8`] of that matrix alone.
 pub fn matmul_q8_many_into(ws: &[&QWeight], rows: &[Q8Row], outs: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), outs.len(), "one output per matrix");
     let dst: Vec<simd::Out> = outs
@@ -326,13 +310,6 @@ pub fn matmul_q8_many_into(ws: &[&QWeight], rows: &[Q8Row], outs: &mut [&mut [f3
             simd::Out::strided(o.as_mut_ptr(), w.rows)
         })
         .collect();
-    // SAFETY: each buffer holds m rows of w.rows columns and is borrowed exclusively for the call
-    unsafe { matmul_q8_many_to(ws, rows, &dst) }
-}
-
-/// # Safety
-/// Each `dst[i]` covers `rows.len()` rows of `ws[i].rows` columns that nothing else writes meanwhile.
-unsafe fn matmul_q8_many_to(ws: &[&QWeight], rows: &[Q8Row], dst: &[simd::Out]) {
     let level = simd::detected();
     let m = rows.len();
     for w in ws {
@@ -357,8 +334,8 @@ unsafe fn matmul_q8_many_to(ws: &[&QWeight], rows: &[Q8Row], dst: &[simd::Out]) 
             let w = ws[i];
             let Kernel::Int(f) = w.kernel else { unreachable!("checked above") };
             let cols = (t - first[i]) * pack::TILE..((end - first[i]) * pack::TILE).min(w.rows);
-            // SAFETY: columns `cols` of matrix i belong to this task alone, and its output covers m rows
-            // of w.rows columns
+            // SAFETY: columns `cols` of matrix i belong to this task alone, and its buffer (borrowed
+            // exclusively for the call) holds m rows of w.rows columns
             unsafe {
                 let at = dst[i].offset(0, cols.start);
                 simd::tile(level, f, w.tiles_bytes(&cols), w.row_bytes, cols.len(), &acts, at);

@@ -238,7 +238,7 @@ impl Shard {
         }
         let total: usize = rows.iter().sum();
         // each sequence's first row in the batch's rows
-        let first: Vec<usize> = rows.iter().scan(0, |r0, &n| Some(std::mem::replace(r0, *r0 + n))).collect();
+        let first = first_rows(&rows);
 
         // Rows in parts: one per thread for a prompt, each part's rows carried through the row-wise steps
         // and matmuls of a layer by the thread that owns it; one part of all rows otherwise.
@@ -275,17 +275,17 @@ impl Shard {
         let mut k = vec![0f32; total * kv_dim];
         let mut v = vec![0f32; total * kv_dim];
         let mut attn = vec![0f32; total * q_dim];
-        let mut normed: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.len() * d]).collect();
+        let mut bufs: Vec<PartBuffers> = parts.iter().map(|p| PartBuffers::new(p.len(), d, cfg.n_ff)).collect();
         for (li, l) in self.layers.iter().enumerate() {
             {
                 let mut ps: Vec<_> = split_rows_mut(&mut q, q_dim, &parts)
                     .into_iter()
                     .zip(split_rows_mut(&mut k, kv_dim, &parts))
                     .zip(split_rows_mut(&mut v, kv_dim, &parts))
-                    .zip(normed.iter_mut().zip(&parts))
+                    .zip(bufs.iter_mut().zip(&parts))
                     .collect();
-                pool::each_mut(&mut ps, |_, (((q, k), v), (h, part))| {
-                    self.attention_input(l, &x[part.start * d..part.end * d], &tables[part.clone()], h, q, k, v)
+                pool::each_mut(&mut ps, |_, (((q, k), v), (b, part))| {
+                    self.attention_input(l, &x[part.start * d..part.end * d], &tables[part.clone()], &mut b.normed, q, k, v)
                 });
             }
             // each sequence's cache on its own (a position's keys touch a line per key block row)
@@ -301,8 +301,8 @@ impl Shard {
                 r0 += n;
             }
             attention::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, cfg.head_dim, &mut attn);
-            let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(normed.iter_mut().zip(&parts)).collect();
-            pool::each_mut(&mut ps, |_, (x, (h, part))| self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], h, x));
+            let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(bufs.iter_mut().zip(&parts)).collect();
+            pool::each_mut(&mut ps, |_, (x, (b, part))| self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], b, x));
         }
         for (s, &n) in batch.iter_mut().zip(&rows) {
             s.cache.advance(n);
@@ -372,19 +372,35 @@ impl Shard {
     }
 
     /// The rest of a layer for some rows: the attention output `attn` projected and added to the residual
-    /// stream `x`, then the feed-forward block (its input normed into `h`) added to it.
-    fn attention_output_and_ffn(&self, l: &Layer, attn: &[f32], h: &mut [f32], x: &mut [f32]) {
+    /// stream `x`, then the feed-forward block (its input normed into `b.normed`, its gate and up
+    /// projections in `b.gate`, `b.up`) added to it.
+    fn attention_output_and_ffn(&self, l: &Layer, attn: &[f32], b: &mut PartBuffers, x: &mut [f32]) {
         let cfg = &*self.cfg;
         let d = cfg.n_embd;
         let n = x.len() / d;
         let o = l.wo.matmul(attn, n);
         add_rows(d, x, &o);
-        norm_rows(cfg, x, &l.ffn_norm, h);
-        let [mut gate, up] = SharedInput::new(h, n, d).matmul_many([&l.w_gate, &l.w_up]);
-        let ff = gate.len() / n;
-        pool::rows_mut(&mut gate, ff, PAR, |rows, part| ops::swiglu(part, &up[rows.start * ff..rows.end * ff]));
-        let down = l.w_down.matmul(&gate, n);
+        norm_rows(cfg, x, &l.ffn_norm, &mut b.normed);
+        SharedInput::new(&b.normed, n, d).matmul_many_into([&l.w_gate, &l.w_up], [&mut b.gate, &mut b.up]);
+        let (gate, up, ff) = (&mut b.gate[..], &b.up[..], cfg.n_ff);
+        pool::rows_mut(gate, ff, PAR, |rows, part| ops::swiglu(part, &up[rows.start * ff..rows.end * ff]));
+        let down = l.w_down.matmul(gate, n);
         add_rows(d, x, &down);
+    }
+}
+
+/// A part's buffers for a layer's row-wise steps (written whole by each layer, allocated once per
+/// forward): the normed input of the attention and of the feed-forward block, and the feed-forward
+/// gate and up projections.
+struct PartBuffers {
+    normed: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl PartBuffers {
+    fn new(rows: usize, width: usize, ff: usize) -> Self {
+        PartBuffers { normed: vec![0.0; rows * width], gate: vec![0.0; rows * ff], up: vec![0.0; rows * ff] }
     }
 }
 
@@ -442,7 +458,7 @@ fn sequence_groups(rows: &[usize], threads: usize) -> Option<Vec<Range<usize>>> 
         return None;
     }
     // cut before the sequence whose first row is nearest each even share's end
-    let starts: Vec<usize> = rows.iter().scan(0, |r0, &n| Some(std::mem::replace(r0, *r0 + n))).collect();
+    let starts = first_rows(rows);
     let mut cuts = vec![0];
     for t in 1..threads {
         let target = total * t / threads;
@@ -457,6 +473,11 @@ fn sequence_groups(rows: &[usize], threads: usize) -> Option<Vec<Range<usize>>> 
         !g.is_empty() && n >= GROUP_MIN_ROWS && n <= most
     });
     fits.then_some(groups)
+}
+
+/// Where each sequence's rows start among the batch's rows (`rows[i]` rows for sequence `i`).
+fn first_rows(rows: &[usize]) -> Vec<usize> {
+    rows.iter().scan(0, |r0, &n| Some(std::mem::replace(r0, *r0 + n))).collect()
 }
 
 /// `x` (rows of `width` items) cut into the consecutive row ranges `parts` (which cover it).
@@ -500,16 +521,6 @@ impl<'a> SharedInput<'a> {
                     w.matmul_into(self.x, self.rows, o);
                 }
             }
-        }
-    }
-
-    /// As [`SharedInput::matmul_many_into`], each result in a new vector.
-    fn matmul_many<const N: usize>(&self, ws: [&QWeight; N]) -> [Vec<f32>; N] {
-        if ws.iter().all(|w| w.takes_q8()) {
-            let mut out = crate::quant::matmul_q8_many(&ws, self.q8()).into_iter();
-            std::array::from_fn(|_| out.next().expect("one result per matrix"))
-        } else {
-            ws.map(|w| if w.takes_q8() { w.matmul_q8(self.q8()) } else { w.matmul(self.x, self.rows) })
         }
     }
 }
