@@ -5,8 +5,10 @@
 //! an activation block broadcast to every lane. Q4 nibbles (0..15) against 8-bit activations keep every
 //! partial sum of a block within i16 (`8 * 2 * 15 * 128`), so a block's 8 chunks add up in i16 before one
 //! `madd`; Q8_0 moves each weight's sign onto the activation (`maddubs` takes one unsigned operand) and
-//! widens every chunk. Lane accumulators are formed in the reduction's order and folded into it at
-//! once, as in [`super::vnni`]: the scalar reference's bits.
+//! widens every chunk. A pass takes the tile's blocks in order (the weights stream in memory order, and
+//! each block's share of the tile [`PREFETCH`] bytes ahead is prefetched as it goes), each block into
+//! lane `b % 16` of its row's and half's 16 lane accumulators (in memory: they would not fit in
+//! registers), which then reduce in the canonical order: the scalar reference's bits.
 
 use std::arch::x86_64::*;
 
@@ -14,8 +16,11 @@ use super::dot::Q8Row;
 use super::pack::{self, GROUP, TILE};
 use super::simd::{IntFormat, Out};
 
-/// Activation rows multiplied together by one pass over a half tile.
-const ROWS: usize = 2;
+/// Activation rows multiplied together by one pass over a tile.
+const ROWS: usize = 6;
+
+/// How far ahead of the tile being multiplied the weights are prefetched, in bytes (at least a tile).
+const PREFETCH: usize = 8192;
 
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
 /// format `f`) and every activation row, as [`super::simd::tile`] does.
@@ -35,30 +40,70 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
 #[inline(always)]
 unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
     let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
+    let ahead = PREFETCH.max(tb);
+    // the first weights, which no earlier tile prefetched
+    let mut off = 0;
+    while off < w.len().min(ahead) {
+        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(off) as *const i8);
+        off += 64;
+    }
     for j0 in (0..n).step_by(TILE) {
         let tile = w.as_ptr().add(j0 / TILE * tb);
-        // the next tile comes from memory while this one is multiplied
-        let mut off = 0;
-        while off < tb {
-            _mm_prefetch::<_MM_HINT_T0>(tile.wrapping_add(tb + off) as *const i8);
-            off += 64;
+        let keep =
+            |h: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32((n - j0).saturating_sub(8 * h).min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        let keep = [keep(0), keep(1)];
+        let at = |r: usize| out.offset(r, j0);
+        // the first pass over the tile prefetches, block by block, the weights `ahead` bytes on
+        let pf = |r: usize| if r == 0 { tile.wrapping_add(ahead) } else { std::ptr::null() };
+        let mut r = 0;
+        while r < m {
+            match m - r {
+                1 => pass::<1>(f, tile, nb, &acts[r..r + 1], at(r), keep, pf(r)),
+                2 => pass::<2>(f, tile, nb, &acts[r..r + 2], at(r), keep, pf(r)),
+                3 => pass::<3>(f, tile, nb, &acts[r..r + 3], at(r), keep, pf(r)),
+                4 => pass::<4>(f, tile, nb, &acts[r..r + 4], at(r), keep, pf(r)),
+                5 => pass::<5>(f, tile, nb, &acts[r..r + 5], at(r), keep, pf(r)),
+                _ => pass::<ROWS>(f, tile, nb, &acts[r..r + ROWS], at(r), keep, pf(r)),
+            }
+            r += ROWS;
+        }
+    }
+}
+
+/// `R` activation rows against a tile, its blocks in order: block `b` adds to lane `b % 16` of each
+/// row's and half's accumulators (kept in memory: 16 lanes would not fit in registers), which then
+/// reduce in the canonical order; the results of row `r` go to `out.row(r)`, the lanes in `keep`.
+/// Unless `ahead` is null, each block also prefetches its share of the tile there.
+#[inline(always)]
+unsafe fn pass<const R: usize>(f: IntFormat, tile: *const u8, nb: usize, acts: &[Q8Row], out: Out, keep: [__m256i; 2], ahead: *const u8) {
+    let mut acc = [[[_mm256_setzero_ps(); GROUP]; 2]; R];
+    let share = TILE * f.block_bytes();
+    for b in 0..nb {
+        let l = b % GROUP;
+        if !ahead.is_null() {
+            let mut off = (b * share) & !63;
+            while off < (b + 1) * share {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
+                off += 64;
+            }
         }
         for h in 0..2 {
-            let j = j0 + 8 * h;
-            if j >= n {
-                break;
+            let blk = Half { f, p: tile, nb, h }.block(b);
+            for (acc, x) in acc.iter_mut().zip(acts) {
+                let a = &mut acc[h][l];
+                *a = _mm256_add_ps(*a, term(f, &blk, x, b));
             }
-            let half = Half { f, p: tile, nb, h };
-            let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - j).min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-            let at = |r: usize| out.offset(r, j);
-            let mut r = 0;
-            while r + ROWS <= m {
-                pass::<ROWS>(&half, &acts[r..r + ROWS], at(r), keep);
-                r += ROWS;
-            }
-            if r < m {
-                pass::<1>(&half, &acts[r..], at(r), keep);
-            }
+        }
+    }
+    // lanes without blocks (rows under 16 blocks) stay 0.0
+    for (r, acc) in acc.iter().enumerate() {
+        for (h, a) in acc.iter().enumerate() {
+            let hs: [__m256; 8] = std::array::from_fn(|i| _mm256_add_ps(a[i], a[i + 8]));
+            let v = _mm256_add_ps(
+                _mm256_add_ps(_mm256_add_ps(hs[0], hs[4]), _mm256_add_ps(hs[2], hs[6])),
+                _mm256_add_ps(_mm256_add_ps(hs[1], hs[5]), _mm256_add_ps(hs[3], hs[7])),
+            );
+            _mm256_maskstore_ps(out.row(r).add(8 * h), keep[h], v);
         }
     }
 }
@@ -109,81 +154,39 @@ impl Half {
     }
 }
 
-/// `R` activation rows against a half tile: the 8 weight rows' results of row `r` go to
-/// `out.row(r)`, the lanes in `keep`.
+/// One block's term of the canonical sum for the half tile's 8 weight rows and activation row `x`.
 #[inline(always)]
-unsafe fn pass<const R: usize>(half: &Half, acts: &[Q8Row], out: Out, keep: __m256i) {
-    // the reduction's order, lane by lane, as in `vnni::pass`
-    macro_rules! h {
-        ($i:literal) => {
-            add::<R>(lane::<R>(half, $i, acts), lane::<R>(half, $i + 8, acts))
-        };
-    }
-    let (h0, h4) = (h!(0), h!(4));
-    let q = add::<R>(h0, h4);
-    let (h2, h6) = (h!(2), h!(6));
-    let s = add::<R>(q, add::<R>(h2, h6));
-    let (h1, h5) = (h!(1), h!(5));
-    let q = add::<R>(h1, h5);
-    let (h3, h7) = (h!(3), h!(7));
-    let v = add::<R>(s, add::<R>(q, add::<R>(h3, h7)));
-    for (r, v) in v.iter().enumerate() {
-        _mm256_maskstore_ps(out.row(r), keep, *v);
-    }
-}
-
-#[inline(always)]
-unsafe fn add<const R: usize>(a: [__m256; R], b: [__m256; R]) -> [__m256; R] {
-    let mut out = a;
-    for r in 0..R {
-        out[r] = _mm256_add_ps(a[r], b[r]);
-    }
-    out
-}
-
-/// Lane accumulator `l` of `R` activation rows against the half tile's 8 weight rows.
-#[inline(always)]
-unsafe fn lane<const R: usize>(half: &Half, l: usize, acts: &[Q8Row]) -> [__m256; R] {
-    let (f, nb) = (half.f, half.nb);
-    let mut acc = [_mm256_setzero_ps(); R];
+unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
     let ones = _mm256_set1_epi16(1);
-    let mut b = l;
-    while b < nb {
-        let blk = half.block(b);
-        for (r, x) in acts.iter().enumerate().take(R) {
-            let a = x.qs.as_ptr().add(pack::act_index(b, 0));
-            let chunk = |k: usize| (a.add(4 * k) as *const i32).read_unaligned();
-            let mut p = match f {
-                IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                    let mut s0 = _mm256_maddubs_epi16(blk.w[0], _mm256_set1_epi32(chunk(0)));
-                    let mut s1 = _mm256_maddubs_epi16(blk.w[1], _mm256_set1_epi32(chunk(1)));
-                    for k in (2..8).step_by(2) {
-                        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(blk.w[k], _mm256_set1_epi32(chunk(k))));
-                        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(blk.w[k + 1], _mm256_set1_epi32(chunk(k + 1))));
-                    }
-                    _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
-                }
-                IntFormat::Q8_0 => {
-                    let mut p = _mm256_setzero_si256();
-                    for k in 0..8 {
-                        let sg = _mm256_loadu_si256(blk.signs.add(64 * k) as *const __m256i);
-                        let ak = _mm256_sign_epi8(_mm256_set1_epi32(chunk(k)), sg);
-                        p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(blk.w[k], ak), ones));
-                    }
-                    p
-                }
-            };
-            if f == IntFormat::Q4_0 {
-                // the nibbles were taken unsigned: subtract 8 x the activation block's sum
-                p = _mm256_sub_epi32(p, _mm256_set1_epi32(*x.sums.get_unchecked(b) << 3));
+    let a = x.qs.as_ptr().add(pack::act_index(b, 0));
+    let chunk = |k: usize| (a.add(4 * k) as *const i32).read_unaligned();
+    let mut p = match f {
+        IntFormat::Q4_0 | IntFormat::Q4_1 => {
+            let mut s0 = _mm256_maddubs_epi16(blk.w[0], _mm256_set1_epi32(chunk(0)));
+            let mut s1 = _mm256_maddubs_epi16(blk.w[1], _mm256_set1_epi32(chunk(1)));
+            for k in (2..8).step_by(2) {
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(blk.w[k], _mm256_set1_epi32(chunk(k))));
+                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(blk.w[k + 1], _mm256_set1_epi32(chunk(k + 1))));
             }
-            let mut term = _mm256_mul_ps(_mm256_mul_ps(blk.dw, _mm256_set1_ps(*x.d.get_unchecked(b))), _mm256_cvtepi32_ps(p));
-            if f == IntFormat::Q4_1 {
-                term = _mm256_add_ps(term, _mm256_mul_ps(blk.mw, _mm256_set1_ps(*x.s.get_unchecked(b))));
-            }
-            acc[r] = _mm256_add_ps(acc[r], term);
+            _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
         }
-        b += GROUP;
+        IntFormat::Q8_0 => {
+            let mut p = _mm256_setzero_si256();
+            for k in 0..8 {
+                let sg = _mm256_loadu_si256(blk.signs.add(64 * k) as *const __m256i);
+                let ak = _mm256_sign_epi8(_mm256_set1_epi32(chunk(k)), sg);
+                p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(blk.w[k], ak), ones));
+            }
+            p
+        }
+    };
+    if f == IntFormat::Q4_0 {
+        // the nibbles were taken unsigned: subtract 8 x the activation block's sum
+        p = _mm256_sub_epi32(p, _mm256_set1_epi32(*x.sums.get_unchecked(b) << 3));
     }
-    acc
+    let mut term = _mm256_mul_ps(_mm256_mul_ps(blk.dw, _mm256_set1_ps(*x.d.get_unchecked(b))), _mm256_cvtepi32_ps(p));
+    if f == IntFormat::Q4_1 {
+        term = _mm256_add_ps(term, _mm256_mul_ps(blk.mw, _mm256_set1_ps(*x.s.get_unchecked(b))));
+    }
+    term
 }

@@ -101,10 +101,58 @@ impl Q8Row {
         self.fill(x)
     }
 
+    /// [`quantize_block`] 32 values at a time on 256-bit vectors: the same steps as
+    /// [`Q8Row::quantize_avx512`] (maximum of absolute values ignoring NaN, the same scale and reciprocal,
+    /// per value the same multiply, clamp, truncation and half-away-from-zero correction, NaN lanes 0),
+    /// with the comparisons' all-ones lanes (-1) subtracted or added as the corrections.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn quantize_avx2(&mut self, x: &[f32]) {
-        self.fill(x)
+    pub(crate) unsafe fn quantize_avx2(&mut self, x: &[f32]) {
+        use std::arch::x86_64::*;
+        self.start(x.len());
+        let nb = x.len() / QK8;
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK8);
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+            // max(|v|, m) keeps m where v is NaN, as f32::max does
+            let mut m = _mm256_setzero_ps();
+            for vi in v {
+                m = _mm256_max_ps(_mm256_and_ps(vi, abs), m);
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+            let round = |v: __m256| {
+                let x = _mm256_mul_ps(v, id);
+                let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+                let t = _mm256_cvttps_epi32(xc);
+                let r = _mm256_sub_ps(xc, _mm256_cvtepi32_ps(t));
+                let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(r, _mm256_set1_ps(0.5)));
+                let down = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(r, _mm256_set1_ps(-0.5)));
+                let n = _mm256_add_epi32(_mm256_sub_epi32(t, up), down);
+                // NaN lanes (unordered with themselves) are 0
+                _mm256_and_si256(n, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(x, x)))
+            };
+            let n: [__m256i; 4] = std::array::from_fn(|i| round(v[i]));
+            let s8 = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256::<1>(s8));
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
+            // every value is within -128..=127, so the saturating packs keep them; the packs work
+            // within 128-bit halves, and the permute puts the 32 bytes back in order
+            let w01 = _mm256_packs_epi32(n[0], n[1]);
+            let w23 = _mm256_packs_epi32(n[2], n[3]);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(self.qs.as_mut_ptr().add(act_index(b, 0)) as *mut __m256i, bytes);
+            self.d.push(d);
+            self.s.push(d * sum as f32);
+            self.sums.push(sum);
+        }
+        self.finish();
     }
 
     /// The portable build (tests compare the SIMD one against it).
@@ -119,7 +167,7 @@ impl Q8Row {
     /// same multiply, clamp, truncation and half-away-from-zero correction, NaN lanes set to 0.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn quantize_avx512(&mut self, x: &[f32]) {
+    pub(crate) unsafe fn quantize_avx512(&mut self, x: &[f32]) {
         use std::arch::x86_64::*;
         self.start(x.len());
         let nb = x.len() / QK8;

@@ -282,11 +282,34 @@ fn every_quantizer_build_gives_the_portable_bits() {
         }
         // a block of subnormals only, and one all zeros
         x[..32.min(k)].iter_mut().enumerate().for_each(|(j, v)| *v = 1e-44 * (j as f32 - 9.0));
-        let (simd, portable) = (Q8Row::quantize(&x), Q8Row::quantize_portable(&x));
-        assert_eq!(&simd.qs[..], &portable.qs[..], "values, width {k}");
-        assert_eq!(simd.sums, portable.sums, "sums, width {k}");
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&simd.d), bits(&portable.d), "scales, width {k}");
-        assert_eq!(bits(&simd.s), bits(&portable.s), "scaled sums, width {k}");
+        let portable = Q8Row::quantize_portable(&x);
+        for (build, simd) in quantizer_builds(&x) {
+            assert_eq!(&simd.qs[..], &portable.qs[..], "{build} values, width {k}");
+            assert_eq!(simd.sums, portable.sums, "{build} sums, width {k}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&simd.d), bits(&portable.d), "{build} scales, width {k}");
+            assert_eq!(bits(&simd.s), bits(&portable.s), "{build} scaled sums, width {k}");
+        }
     }
+}
+
+/// `x` quantized by the build `Q8Row::quantize` picks and by every SIMD build this CPU can run.
+fn quantizer_builds(x: &[f32]) -> Vec<(&'static str, Q8Row)> {
+    let mut out = vec![("dispatched", Q8Row::quantize(x))];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            let mut row = Q8Row::default();
+            // SAFETY: the CPU has AVX2
+            unsafe { row.quantize_avx2(x) };
+            out.push(("avx2", row));
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            let mut row = Q8Row::default();
+            // SAFETY: the CPU has these features
+            unsafe { row.quantize_avx512(x) };
+            out.push(("avx512", row));
+        }
+    }
+    out
 }
