@@ -15,12 +15,10 @@ use std::arch::x86_64::*;
 use super::dot::Q8Row;
 use super::pack::{self, GROUP, TILE};
 use super::simd::{IntFormat, Out};
+use super::wtile::{self, PREFETCH};
 
 /// Activation rows multiplied together by one pass over a tile.
 const ROWS: usize = 6;
-
-/// How far ahead of the tile being multiplied the weights are prefetched, in bytes (at least a tile).
-const PREFETCH: usize = 8192;
 
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
 /// format `f`) and every activation row, as [`super::simd::tile`] does.
@@ -42,11 +40,7 @@ unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
     let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
     let ahead = PREFETCH.max(tb);
     // the first weights, which no earlier tile prefetched
-    let mut off = 0;
-    while off < w.len().min(ahead) {
-        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(off) as *const i8);
-        off += 64;
-    }
+    wtile::prefetch(w.as_ptr(), w.len().min(ahead));
     for j0 in (0..n).step_by(TILE) {
         let tile = w.as_ptr().add(j0 / TILE * tb);
         let keep =
@@ -81,11 +75,7 @@ unsafe fn pass<const R: usize>(f: IntFormat, tile: *const u8, nb: usize, acts: &
     for b in 0..nb {
         let l = b % GROUP;
         if !ahead.is_null() {
-            let mut off = (b * share) & !63;
-            while off < (b + 1) * share {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
-                off += 64;
-            }
+            wtile::prefetch(ahead.wrapping_add(b * share), share);
         }
         for h in 0..2 {
             let blk = Half { f, p: tile, nb, h }.block(b);

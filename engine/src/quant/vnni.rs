@@ -24,18 +24,13 @@ use std::cell::RefCell;
 use super::dot::{AlignedBytes, Q8Row};
 use super::pack::{self, GROUP, QK, TILE};
 use super::simd::{IntFormat, Out};
-use super::wtile::{self, Prefetch, WeightTile};
+use super::wtile::{self, Prefetch, WeightTile, PREFETCH};
 
 /// Activation rows multiplied together by one pass over a tile.
 const ROWS: usize = 6;
 
 /// Fewest activation rows for which a tile is unpacked once into a buffer instead of in every pass.
 pub const PREP_ROWS: usize = 8;
-
-/// How far ahead of the tile being multiplied the weights are prefetched, in bytes: single-stream
-/// decode streams ~100 MB of weights per token, and only this many bytes in flight come close to one
-/// core's DRAM bandwidth (1 KiB reached 25-28 GB/s on the Zen 5 VM, 8 KiB 37 GB/s of its ~41).
-const PREFETCH: usize = 8192;
 
 thread_local! {
     static SCRATCH: RefCell<WeightTile> = RefCell::new(WeightTile::default());
@@ -94,11 +89,7 @@ struct PassPtrs {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], passes: Option<&PassRows>, out: Out) {
     // the first weights, which no earlier tile prefetched
-    let mut off = 0;
-    while off < w.len().min(PREFETCH) {
-        _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(off) as *const i8);
-        off += 64;
-    }
+    wtile::prefetch(w.as_ptr(), w.len().min(PREFETCH));
     if acts.is_empty() {
         return;
     }
@@ -212,11 +203,7 @@ impl Source for Packed {
     unsafe fn block(&self, f: IntFormat, b: usize) -> Block {
         let nb = self.nb;
         let bb = TILE * f.block_bytes();
-        let mut off = 0;
-        while off < bb {
-            _mm_prefetch::<_MM_HINT_T0>(self.ahead.wrapping_add(b * bb + off) as *const i8);
-            off += 64;
-        }
+        wtile::prefetch(self.ahead.wrapping_add(b * bb), bb);
         let v = self.p.add(pack::values_at(f, b)) as *const __m512i;
         let mut w = [_mm512_setzero_si512(); 8];
         match f {
