@@ -95,7 +95,8 @@ impl NodeProc {
             .arg(&self.model)
             .env("FLOTILLA__NODE__THREADS", "1")
             .env("FLOTILLA_COOKIE", COOKIE)
-            .env("RUST_LOG", "info,ractor_cluster=warn")
+            // FLOTILLA_TEST_RUST_LOG (say `info,flotilla_actors=debug`) sets the nodes' log filter when chasing a failure.
+            .env("RUST_LOG", std::env::var("FLOTILLA_TEST_RUST_LOG").unwrap_or_else(|_| "info,ractor_cluster=warn".into()))
             .env_remove("FLOTILLA__NODE__FAULT_INJECTION")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -278,18 +279,29 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+        // FLOTILLA_TEST_LOG_DIR keeps every cluster's node logs (one folder per cluster) when chasing a failure.
+        if let Ok(keep) = std::env::var("FLOTILLA_TEST_LOG_DIR") {
+            let to = std::path::Path::new(&keep).join(self.dir.path().file_name().unwrap().to_string_lossy().trim_start_matches('.'));
+            if std::fs::create_dir_all(&to).is_ok() {
+                for n in &self.nodes {
+                    let _ = std::fs::copy(&n.log, to.join(n.log.file_name().unwrap()));
+                }
+            }
+        }
     }
 }
 
 /// Runs `flotilla admin --node ADDR --cookie C ARGS...` (bounded by its own --timeout).
 /// POSTs JSON to `path` on the HTTP address `addr`: the status, the body (JSON when it parses) and `Retry-After`.
+/// A transport error (refused, reset, no answer within 120 s) is status 0 with the error as the body, so
+/// that the caller's check fails with its own context (the nodes' logs) rather than a bare panic in a thread.
 pub fn post_to(addr: &str, path: &str, body: &Value) -> (u16, Value, Option<String>) {
     let url = format!("http://{addr}{path}");
     let r = ureq::post(&url).timeout(Duration::from_secs(120)).set("Content-Type", "application/json").send_string(&body.to_string());
     let resp = match r {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("POST {url}: {e}"),
+        Err(e) => return (0, Value::String(format!("POST {url}: {e}")), None),
     };
     let status = resp.status();
     let retry = resp.header("Retry-After").map(str::to_string);
