@@ -4,8 +4,14 @@
 //! then admits requests: each goes to the least-loaded replica (running requests over capacity),
 //! up to `max_batch` per replica; beyond that requests wait in a bounded queue, and beyond the
 //! queue they are refused (HTTP 429).
+//!
+//! Every assignment is answered (`Loaded`). One a worker refused, because its node does not see this
+//! scheduler as the leader yet or because it follows a newer epoch (another scheduler led for a moment
+//! while the views converged), is sent again, or the placement is issued again above that epoch, until
+//! every worker of the placement holds it: the placement cannot stay unready on a lost or refused message.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use flotilla_config::Count;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -17,7 +23,7 @@ use crate::placement::{moved_layers, plan, NodeInfo, Placement};
 use crate::protocol::SCOPE;
 use crate::view::{Member, MemberState};
 use crate::wire::Wire;
-use crate::work::{AdmitReply, AdmitReq, Assignment, Loaded, RebalanceStatus, Release, Role, SchedulerStatus};
+use crate::work::{AdmitReply, AdmitReq, Assignment, LoadOutcome, Loaded, RebalanceStatus, Release, Role, SchedulerStatus};
 use crate::worker::{member, WorkerMsg};
 
 /// Process group of the scheduler on `node`.
@@ -47,7 +53,14 @@ pub enum SchedulerMsg {
     Release(Wire<Release>),
     #[rpc]
     Status(RpcReplyPort<Wire<SchedulerStatus>>),
+    /// From itself, every `TICK`: sends unanswered or refused assignments again.
+    Tick,
 }
+
+/// How often the scheduler checks for assignments to send again.
+const TICK: Duration = Duration::from_millis(200);
+/// An assignment not yet acknowledged is sent again after this long.
+const RESEND_AFTER: Duration = Duration::from_millis(500);
 
 pub struct SchedulerArgs {
     pub node: String,
@@ -75,6 +88,9 @@ pub struct SchedulerState {
     error: Option<String>,
     /// The latest placement change (`pending` is filled in when status is asked).
     rebalance: Option<RebalanceStatus>,
+    /// The assignment of each node that holds layers in the placement, and when it was last sent.
+    assigned: BTreeMap<String, (Assignment, Instant)>,
+    ticker: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl SchedulerState {
@@ -110,53 +126,12 @@ impl SchedulerState {
             .collect();
         let prev = self.placement.clone();
         match plan(&nodes, self.args.n_layers, self.args.replicas, self.args.stages, if force { None } else { prev.as_ref() }) {
-            Ok(mut p) => {
+            Ok(p) => {
                 if !force && prev.as_ref().is_some_and(|q| q.same_layout(&p)) {
                     return;
                 }
-                let epoch = {
-                    let mut id = self.args.identity.lock().expect("identity lock");
-                    id.placement_epoch = id.placement_epoch.max(prev.as_ref().map_or(0, |q| q.epoch)) + 1;
-                    id.placement_epoch
-                };
-                p.epoch = epoch;
-                crate::metrics::m().rebalances.inc();
-                let moved = moved_layers(prev.as_ref(), &p);
-                tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved, "new placement");
-                self.rebalance = Some(RebalanceStatus {
-                    epoch,
-                    from_epoch: prev.as_ref().map(|q| q.epoch),
-                    moved_layers: moved,
-                    planned_at_ms: crate::membership::unix_ms(),
-                    ready_at_ms: None,
-                    pending: Vec::new(),
-                });
-                self.error = None;
-                self.loaded.clear();
-                self.failed.clear();
-                self.running = vec![0; p.replicas.len()];
-                let mut targets: BTreeSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
-                if let Some(q) = &prev {
-                    targets.extend(q.nodes().into_iter().map(String::from));
-                }
-                for node in targets {
-                    let role = p.find(&node).map(|(r, s, a)| Role {
-                        replica: r as u32,
-                        stage: s as u32,
-                        n_stages: p.replicas[r].len() as u32,
-                        start: a.start,
-                        end: a.end,
-                        next: p.replicas[r].get(s + 1).map(|n| n.node.clone()),
-                    });
-                    let a = Assignment { epoch, role, leader: self.args.node.clone() };
-                    match member::<WorkerMsg>(&crate::worker::group(&node)) {
-                        Some(w) => {
-                            let _ = w.cast(WorkerMsg::Assign(Wire::Ok(a)));
-                        }
-                        None => tracing::warn!(%node, "no worker found for a node in the placement"),
-                    }
-                }
-                self.placement = Some(p);
+                let targets: BTreeSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
+                self.issue(p, prev, targets);
             }
             Err(e) => {
                 if self.placement.is_some() || self.error.is_none() {
@@ -164,10 +139,114 @@ impl SchedulerState {
                 }
                 self.placement = None;
                 self.rebalance = None;
+                self.assigned.clear();
                 self.error = Some(e.to_string());
                 self.answer_waiting(AdmitReply::Unavailable(e.to_string()));
             }
         }
+    }
+
+    /// The current placement again under a new epoch above `above` (a worker follows that epoch):
+    /// the same layers on the same nodes, so no worker reloads anything.
+    fn reissue(&mut self, above: u64) {
+        let Some(p) = self.placement.clone() else { return };
+        {
+            let mut id = self.args.identity.lock().expect("identity lock");
+            id.placement_epoch = id.placement_epoch.max(above);
+        }
+        tracing::info!(epoch = p.epoch, above, "a worker follows a newer epoch; issuing the placement again above it");
+        let targets = p.nodes().into_iter().map(String::from).collect();
+        self.issue(p, Some(self.placement.clone().expect("checked above")), targets);
+    }
+
+    /// Numbers `p` with a fresh epoch, makes it current, and sends every node in `targets`, in `p` or
+    /// in `prev` its assignment (its role, or none).
+    fn issue(&mut self, mut p: Placement, prev: Option<Placement>, mut targets: BTreeSet<String>) {
+        let epoch = {
+            let mut id = self.args.identity.lock().expect("identity lock");
+            id.placement_epoch = id.placement_epoch.max(prev.as_ref().map_or(0, |q| q.epoch)) + 1;
+            id.placement_epoch
+        };
+        p.epoch = epoch;
+        crate::metrics::m().rebalances.inc();
+        let moved = moved_layers(prev.as_ref(), &p);
+        tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved, "new placement");
+        self.rebalance = Some(RebalanceStatus {
+            epoch,
+            from_epoch: prev.as_ref().map(|q| q.epoch),
+            moved_layers: moved,
+            planned_at_ms: crate::membership::unix_ms(),
+            ready_at_ms: None,
+            pending: Vec::new(),
+        });
+        self.error = None;
+        self.loaded.clear();
+        self.failed.clear();
+        self.assigned.clear();
+        self.running = vec![0; p.replicas.len()];
+        targets.extend(p.nodes().into_iter().map(String::from));
+        if let Some(q) = &prev {
+            targets.extend(q.nodes().into_iter().map(String::from));
+        }
+        for node in targets {
+            let role = p.find(&node).map(|(r, s, a)| Role {
+                replica: r as u32,
+                stage: s as u32,
+                n_stages: p.replicas[r].len() as u32,
+                start: a.start,
+                end: a.end,
+                next: p.replicas[r].get(s + 1).map(|n| n.node.clone()),
+            });
+            let a = Assignment { epoch, role, leader: self.args.node.clone() };
+            if !send_assignment(&node, &a) {
+                tracing::warn!(%node, "no worker found for a node in the placement");
+            }
+            if a.role.is_some() {
+                self.assigned.insert(node, (a, Instant::now()));
+            }
+        }
+        self.placement = Some(p);
+    }
+
+    /// Sends again every assignment of the placement that no worker has acknowledged for `RESEND_AFTER`.
+    fn resend(&mut self) {
+        let now = Instant::now();
+        for (node, (a, sent)) in self.assigned.iter_mut() {
+            if !self.loaded.contains(node) && !self.failed.contains_key(node) && now.duration_since(*sent) >= RESEND_AFTER {
+                let found = send_assignment(node, a);
+                tracing::debug!(%node, epoch = a.epoch, found, "assignment not acknowledged yet; sending it again");
+                *sent = now;
+            }
+        }
+    }
+
+    /// A worker's answer to an assignment.
+    fn on_loaded(&mut self, l: Loaded) {
+        if self.placement.as_ref().is_none_or(|p| p.epoch != l.epoch) {
+            return; // an answer for an epoch that has been replaced
+        }
+        match l.outcome {
+            LoadOutcome::Loaded => {
+                self.loaded.insert(l.node);
+            }
+            LoadOutcome::Failed(e) => {
+                self.failed.insert(l.node, e);
+            }
+            LoadOutcome::Stale { current } => return self.reissue(current),
+            LoadOutcome::NotLeader { leader } => {
+                // Its node's view has not caught up (or has moved on): `resend` asks again.
+                tracing::debug!(node = %l.node, ?leader, "a worker does not see this scheduler as the leader yet");
+                return;
+            }
+        }
+        if self.ready() {
+            if let Some(r) = self.rebalance.as_mut().filter(|r| r.epoch == l.epoch && r.ready_at_ms.is_none()) {
+                let now = crate::membership::unix_ms();
+                r.ready_at_ms = Some(now);
+                tracing::info!(epoch = l.epoch, took_ms = now.saturating_sub(r.planned_at_ms), "placement ready: every worker has its layers");
+            }
+        }
+        self.drain_waiting();
     }
 
     /// Answers every waiting request with `reply` (and empties the queue).
@@ -233,6 +312,11 @@ impl SchedulerState {
     }
 }
 
+/// Sends `node`'s worker its assignment; false when the node has no worker in the mesh (now).
+fn send_assignment(node: &str, a: &Assignment) -> bool {
+    member::<WorkerMsg>(&crate::worker::group(node)).is_some_and(|w| w.cast(WorkerMsg::Assign(Wire::Ok(a.clone()))).is_ok())
+}
+
 impl Actor for Scheduler {
     type Msg = SchedulerMsg;
     type State = SchedulerState;
@@ -251,10 +335,20 @@ impl Actor for Scheduler {
             waiting: VecDeque::new(),
             error: None,
             rebalance: None,
+            assigned: BTreeMap::new(),
+            ticker: None,
         })
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, _st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        st.ticker = Some(myself.send_interval(TICK, || SchedulerMsg::Tick));
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = st.ticker.take() {
+            t.abort();
+        }
         crate::metrics::m().is_leader.set(0);
         Ok(())
     }
@@ -286,6 +380,7 @@ impl Scheduler {
                 } else {
                     st.placement = None;
                     st.rebalance = None;
+                    st.assigned.clear();
                     st.error = Some("this scheduler is not the leader".into());
                     // The queue moves to the new leader: each waiting session asks it again.
                     st.answer_waiting(AdmitReply::NotLeader(format!("{} stopped leading", st.args.node)));
@@ -296,28 +391,10 @@ impl Scheduler {
                     st.replan(true);
                 }
             }
-            SchedulerMsg::Loaded(Wire::Ok(l)) => {
-                if st.placement.as_ref().is_some_and(|p| p.epoch == l.epoch) {
-                    match l.error {
-                        None => {
-                            st.loaded.insert(l.node);
-                        }
-                        Some(e) => {
-                            st.failed.insert(l.node, e);
-                        }
-                    }
-                    if st.ready() {
-                        if let Some(r) = st.rebalance.as_mut().filter(|r| r.epoch == l.epoch && r.ready_at_ms.is_none()) {
-                            let now = crate::membership::unix_ms();
-                            r.ready_at_ms = Some(now);
-                            tracing::info!(
-                                epoch = l.epoch,
-                                took_ms = now.saturating_sub(r.planned_at_ms),
-                                "placement ready: every worker has its layers"
-                            );
-                        }
-                    }
-                    st.drain_waiting();
+            SchedulerMsg::Loaded(Wire::Ok(l)) => st.on_loaded(l),
+            SchedulerMsg::Tick => {
+                if st.active && !st.ready() {
+                    st.resend();
                 }
             }
             SchedulerMsg::Admit(Wire::Ok(req), port) => st.admit(req, port),
@@ -414,5 +491,74 @@ mod tests {
         }
         s.stop(None);
         handle.await.unwrap();
+    }
+
+    async fn status(s: &ActorRef<SchedulerMsg>) -> SchedulerStatus {
+        match s.call(SchedulerMsg::Status, Some(Duration::from_secs(5))).await.expect("the scheduler answers") {
+            ractor::rpc::CallResult::Success(Wire::Ok(st)) => st,
+            other => panic!("no status: {other:?}"),
+        }
+    }
+
+    /// A worker that follows a newer epoch from another scheduler (two led for a moment while the views
+    /// converged, and numbered their placements independently), and whose node does not yet see this
+    /// scheduler as the leader, refuses the assignment; the scheduler sends it again and issues its
+    /// placement above the worker's epoch, and becomes ready. Before, the worker ignored an older
+    /// epoch silently and every request waited in the queue for good.
+    #[tokio::test]
+    async fn refused_assignments_are_sent_again_and_a_newer_epoch_is_overtaken() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        flotilla_engine::synthetic::write(&model, &flotilla_engine::synthetic::SyntheticSpec::default()).unwrap();
+        let (a, b) = ("sched-test-resend-a", "sched-test-resend-b");
+        let identity = Arc::new(Mutex::new(Identity::new(a.into(), "127.0.0.1:1".into(), "127.0.0.1:2".into(), 1.0)));
+        identity.lock().unwrap().leader = Some(b.into());
+        let wargs = crate::worker::WorkerArgs { node: a.into(), model_path: model, identity: identity.clone() };
+        let (w, wh) = Actor::spawn(None, crate::worker::Worker, wargs).await.unwrap();
+        // The other scheduler (b, which this node sees as the leader) assigns epoch 7.
+        let role = Role { replica: 0, stage: 0, n_stages: 1, start: 0, end: 4, next: None };
+        w.cast(WorkerMsg::Assign(Wire::Ok(Assignment { epoch: 7, role: Some(role), leader: b.into() }))).unwrap();
+
+        let args = SchedulerArgs {
+            node: a.into(),
+            identity: identity.clone(),
+            n_layers: 4,
+            replicas: Count::Auto,
+            stages: Count::Auto,
+            queue_limit: 8,
+            max_batch: 2,
+        };
+        let (s, sh) = Actor::spawn(None, Scheduler, args).await.unwrap();
+        s.cast(view(a, &[(a, MemberState::Up)])).unwrap();
+        // a's assignment is refused while this node still follows b, and sent again meanwhile.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let st = status(&s).await;
+        assert!(st.active && !st.ready, "not ready while the worker follows another leader: {st:?}");
+        // The node's view moves to a: the next resend meets a worker at epoch 7 that refuses epoch 1 as
+        // stale, and the scheduler issues the same placement above 7.
+        identity.lock().unwrap().leader = Some(a.into());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            let st = status(&s).await;
+            if st.ready || Instant::now() > deadline {
+                break st;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(st.ready, "the placement became ready: {st:?}");
+        let epoch = st.placement.as_ref().unwrap().epoch;
+        assert!(epoch > 7, "issued above the worker's epoch 7: {epoch}");
+        assert_eq!(st.rebalance.as_ref().unwrap().moved_layers, 0, "the same layers, renumbered: {st:?}");
+        let ask = AdmitReq { req: ReqId { origin: a.into(), id: 1 }, prompt_tokens: 4, max_tokens: 4, avoid: Vec::new() };
+        match s.call(|p| SchedulerMsg::Admit(Wire::Ok(ask), p), Some(Duration::from_secs(5))).await.unwrap() {
+            ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch: e, stages, .. })) => {
+                assert_eq!((e, stages), (epoch, vec![a.to_string()]));
+            }
+            other => panic!("expected an admission, got {other:?}"),
+        }
+        s.stop(None);
+        w.stop(None);
+        sh.await.unwrap();
+        wh.await.unwrap();
     }
 }

@@ -127,7 +127,10 @@ async fn spawn_serving(
 ) -> Result<ActorCell, ActorProcessingErr> {
     Ok(match which {
         Child::Worker => {
-            Actor::spawn_linked(None, Worker, WorkerArgs { node: c.name.clone(), model_path: c.model_path.clone() }, sup).await?.0.get_cell()
+            Actor::spawn_linked(None, Worker, WorkerArgs { node: c.name.clone(), model_path: c.model_path.clone(), identity: identity.clone() }, sup)
+                .await?
+                .0
+                .get_cell()
         }
         Child::Scheduler => {
             let args = SchedulerArgs {

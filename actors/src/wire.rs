@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to a message that crosses nodes.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest payload we agree to decode (ractor_cluster's own frame limit is 16 MiB).
 const DECODE_LIMIT: usize = 16 << 20;

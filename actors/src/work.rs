@@ -95,12 +95,27 @@ pub struct SessionBatch {
     pub failures: Vec<SeqFailure>,
 }
 
-/// A worker finished (or failed) loading its layers for an epoch.
+/// A worker's answer to an `Assignment`: every assignment gets one, so the scheduler never waits on
+/// a worker that silently ignored it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Loaded {
     pub node: String,
+    /// The epoch of the assignment answered.
     pub epoch: u64,
-    pub error: Option<String>,
+    pub outcome: LoadOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LoadOutcome {
+    /// The worker holds the assigned layers (or none, if it was assigned none).
+    Loaded,
+    /// The layers could not be loaded.
+    Failed(String),
+    /// The worker already follows a newer epoch (another scheduler led briefly and numbered its own
+    /// placement): the scheduler issues its placement again above `current`.
+    Stale { current: u64 },
+    /// The worker's node does not see the sender as the leader (yet): the scheduler sends it again.
+    NotLeader { leader: Option<String> },
 }
 
 /// What a worker is doing.

@@ -17,11 +17,12 @@ use flotilla_engine::{hidden_from_bytes, hidden_to_bytes, KvCache, Model, Sampli
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
 
+use crate::membership::SharedIdentity;
 use crate::protocol::SCOPE;
 use crate::scheduler::SchedulerMsg;
 use crate::sessions::SessionsMsg;
 use crate::wire::Wire;
-use crate::work::{Assignment, Loaded, ReqId, Role, SeqFailure, SeqWork, SessionBatch, TokenOut, WorkerStats};
+use crate::work::{Assignment, LoadOutcome, Loaded, ReqId, Role, SeqFailure, SeqWork, SessionBatch, TokenOut, WorkerStats};
 
 /// Process group of the worker on `node`.
 pub fn group(node: &str) -> String {
@@ -48,6 +49,8 @@ pub enum WorkerMsg {
 pub struct WorkerArgs {
     pub node: String,
     pub model_path: PathBuf,
+    /// This node's identity: the worker takes assignments only from the leader its node sees.
+    pub identity: SharedIdentity,
 }
 
 pub struct Worker;
@@ -74,6 +77,7 @@ impl Actor for Worker {
         let mut compute = Compute {
             node: args.node.clone(),
             model_path: args.model_path,
+            identity: args.identity,
             model: None,
             current: None,
             epoch: 0,
@@ -129,6 +133,7 @@ struct Seq {
 struct Compute {
     node: String,
     model_path: PathBuf,
+    identity: SharedIdentity,
     model: Option<Model>,
     current: Option<Current>,
     epoch: u64,
@@ -162,17 +167,35 @@ impl Compute {
     }
 
     fn assign(&mut self, a: Assignment) {
+        let outcome = self.take(&a);
+        tracing::debug!(epoch = a.epoch, leader = %a.leader, ?outcome, "assignment answered");
+        match member::<SchedulerMsg>(&crate::scheduler::group(&a.leader)) {
+            Some(s) => {
+                let _ = s.cast(SchedulerMsg::Loaded(Wire::Ok(Loaded { node: self.node.clone(), epoch: a.epoch, outcome })));
+            }
+            None => tracing::debug!(leader = %a.leader, "the scheduler that sent an assignment is gone"),
+        }
+    }
+
+    /// Applies an assignment, or says why not: only the leader this node sees may assign, and never
+    /// an epoch older than the one the worker follows (two schedulers may lead at once for a moment,
+    /// while the views converge, and number their placements independently).
+    fn take(&mut self, a: &Assignment) -> LoadOutcome {
+        let leader = self.identity.lock().expect("identity lock").leader.clone();
+        if leader.as_deref() != Some(a.leader.as_str()) {
+            return LoadOutcome::NotLeader { leader };
+        }
         if a.epoch < self.epoch {
-            return;
+            return LoadOutcome::Stale { current: self.epoch };
         }
         self.epoch = a.epoch;
-        let error = match a.role {
+        let outcome = match a.role.clone() {
             None => {
                 if self.current.take().is_some() {
                     tracing::info!(epoch = a.epoch, "released this node's layers");
                 }
                 self.seqs.clear();
-                None
+                LoadOutcome::Loaded
             }
             Some(role) if self.current.as_ref().is_some_and(|c| c.role.same_work(&role)) => {
                 // Same layers and the same next stage: caches and in-flight work stay valid, even if the
@@ -180,7 +203,7 @@ impl Compute {
                 if let Some(c) = self.current.as_mut() {
                     c.role = role;
                 }
-                None
+                LoadOutcome::Loaded
             }
             Some(role) => {
                 self.current = None;
@@ -192,19 +215,17 @@ impl Compute {
                         tracing::info!(epoch = a.epoch, replica = role.replica, stage = role.stage, layers = ?(role.start..role.end), "layers loaded");
                         let kv_capacity = (shard.new_cache().size_bytes_per_position() * shard.config().context_length * 32) as u64;
                         self.current = Some(Current { role, since: a.epoch, shard, kv_capacity });
-                        None
+                        LoadOutcome::Loaded
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot load the assigned layers");
-                        Some(e)
+                        LoadOutcome::Failed(e)
                     }
                 }
             }
         };
         self.update_stats(0, 0.0);
-        if let Some(s) = member::<SchedulerMsg>(&crate::scheduler::group(&a.leader)) {
-            let _ = s.cast(SchedulerMsg::Loaded(Wire::Ok(Loaded { node: self.node.clone(), epoch: a.epoch, error })));
-        }
+        outcome
     }
 
     fn load(&mut self, role: &Role) -> Result<Shard, String> {
