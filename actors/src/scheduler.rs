@@ -53,14 +53,16 @@ pub enum SchedulerMsg {
     Release(Wire<Release>),
     #[rpc]
     Status(RpcReplyPort<Wire<SchedulerStatus>>),
-    /// From itself, every `TICK`: sends unanswered or refused assignments again.
+    /// From itself, every `TICK`: sends assignments again (see `resend`).
     Tick,
 }
 
 /// How often the scheduler checks for assignments to send again.
 const TICK: Duration = Duration::from_millis(200);
-/// An assignment not yet acknowledged is sent again after this long.
+/// An assignment not yet acknowledged is sent again after this long,
 const RESEND_AFTER: Duration = Duration::from_millis(500);
+/// and an acknowledged one this often, which finds a worker that took another scheduler's placement since.
+const CONFIRM_EVERY: Duration = Duration::from_secs(2);
 
 pub struct SchedulerArgs {
     pub node: String,
@@ -90,6 +92,10 @@ pub struct SchedulerState {
     rebalance: Option<RebalanceStatus>,
     /// The assignment of each node that holds layers in the placement, and when it was last sent.
     assigned: BTreeMap<String, (Assignment, Instant)>,
+    /// Every node sent an assignment for the placement (holders of layers and nodes told to hold none).
+    targets: BTreeSet<String>,
+    /// The first epoch of the current layout: releases of requests admitted since then count.
+    layout_since: u64,
     ticker: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -131,7 +137,7 @@ impl SchedulerState {
                     return;
                 }
                 let targets: BTreeSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
-                self.issue(p, prev, targets);
+                self.issue(p, prev, targets, false);
             }
             Err(e) => {
                 if self.placement.is_some() || self.error.is_none() {
@@ -146,8 +152,9 @@ impl SchedulerState {
         }
     }
 
-    /// The current placement again under a new epoch above `above` (a worker follows that epoch):
-    /// the same layers on the same nodes, so no worker reloads anything.
+    /// The current placement again under a new epoch above `above` (a worker follows that epoch): the
+    /// same layers on the same nodes and replicas, so no worker reloads anything and the running counts
+    /// carry over.
     fn reissue(&mut self, above: u64) {
         let Some(p) = self.placement.clone() else { return };
         {
@@ -155,41 +162,48 @@ impl SchedulerState {
             id.placement_epoch = id.placement_epoch.max(above);
         }
         tracing::info!(epoch = p.epoch, above, "a worker follows a newer epoch; issuing the placement again above it");
-        let targets = p.nodes().into_iter().map(String::from).collect();
-        self.issue(p, Some(self.placement.clone().expect("checked above")), targets);
+        let targets = self.targets.clone();
+        self.issue(p.clone(), Some(p), targets, true);
     }
 
     /// Numbers `p` with a fresh epoch, makes it current, and sends every node in `targets`, in `p` or
-    /// in `prev` its assignment (its role, or none).
-    fn issue(&mut self, mut p: Placement, prev: Option<Placement>, mut targets: BTreeSet<String>) {
+    /// in `prev` its assignment (its role, or none). `renumber`: `p` is the current layout again.
+    fn issue(&mut self, mut p: Placement, prev: Option<Placement>, mut targets: BTreeSet<String>, renumber: bool) {
         let epoch = {
             let mut id = self.args.identity.lock().expect("identity lock");
             id.placement_epoch = id.placement_epoch.max(prev.as_ref().map_or(0, |q| q.epoch)) + 1;
             id.placement_epoch
         };
         p.epoch = epoch;
-        crate::metrics::m().rebalances.inc();
-        let moved = moved_layers(prev.as_ref(), &p);
-        tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved, "new placement");
-        self.rebalance = Some(RebalanceStatus {
-            epoch,
-            from_epoch: prev.as_ref().map(|q| q.epoch),
-            moved_layers: moved,
-            planned_at_ms: crate::membership::unix_ms(),
-            ready_at_ms: None,
-            pending: Vec::new(),
-        });
+        if renumber {
+            if let Some(r) = self.rebalance.as_mut() {
+                r.epoch = epoch;
+            }
+        } else {
+            crate::metrics::m().rebalances.inc();
+            let moved = moved_layers(prev.as_ref(), &p);
+            tracing::info!(epoch, replicas = p.replicas.len(), moved_layers = moved, "new placement");
+            self.rebalance = Some(RebalanceStatus {
+                epoch,
+                from_epoch: prev.as_ref().map(|q| q.epoch),
+                moved_layers: moved,
+                planned_at_ms: crate::membership::unix_ms(),
+                ready_at_ms: None,
+                pending: Vec::new(),
+            });
+            self.running = vec![0; p.replicas.len()];
+            self.layout_since = epoch;
+        }
         self.error = None;
         self.loaded.clear();
         self.failed.clear();
         self.assigned.clear();
-        self.running = vec![0; p.replicas.len()];
         targets.extend(p.nodes().into_iter().map(String::from));
         if let Some(q) = &prev {
             targets.extend(q.nodes().into_iter().map(String::from));
         }
-        for node in targets {
-            let role = p.find(&node).map(|(r, s, a)| Role {
+        for node in &targets {
+            let role = p.find(node).map(|(r, s, a)| Role {
                 replica: r as u32,
                 stage: s as u32,
                 n_stages: p.replicas[r].len() as u32,
@@ -198,23 +212,27 @@ impl SchedulerState {
                 next: p.replicas[r].get(s + 1).map(|n| n.node.clone()),
             });
             let a = Assignment { epoch, role, leader: self.args.node.clone() };
-            if !send_assignment(&node, &a) {
+            if !send_assignment(node, &a) {
                 tracing::warn!(%node, "no worker found for a node in the placement");
             }
             if a.role.is_some() {
-                self.assigned.insert(node, (a, Instant::now()));
+                self.assigned.insert(node.clone(), (a, Instant::now()));
             }
         }
+        self.targets = targets;
         self.placement = Some(p);
     }
 
-    /// Sends again every assignment of the placement that no worker has acknowledged for `RESEND_AFTER`.
+    /// Sends again every assignment of the placement not acknowledged for `RESEND_AFTER`, and every
+    /// `CONFIRM_EVERY` one that was (a worker that took another scheduler's placement since answers
+    /// `Stale`); not one whose layers failed to load.
     fn resend(&mut self) {
         let now = Instant::now();
         for (node, (a, sent)) in self.assigned.iter_mut() {
-            if !self.loaded.contains(node) && !self.failed.contains_key(node) && now.duration_since(*sent) >= RESEND_AFTER {
+            let after = if self.loaded.contains(node) { CONFIRM_EVERY } else { RESEND_AFTER };
+            if !self.failed.contains_key(node) && now.duration_since(*sent) >= after {
                 let found = send_assignment(node, a);
-                tracing::debug!(%node, epoch = a.epoch, found, "assignment not acknowledged yet; sending it again");
+                tracing::debug!(%node, epoch = a.epoch, found, "sending an assignment again");
                 *sent = now;
             }
         }
@@ -232,7 +250,9 @@ impl SchedulerState {
             LoadOutcome::Failed(e) => {
                 self.failed.insert(l.node, e);
             }
-            LoadOutcome::Stale { current } => return self.reissue(current),
+            // A node told to hold nothing may keep another placement's layers: nothing here waits on it.
+            LoadOutcome::Stale { current } if self.assigned.contains_key(&l.node) => return self.reissue(current),
+            LoadOutcome::Stale { .. } => return,
             LoadOutcome::NotLeader { leader } => {
                 // Its node's view has not caught up (or has moved on): `resend` asks again.
                 tracing::debug!(node = %l.node, ?leader, "a worker does not see this scheduler as the leader yet");
@@ -336,6 +356,8 @@ impl Actor for Scheduler {
             error: None,
             rebalance: None,
             assigned: BTreeMap::new(),
+            targets: BTreeSet::new(),
+            layout_since: 0,
             ticker: None,
         })
     }
@@ -393,7 +415,7 @@ impl Scheduler {
             }
             SchedulerMsg::Loaded(Wire::Ok(l)) => st.on_loaded(l),
             SchedulerMsg::Tick => {
-                if st.active && !st.ready() {
+                if st.active {
                     st.resend();
                 }
             }
@@ -402,7 +424,7 @@ impl Scheduler {
                 let _ = port.send(Wire::Ok(AdmitReply::Unavailable(format!("undecodable admission request: {e}"))));
             }
             SchedulerMsg::Release(Wire::Ok(r)) => {
-                if st.placement.as_ref().is_some_and(|p| p.epoch == r.epoch) {
+                if st.placement.as_ref().is_some_and(|p| (st.layout_since..=p.epoch).contains(&r.epoch)) {
                     if let Some(n) = st.running.get_mut(r.replica as usize) {
                         *n = n.saturating_sub(1);
                     }
@@ -500,13 +522,26 @@ mod tests {
         }
     }
 
-    /// A worker that follows a newer epoch from another scheduler (two led for a moment while the views
-    /// converged, and numbered their placements independently), and whose node does not yet see this
-    /// scheduler as the leader, refuses the assignment; the scheduler sends it again and issues its
-    /// placement above the worker's epoch, and becomes ready. Before, the worker ignored an older
-    /// epoch silently and every request waited in the queue for good.
+    /// Waits until `pred` holds for the scheduler's status (10 s at most) and returns it.
+    async fn status_until(s: &ActorRef<SchedulerMsg>, pred: impl Fn(&SchedulerStatus) -> bool) -> SchedulerStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = status(s).await;
+            if pred(&st) || Instant::now() > deadline {
+                return st;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Two schedulers lead for a moment while the views converge, and number their placements
+    /// independently. A worker whose node does not see this scheduler as the leader refuses its
+    /// assignment, and one that follows the other scheduler's epoch, equal or newer, refuses it as stale;
+    /// the scheduler sends it again and issues the same placement above the worker's epoch, so it becomes
+    /// ready, also when the worker takes the other placement after this one was ready (running requests
+    /// are kept). Before, the worker dropped an older epoch silently and every request waited in the queue.
     #[tokio::test]
-    async fn refused_assignments_are_sent_again_and_a_newer_epoch_is_overtaken() {
+    async fn refused_assignments_are_sent_again_and_another_leaders_epoch_is_overtaken() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("tiny.gguf");
         flotilla_engine::synthetic::write(&model, &flotilla_engine::synthetic::SyntheticSpec::default()).unwrap();
@@ -515,9 +550,11 @@ mod tests {
         identity.lock().unwrap().leader = Some(b.into());
         let wargs = crate::worker::WorkerArgs { node: a.into(), model_path: model, identity: identity.clone() };
         let (w, wh) = Actor::spawn(None, crate::worker::Worker, wargs).await.unwrap();
-        // The other scheduler (b, which this node sees as the leader) assigns epoch 7.
+        // The other scheduler (b, which this node sees as the leader) assigns epoch 1: the number a's
+        // first placement will get too.
         let role = Role { replica: 0, stage: 0, n_stages: 1, start: 0, end: 4, next: None };
-        w.cast(WorkerMsg::Assign(Wire::Ok(Assignment { epoch: 7, role: Some(role), leader: b.into() }))).unwrap();
+        let from_b = |epoch| WorkerMsg::Assign(Wire::Ok(Assignment { epoch, role: Some(role.clone()), leader: b.into() }));
+        w.cast(from_b(1)).unwrap();
 
         let args = SchedulerArgs {
             node: a.into(),
@@ -530,25 +567,19 @@ mod tests {
         };
         let (s, sh) = Actor::spawn(None, Scheduler, args).await.unwrap();
         s.cast(view(a, &[(a, MemberState::Up)])).unwrap();
-        // a's assignment is refused while this node still follows b, and sent again meanwhile.
+        // a's assignment is refused while this node still follows b (and sent again meanwhile).
         tokio::time::sleep(Duration::from_millis(800)).await;
         let st = status(&s).await;
         assert!(st.active && !st.ready, "not ready while the worker follows another leader: {st:?}");
-        // The node's view moves to a: the next resend meets a worker at epoch 7 that refuses epoch 1 as
-        // stale, and the scheduler issues the same placement above 7.
+        // The node's view moves to a: the next resend meets a worker at b's epoch 1, which refuses a's
+        // epoch 1 as stale, and the scheduler issues the same placement above it.
         identity.lock().unwrap().leader = Some(a.into());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let st = loop {
-            let st = status(&s).await;
-            if st.ready || Instant::now() > deadline {
-                break st;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let st = status_until(&s, |st| st.ready).await;
         assert!(st.ready, "the placement became ready: {st:?}");
         let epoch = st.placement.as_ref().unwrap().epoch;
-        assert!(epoch > 7, "issued above the worker's epoch 7: {epoch}");
-        assert_eq!(st.rebalance.as_ref().unwrap().moved_layers, 0, "the same layers, renumbered: {st:?}");
+        assert!(epoch > 1, "issued above the worker's epoch 1: {epoch}");
+        let r = st.rebalance.clone().unwrap();
+        assert_eq!((r.epoch, r.from_epoch, r.moved_layers), (epoch, None, 4), "one rebalance, renumbered: {st:?}");
         let ask = AdmitReq { req: ReqId { origin: a.into(), id: 1 }, prompt_tokens: 4, max_tokens: 4, avoid: Vec::new() };
         match s.call(|p| SchedulerMsg::Admit(Wire::Ok(ask), p), Some(Duration::from_secs(5))).await.unwrap() {
             ractor::rpc::CallResult::Success(Wire::Ok(AdmitReply::Admitted { epoch: e, stages, .. })) => {
@@ -556,6 +587,19 @@ mod tests {
             }
             other => panic!("expected an admission, got {other:?}"),
         }
+
+        // After ready, b leads this node for a moment and assigns a newer epoch; a finds out when it
+        // confirms its assignments, and issues above that, keeping the running request.
+        identity.lock().unwrap().leader = Some(b.into());
+        w.cast(from_b(epoch + 5)).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        identity.lock().unwrap().leader = Some(a.into());
+        let st = status_until(&s, |st| st.ready && st.placement.as_ref().unwrap().epoch > epoch + 5).await;
+        assert!(st.ready && st.placement.as_ref().unwrap().epoch > epoch + 5, "issued above b's epoch {}: {st:?}", epoch + 5);
+        assert_eq!(st.running, vec![1], "the running request still counts: {st:?}");
+        s.cast(SchedulerMsg::Release(Wire::Ok(Release { req: ReqId { origin: a.into(), id: 1 }, epoch, replica: 0 }))).unwrap();
+        let st = status_until(&s, |st| st.running == [0]).await;
+        assert_eq!(st.running, vec![0], "its release, under the epoch it was admitted in, counts: {st:?}");
         s.stop(None);
         w.stop(None);
         sh.await.unwrap();

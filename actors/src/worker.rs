@@ -81,6 +81,8 @@ impl Actor for Worker {
             model: None,
             current: None,
             epoch: 0,
+            epoch_leader: None,
+            failed: None,
             seqs: HashMap::new(),
             stats: stats.clone(),
         };
@@ -137,6 +139,10 @@ struct Compute {
     model: Option<Model>,
     current: Option<Current>,
     epoch: u64,
+    /// The scheduler that issued `epoch`.
+    epoch_leader: Option<String>,
+    /// The assignment (epoch, leader) whose layers could not be loaded, and why.
+    failed: Option<(u64, String, String)>,
     seqs: HashMap<ReqId, Seq>,
     stats: Arc<Mutex<WorkerStats>>,
 }
@@ -185,10 +191,19 @@ impl Compute {
         if leader.as_deref() != Some(a.leader.as_str()) {
             return LoadOutcome::NotLeader { leader };
         }
-        if a.epoch < self.epoch {
+        // Two schedulers numbering from the same gossiped maximum reach equal epochs: an equal epoch from
+        // another leader is another placement, so it is refused as stale too (and issued again above).
+        if a.epoch < self.epoch || (a.epoch == self.epoch && self.epoch_leader.as_deref().is_some_and(|l| l != a.leader)) {
             return LoadOutcome::Stale { current: self.epoch };
         }
+        if let Some((epoch, leader, e)) = &self.failed {
+            if (*epoch, leader.as_str()) == (a.epoch, a.leader.as_str()) {
+                return LoadOutcome::Failed(e.clone()); // the same assignment sent again: not loaded twice
+            }
+        }
         self.epoch = a.epoch;
+        self.epoch_leader = Some(a.leader.clone());
+        self.failed = None;
         let outcome = match a.role.clone() {
             None => {
                 if self.current.take().is_some() {
@@ -219,6 +234,7 @@ impl Compute {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot load the assigned layers");
+                        self.failed = Some((a.epoch, a.leader.clone(), e.clone()));
                         LoadOutcome::Failed(e)
                     }
                 }
