@@ -183,7 +183,11 @@ fn sigterm_and_admin_shutdown_leave_cleanly() {
 
 #[test]
 fn a_panicking_child_is_restarted_and_the_node_stays() {
-    let c = Cluster::start(3, &[("FLOTILLA__NODE__FAULT_INJECTION", "true")]);
+    // Without a backtrace: printing one (RUST_BACKTRACE=1, as CI has it) symbolises this debug binary for
+    // over 1.5 s on a loaded 2-core machine, in the panicking thread, before the supervisor hears of the
+    // failure: longer than the peers' failure detection, so node2 was marked down (seen locally, 9 in 10
+    // runs beside two busy loops). The test is about the restart, not about printing backtraces.
+    let c = Cluster::start(3, &[("FLOTILLA__NODE__FAULT_INJECTION", "true"), ("RUST_BACKTRACE", "0")]);
     c.wait_status(0, Duration::from_secs(5), "all up", |s| all_up(s, &ALL3));
     let old = incarnation_of(&c.status(0).unwrap(), "node2");
     let since = unix_ms();
@@ -193,7 +197,7 @@ fn a_panicking_child_is_restarted_and_the_node_stays() {
     std::thread::sleep(Duration::from_millis(1500));
     for via in 0..3 {
         let s = c.wait_status(via, Duration::from_secs(5), "all up after a membership panic", |s| all_up(s, &ALL3));
-        assert!(event_at(&s, "node2", "down", since).is_none(), "node2 was marked down: {s:#}");
+        assert!(event_at(&s, "node2", "down", since).is_none(), "node2 was marked down: {s:#}\n{}", c.logs());
     }
     assert_eq!(incarnation_of(&c.status(0).unwrap(), "node2"), old, "a restarted child is not a new incarnation");
     // Sent through node1: a call to the very actor that panics may lose its answer.
