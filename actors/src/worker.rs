@@ -82,7 +82,7 @@ impl Actor for Worker {
             current: None,
             epoch: 0,
             epoch_leader: None,
-            failed: None,
+            load_error: None,
             seqs: HashMap::new(),
             stats: stats.clone(),
         };
@@ -141,8 +141,8 @@ struct Compute {
     epoch: u64,
     /// The scheduler that issued `epoch`.
     epoch_leader: Option<String>,
-    /// The assignment (epoch, leader) whose layers could not be loaded, and why.
-    failed: Option<(u64, String, String)>,
+    /// Why the layers of `epoch`'s assignment could not be loaded.
+    load_error: Option<String>,
     seqs: HashMap<ReqId, Seq>,
     stats: Arc<Mutex<WorkerStats>>,
 }
@@ -193,17 +193,16 @@ impl Compute {
         }
         // Two schedulers numbering from the same gossiped maximum reach equal epochs: an equal epoch from
         // another leader is another placement, so it is refused as stale too (and issued again above).
-        if a.epoch < self.epoch || (a.epoch == self.epoch && self.epoch_leader.as_deref().is_some_and(|l| l != a.leader)) {
+        let same_epoch = a.epoch == self.epoch;
+        if a.epoch < self.epoch || (same_epoch && self.epoch_leader.as_deref().is_some_and(|l| l != a.leader)) {
             return LoadOutcome::Stale { current: self.epoch };
         }
-        if let Some((epoch, leader, e)) = &self.failed {
-            if (*epoch, leader.as_str()) == (a.epoch, a.leader.as_str()) {
-                return LoadOutcome::Failed(e.clone()); // the same assignment sent again: not loaded twice
-            }
+        if let Some(e) = self.load_error.as_ref().filter(|_| same_epoch) {
+            return LoadOutcome::Failed(e.clone()); // the same assignment sent again: not loaded twice
         }
         self.epoch = a.epoch;
         self.epoch_leader = Some(a.leader.clone());
-        self.failed = None;
+        self.load_error = None;
         let outcome = match a.role.clone() {
             None => {
                 if self.current.take().is_some() {
@@ -234,7 +233,7 @@ impl Compute {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot load the assigned layers");
-                        self.failed = Some((a.epoch, a.leader.clone(), e.clone()));
+                        self.load_error = Some(e.clone());
                         LoadOutcome::Failed(e)
                     }
                 }

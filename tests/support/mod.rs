@@ -291,7 +291,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Runs `flotilla admin --node ADDR --cookie C ARGS...` (bounded by its own --timeout).
 /// POSTs JSON to `path` on the HTTP address `addr`: the status, the body (JSON when it parses) and `Retry-After`.
 /// A transport error (refused, reset, no answer within 120 s) is status 0 with the error as the body, so
 /// that the caller's check fails with its own context (the nodes' logs) rather than a bare panic in a thread.
@@ -309,6 +308,7 @@ pub fn post_to(addr: &str, path: &str, body: &Value) -> (u16, Value, Option<Stri
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), retry)
 }
 
+/// Runs `flotilla admin --node ADDR --cookie C ARGS...` (bounded by its own --timeout).
 pub fn admin(addr: &str, cookie: &str, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(["admin", "--node", addr, "--cookie", cookie, "--timeout", "3"])
