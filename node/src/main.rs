@@ -12,6 +12,30 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Keeps freed memory mapped instead of returning it to the OS: a batched decode step frees and then
+/// allocates again buffers of megabytes (logits, a layer's activations), and with mimalloc's default
+/// each came back as fresh pages the kernel zeroed, 4-5% of a 32-sequence step on the Zen 3 host
+/// (`clear_page_erms` in `perf`, BENCHMARKS.md). The process then keeps its peak footprint, as
+/// llama.cpp's preallocated buffers do. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn keep_freed_memory() {
+    use std::ffi::{c_int, c_long};
+    // mimalloc's `mi_option_purge_delay` (v2 and v3 headers), 1000 ms in the build we link (10 in older
+    // ones); -1: never purge
+    const PURGE_DELAY: c_int = 15;
+    unsafe extern "C" {
+        fn mi_option_get(option: c_int) -> c_long;
+        fn mi_option_set(option: c_int, value: c_long);
+    }
+    // SAFETY: plain C calls into the linked mimalloc with a valid option number; the value is only
+    // changed while it has the library's default (so an environment setting, or a renumbered option
+    // in another mimalloc version, is left alone)
+    unsafe {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() && matches!(mi_option_get(PURGE_DELAY), 10 | 1000) {
+            mi_option_set(PURGE_DELAY, -1);
+        }
+    }
+}
+
 /// flotilla: an elastic, actor-based LLM inference cluster.
 #[derive(Parser)]
 #[command(name = "flotilla", version, about)]
@@ -46,6 +70,7 @@ enum Command {
 }
 
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let default_level = if matches!(cli.command, Command::Node(_)) { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));

@@ -8,7 +8,8 @@
 //! widens every chunk. A pass takes the tile's blocks in order (the weights stream in memory order, and
 //! each block's share of the tile [`PREFETCH`] bytes ahead is prefetched as it goes), each block into
 //! lane `b % 16` of its row's and half's 16 lane accumulators (in memory: they would not fit in
-//! registers), which then reduce in the canonical order: the scalar reference's bits.
+//! registers), which then reduce in the canonical order: the scalar reference's bits. Twenty or more
+//! rows go to the kernel of prepared tiles instead ([`prepared`]).
 
 use std::arch::x86_64::*;
 
@@ -19,6 +20,11 @@ use super::wtile::{self, PREFETCH};
 
 /// Activation rows multiplied together by one pass over a tile.
 const ROWS: usize = 6;
+
+/// Fewest activation rows that go to the kernel of prepared tiles ([`prepared`]): with fewer, unpacking
+/// every tile once more than [`pass`] does costs more than it saves (Q4_1 1536x576 on the Zen 3 host,
+/// one thread: 0.7x at 4 rows, even at 12-16, 1.1-1.2x from 24 rows on).
+const PREP_MIN_ROWS: usize = 20;
 
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
 /// format `f`) and every activation row, as [`super::simd::tile`] does.
@@ -38,6 +44,9 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
 #[inline(always)]
 unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
     let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
+    if m >= PREP_MIN_ROWS {
+        return prepared::tiles(f, w, rb, n, acts, out);
+    }
     let ahead = PREFETCH.max(tb);
     // the first weights, which no earlier tile prefetched
     wtile::prefetch(w.as_ptr(), w.len().min(ahead));
@@ -179,4 +188,254 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
         term = _mm256_add_ps(term, _mm256_mul_ps(blk.mw, _mm256_set1_ps(*x.s.get_unchecked(b))));
     }
     term
+}
+
+/// The kernel for [`PREP_MIN_ROWS`] or more activation rows: each pair of tiles is first unpacked into
+/// a buffer (Q4 nibbles as bytes, Q8_0 magnitudes beside the signed values, scales and minimums as
+/// f32, [`prepared::prep`]); then, for one activation row at a time, each of its 4-value chunks is
+/// broadcast once and multiplied by the four half tiles' weights, read from the buffer as `maddubs`
+/// needs them. A row's lane accumulators per half tile are taken one lane after another (blocks `l`,
+/// `l + 16`, ... in order), so each stays in a register until its last block, in four groups of four
+/// lanes that each give one term of the canonical reduction. Against [`pass`] this saves unpacking
+/// each block's nibbles once per pass, three of four broadcasts per term, and the accumulators' trips
+/// through memory (and the memset that cleared them). With one `maddubs` per cycle on this host kind
+/// (`scripts/host-probe.c`), 8 of them plus one `madd` per block, half tile and row bound the Q4
+/// kernels; the integer sums are exact in any order, so the bits are the scalar reference's.
+mod prepared {
+    use super::*;
+
+    /// 32 bytes on a 32-byte boundary.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(32))]
+    pub struct Y([u8; 32]);
+
+    /// Lines per (block, half tile): the 8 value chunks (Q8_0: 8 magnitudes, then 8 signed), the
+    /// scales and (Q4_1) the minimums.
+    #[inline(always)]
+    pub fn stride(f: IntFormat) -> usize {
+        match f {
+            IntFormat::Q4_0 => 9,
+            IntFormat::Q4_1 => 10,
+            IntFormat::Q8_0 => 17,
+        }
+    }
+
+    /// Line of the scales in a (block, half) entry.
+    #[inline(always)]
+    fn scales(f: IntFormat) -> usize {
+        if f == IntFormat::Q8_0 {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Unpacks one packed tile (rows of `nb` blocks) into `dst`: entry `(b, h)` at line `(2b + h) *
+    /// stride(f)`.
+    #[inline(always)]
+    pub unsafe fn prep(f: IntFormat, tile: *const u8, nb: usize, dst: *mut Y) {
+        let low = _mm256_set1_epi8(0x0F);
+        let st = stride(f);
+        for b in 0..nb {
+            for h in 0..2 {
+                let v = tile.add(pack::values_at(f, b) + 32 * h);
+                let o = dst.add((2 * b + h) * st) as *mut __m256i;
+                match f {
+                    IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                        for c in 0..4 {
+                            let x = _mm256_loadu_si256(v.add(64 * c) as *const __m256i);
+                            _mm256_store_si256(o.add(c), _mm256_and_si256(x, low));
+                            _mm256_store_si256(o.add(c + 4), _mm256_and_si256(_mm256_srli_epi16::<4>(x), low));
+                        }
+                    }
+                    IntFormat::Q8_0 => {
+                        for k in 0..8 {
+                            let x = _mm256_loadu_si256(v.add(64 * k) as *const __m256i);
+                            _mm256_store_si256(o.add(k), _mm256_sign_epi8(x, x));
+                            _mm256_store_si256(o.add(8 + k), x);
+                        }
+                    }
+                }
+                let s = tile.add(pack::scales_at(f, nb, b) + 16 * h);
+                let sc = o.add(scales(f)) as *mut f32;
+                _mm256_store_ps(sc, _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i)));
+                if f == IntFormat::Q4_1 {
+                    _mm256_store_ps(sc.add(8), _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * TILE * nb) as *const __m128i)));
+                }
+            }
+        }
+    }
+
+    /// As [`super::tiles_as`], through prepared pairs of tiles.
+    #[inline(always)]
+    pub unsafe fn tiles(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+        let (nb, tb) = (rb / f.block_bytes(), TILE * rb);
+        let per_tile = 2 * nb * stride(f);
+        let mut buf: Vec<Y> = Vec::with_capacity(2 * per_tile);
+        let dst = buf.as_mut_ptr();
+        let tiles = n.div_ceil(TILE);
+        wtile::prefetch(w.as_ptr(), w.len().min(2 * tb));
+        let mut t = 0;
+        while t < tiles {
+            let pair = (tiles - t).min(2);
+            let j0 = t * TILE;
+            for i in 0..pair {
+                prep(f, w.as_ptr().add((t + i) * tb), nb, dst.add(i * per_tile));
+            }
+            // the next pair's weights, a few lines per activation row
+            let next = &w[((t + pair) * tb).min(w.len())..((t + pair + 2) * tb).min(w.len())];
+            let pf = wtile::Prefetch::new(next, 4 * acts.len());
+            let keep = |h: usize| {
+                _mm256_cmpgt_epi32(_mm256_set1_epi32((n - j0).saturating_sub(8 * h).min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+            };
+            let half = |h: usize| dst.add((h / 2) * per_tile + (h % 2) * stride(f)) as *const Y;
+            let at = out.offset(0, j0);
+            if pair == 2 {
+                rows::<4>(f, [half(0), half(1), half(2), half(3)], nb, acts, at, [keep(0), keep(1), keep(2), keep(3)], &pf);
+            } else {
+                rows::<2>(f, [half(0), half(1)], nb, acts, at, [keep(0), keep(1)], &pf);
+            }
+            t += pair;
+        }
+    }
+
+    /// Largest prepared half tiles (bytes) taken row after row rather than lane group after lane group.
+    const ROW_ORDER_MAX_BYTES: usize = 24 << 10;
+
+    /// The lanes of the canonical reduction in the order [`rows`] takes them: group `g` gives one term
+    /// of `((h0+h4)+(h2+h6)) + ((h1+h5)+(h3+h7))` (`h_i` = lanes `i` and `i + 8`).
+    const GROUPS: [[usize; 4]; 4] = [[0, 8, 4, 12], [2, 10, 6, 14], [1, 9, 5, 13], [3, 11, 7, 15]];
+
+    /// Every activation row against `H` prepared half tiles (`halves[h]` points at its block 0; half
+    /// `h`'s results go to columns `8h..8h + 8`, the lanes in `keep[h]`). The 16 lanes are taken in
+    /// four groups of four ([`GROUPS`]), every row's group before the next group, so the weights of a
+    /// group's blocks stay in the first-level cache across the rows (a pair of tiles of 48-block rows is
+    /// 61 KiB); each row keeps two partial sums per half between groups.
+    #[inline(always)]
+    unsafe fn rows<const H: usize>(
+        f: IntFormat,
+        halves: [*const Y; H],
+        nb: usize,
+        acts: &[Q8Row],
+        out: Out,
+        keep: [__m256i; H],
+        pf: &wtile::Prefetch,
+    ) {
+        // per row and half: (h0+h4)+(h2+h6), then h1+h5
+        let mut part: Vec<[[__m256; H]; 2]> = vec![[[_mm256_setzero_ps(); H]; 2]; acts.len()];
+        if nb * H * stride(f) * 32 <= ROW_ORDER_MAX_BYTES {
+            // the half tiles fit the cache: one row's four groups after another
+            for (r, x) in acts.iter().enumerate() {
+                for g in 0..GROUPS.len() {
+                    group::<H>(f, &halves, nb, g, x, &mut part[r], out.offset(r, 0), &keep, pf);
+                }
+            }
+        } else {
+            for g in 0..GROUPS.len() {
+                for (r, x) in acts.iter().enumerate() {
+                    group::<H>(f, &halves, nb, g, x, &mut part[r], out.offset(r, 0), &keep, pf);
+                }
+            }
+        }
+    }
+
+    /// Lane group `g` of one activation row `x` (results through `out.row(0)`).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn group<const H: usize>(
+        f: IntFormat,
+        halves: &[*const Y; H],
+        nb: usize,
+        g: usize,
+        x: &Q8Row,
+        pr: &mut [[__m256; H]; 2],
+        out: Out,
+        keep: &[__m256i; H],
+        pf: &wtile::Prefetch,
+    ) {
+        pf.some();
+        let lanes = GROUPS[g];
+        let x = (x.qs.as_ptr(), x.d.as_ptr(), x.s.as_ptr(), x.sums.as_ptr());
+        // lanes i, i + 8, i + 4, i + 12: h_i + h_(i+4)
+        let (a0, a1) = (lane::<H>(f, halves, nb, lanes[0], x), lane::<H>(f, halves, nb, lanes[1], x));
+        let hi: [__m256; H] = std::array::from_fn(|h| _mm256_add_ps(a0[h], a1[h]));
+        let (a2, a3) = (lane::<H>(f, halves, nb, lanes[2], x), lane::<H>(f, halves, nb, lanes[3], x));
+        for h in 0..H {
+            let t = _mm256_add_ps(hi[h], _mm256_add_ps(a2[h], a3[h]));
+            match g {
+                0 => pr[0][h] = t,
+                1 => pr[0][h] = _mm256_add_ps(pr[0][h], t),
+                2 => pr[1][h] = t,
+                _ => {
+                    let v = _mm256_add_ps(pr[0][h], _mm256_add_ps(pr[1][h], t));
+                    _mm256_maskstore_ps(out.row(0).add(8 * h), keep[h], v);
+                }
+            }
+        }
+    }
+
+    /// Lane `l`'s accumulators (blocks `l`, `l + 16`, ... in order) of one activation row (its values,
+    /// scales, scaled sums and sums) for `H` prepared half tiles.
+    #[inline(always)]
+    unsafe fn lane<const H: usize>(
+        f: IntFormat,
+        halves: &[*const Y; H],
+        nb: usize,
+        l: usize,
+        (qs, d, s, sums): (*const i8, *const f32, *const f32, *const i32),
+    ) -> [__m256; H] {
+        let (step, sc) = (2 * stride(f), scales(f));
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); H];
+        let mut b = l;
+        while b < nb {
+            let a = qs.add(pack::act_index(b, 0));
+            let chunk = |k: usize| (a.add(4 * k) as *const i32).read_unaligned();
+            let e: [*const __m256i; H] = std::array::from_fn(|h| halves[h].add(b * step) as *const __m256i);
+            let mut p = [_mm256_setzero_si256(); H];
+            match f {
+                IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                    // a block's 8 chunks add up in i16 (see the module's note), then one `madd`
+                    for k in 0..8 {
+                        let ak = _mm256_set1_epi32(chunk(k));
+                        for h in 0..H {
+                            let m = _mm256_maddubs_epi16(_mm256_load_si256(e[h].add(k)), ak);
+                            p[h] = if k == 0 { m } else { _mm256_add_epi16(p[h], m) };
+                        }
+                    }
+                    for ph in p.iter_mut() {
+                        *ph = _mm256_madd_epi16(*ph, ones);
+                    }
+                    if f == IntFormat::Q4_0 {
+                        let c = _mm256_set1_epi32(*sums.add(b) << 3);
+                        for ph in p.iter_mut() {
+                            *ph = _mm256_sub_epi32(*ph, c);
+                        }
+                    }
+                }
+                IntFormat::Q8_0 => {
+                    for k in 0..8 {
+                        let ak = _mm256_set1_epi32(chunk(k));
+                        for h in 0..H {
+                            let sa = _mm256_sign_epi8(ak, _mm256_load_si256(e[h].add(8 + k)));
+                            let m = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256(e[h].add(k)), sa), ones);
+                            p[h] = _mm256_add_epi32(p[h], m);
+                        }
+                    }
+                }
+            }
+            let da = _mm256_set1_ps(*d.add(b));
+            let sa = if f == IntFormat::Q4_1 { _mm256_set1_ps(*s.add(b)) } else { _mm256_setzero_ps() };
+            for h in 0..H {
+                let scale = e[h].add(sc) as *const f32;
+                let mut term = _mm256_mul_ps(_mm256_mul_ps(_mm256_load_ps(scale), da), _mm256_cvtepi32_ps(p[h]));
+                if f == IntFormat::Q4_1 {
+                    term = _mm256_add_ps(term, _mm256_mul_ps(_mm256_load_ps(scale.add(8)), sa));
+                }
+                acc[h] = _mm256_add_ps(acc[h], term);
+            }
+            b += GROUP;
+        }
+        acc
+    }
 }
