@@ -16,7 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// allocates again buffers of megabytes (logits, a layer's activations), and with mimalloc's default
 /// each came back as fresh pages the kernel zeroed, 4-5% of a 32-sequence step on the Zen 3 host
 /// (`clear_page_erms` in `perf`, BENCHMARKS.md). The process then keeps its peak footprint, as
-/// llama.cpp's preallocated buffers do. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+/// llama.cpp's preallocated buffers do. `MIMALLOC_PURGE_DELAY` (or the older `MIMALLOC_RESET_DELAY`) in the
+/// environment still wins.
 fn keep_freed_memory() {
     use std::ffi::{c_int, c_long};
     // mimalloc's `mi_option_purge_delay` (v2 and v3 headers), 1000 ms in the build we link (10 in older
@@ -26,11 +27,14 @@ fn keep_freed_memory() {
         fn mi_option_get(option: c_int) -> c_long;
         fn mi_option_set(option: c_int, value: c_long);
     }
-    // SAFETY: plain C calls into the linked mimalloc with a valid option number; the value is only
-    // changed while it has the library's default (so an environment setting, or a renumbered option
-    // in another mimalloc version, is left alone)
+    // mimalloc reads its variables case-insensitively, and the old name too
+    let set_in_env = std::env::vars_os()
+        .any(|(k, _)| k.to_str().is_some_and(|k| k.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY") || k.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY")));
+    // SAFETY: plain C calls into the linked mimalloc (Cargo.lock pins it) with a valid option number.
+    // The value is changed only while it is one of the purge delay's defaults: an option renumbered in
+    // another mimalloc would be touched only if it held one of those values.
     unsafe {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() && matches!(mi_option_get(PURGE_DELAY), 10 | 1000) {
+        if !set_in_env && matches!(mi_option_get(PURGE_DELAY), 10 | 1000) {
             mi_option_set(PURGE_DELAY, -1);
         }
     }

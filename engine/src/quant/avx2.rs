@@ -299,7 +299,8 @@ mod prepared {
         }
     }
 
-    /// Largest prepared half tiles (bytes) taken row after row rather than lane group after lane group.
+    /// Largest prepared data of the `H` half tiles together (bytes) taken row after row rather than lane
+    /// group after lane group.
     const ROW_ORDER_MAX_BYTES: usize = 24 << 10;
 
     /// The lanes of the canonical reduction in the order [`rows`] takes them: group `g` gives one term
@@ -308,9 +309,10 @@ mod prepared {
 
     /// Every activation row against `H` prepared half tiles (`halves[h]` points at its block 0; half
     /// `h`'s results go to columns `8h..8h + 8`, the lanes in `keep[h]`). The 16 lanes are taken in
-    /// four groups of four ([`GROUPS`]), every row's group before the next group, so the weights of a
-    /// group's blocks stay in the first-level cache across the rows (a pair of tiles of 48-block rows is
-    /// 61 KiB); each row keeps two partial sums per half between groups.
+    /// four groups of four ([`GROUPS`]). Up to [`ROW_ORDER_MAX_BYTES`] of prepared data, a row's four
+    /// groups go one after another; above it, every row's group goes before the next group, so the
+    /// weights of a group's blocks stay in the first-level cache across the rows (a pair of Q4_1 tiles of
+    /// 48-block rows is 60 KiB). Each row keeps two partial sums per half between groups.
     #[inline(always)]
     unsafe fn rows<const H: usize>(
         f: IntFormat,
