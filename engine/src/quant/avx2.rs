@@ -272,6 +272,7 @@ mod prepared {
         let (nb, tb) = (rb / f.block_bytes(), TILE * rb);
         let per_tile = 2 * nb * stride(f);
         let mut buf: Vec<Y> = Vec::with_capacity(2 * per_tile);
+        let mut part: Vec<Partial> = vec![[[_mm256_setzero_ps(); 4]; 2]; acts.len()];
         let dst = buf.as_mut_ptr();
         let tiles = n.div_ceil(TILE);
         wtile::prefetch(w.as_ptr(), w.len().min(2 * tb));
@@ -291,9 +292,9 @@ mod prepared {
             let half = |h: usize| dst.add((h / 2) * per_tile + (h % 2) * stride(f)) as *const Y;
             let at = out.offset(0, j0);
             if pair == 2 {
-                rows::<4>(f, [half(0), half(1), half(2), half(3)], nb, acts, at, [keep(0), keep(1), keep(2), keep(3)], &pf);
+                rows::<4>(f, [half(0), half(1), half(2), half(3)], nb, acts, &mut part, at, [keep(0), keep(1), keep(2), keep(3)], &pf);
             } else {
-                rows::<2>(f, [half(0), half(1)], nb, acts, at, [keep(0), keep(1)], &pf);
+                rows::<2>(f, [half(0), half(1)], nb, acts, &mut part, at, [keep(0), keep(1)], &pf);
             }
             t += pair;
         }
@@ -302,6 +303,10 @@ mod prepared {
     /// Largest prepared data of the `H` half tiles together (bytes) taken row after row rather than lane
     /// group after lane group.
     const ROW_ORDER_MAX_BYTES: usize = 24 << 10;
+
+    /// A row's partial sums between lane groups, per half tile (the first `H` of 4): `(h0+h4)+(h2+h6)`,
+    /// then `h1+h5` (one buffer per call, for every row).
+    type Partial = [[__m256; 4]; 2];
 
     /// The lanes of the canonical reduction in the order [`rows`] takes them: group `g` gives one term
     /// of `((h0+h4)+(h2+h6)) + ((h1+h5)+(h3+h7))` (`h_i` = lanes `i` and `i + 8`).
@@ -313,18 +318,18 @@ mod prepared {
     /// groups go one after another; above it, every row's group goes before the next group, so the
     /// weights of a group's blocks stay in the first-level cache across the rows (a pair of Q4_1 tiles of
     /// 48-block rows is 60 KiB). Each row keeps two partial sums per half between groups.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn rows<const H: usize>(
         f: IntFormat,
         halves: [*const Y; H],
         nb: usize,
         acts: &[Q8Row],
+        part: &mut [Partial],
         out: Out,
         keep: [__m256i; H],
         pf: &wtile::Prefetch,
     ) {
-        // per row and half: (h0+h4)+(h2+h6), then h1+h5
-        let mut part: Vec<[[__m256; H]; 2]> = vec![[[_mm256_setzero_ps(); H]; 2]; acts.len()];
         if nb * H * stride(f) * 32 <= ROW_ORDER_MAX_BYTES {
             // the half tiles fit the cache: one row's four groups after another
             for (r, x) in acts.iter().enumerate() {
@@ -350,7 +355,7 @@ mod prepared {
         nb: usize,
         g: usize,
         x: &Q8Row,
-        pr: &mut [[__m256; H]; 2],
+        pr: &mut Partial,
         out: Out,
         keep: &[__m256i; H],
         pf: &wtile::Prefetch,
