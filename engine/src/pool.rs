@@ -6,6 +6,14 @@
 //! wake-up in every one of them; here a worker spins for [`SPIN`] after its last task, so the next region
 //! starts at once, and parks only when the engine goes idle. The thread that submits a region works on it
 //! too. Results never depend on the pool: every task computes fixed outputs in a fixed order.
+//!
+//! The threads of a shared machine do not always run at the same speed: on the 2-vCPU VMs one vCPU was at
+//! times 1.5-1.9x slower than the other for seconds on end, whichever thread ran on it (BENCHMARKS.md).
+//! Work split evenly between threads then waits for the slower one. So the pool learns each thread's
+//! share of the speed from the regions of one part per thread ([`Pool::for_each_part`]: part `i` runs on
+//! thread `i`, and each part's size over the time it took is that thread's speed), and [`shares`] hands
+//! those shares to the callers that cut their work ([`cut`]). Which rows or columns a thread computes
+//! never changes what they are.
 
 use std::cell::{RefCell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -16,6 +24,9 @@ use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it parks.
 const SPIN: Duration = Duration::from_micros(200);
+
+/// Weight of one region's measurement in a thread's learnt share of the speed.
+const LEARN: f64 = 0.125;
 
 const CLOSED: u64 = 1 << 31;
 const JOINED: u64 = CLOSED - 1;
@@ -30,6 +41,16 @@ struct Inner {
     job: UnsafeCell<Option<Job>>,
     tasks: AtomicUsize,
     next: AtomicUsize,
+    /// The region's task `i` is thread `i`'s part ([`Pool::for_each_part`]).
+    parts: AtomicBool,
+    /// Per part: claimed, by which thread, and how long it took (ns).
+    claimed: Box<[AtomicBool]>,
+    ran_on: Box<[AtomicUsize]>,
+    took: Box<[AtomicU64]>,
+    /// Each thread's learnt share of the pool's speed (sums to 1).
+    shares: Mutex<Vec<f64>>,
+    /// Whether the parts regions update `shares` ([`Pool::with_fixed_shares`] pools keep theirs).
+    learn: bool,
     pending: AtomicUsize,
     panicked: AtomicBool,
     /// One region at a time; a second submitter runs its region alone.
@@ -61,12 +82,31 @@ impl Pool {
     /// A pool of `threads` compute threads (at least one): `threads - 1` workers plus the caller.
     pub fn new(threads: usize) -> Arc<Pool> {
         let threads = threads.max(1);
+        Self::build(vec![1.0 / threads as f64; threads], true)
+    }
+
+    /// A pool of one thread per share whose shares of the work stay `shares` (normalised) instead of
+    /// being learnt: for tests of uneven splits, and for machines whose cores are known to differ.
+    pub fn with_fixed_shares(shares: &[f64]) -> Arc<Pool> {
+        assert!(!shares.is_empty() && shares.iter().all(|s| s.is_finite() && *s > 0.0), "shares must be positive: {shares:?}");
+        let sum: f64 = shares.iter().sum();
+        Self::build(shares.iter().map(|s| s / sum).collect(), false)
+    }
+
+    fn build(shares: Vec<f64>, learn: bool) -> Arc<Pool> {
+        let threads = shares.len();
         let inner = Arc::new(Inner {
             threads,
             state: AtomicU64::new(0),
             job: UnsafeCell::new(None),
             tasks: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
+            parts: AtomicBool::new(false),
+            claimed: (0..threads).map(|_| AtomicBool::new(false)).collect(),
+            ran_on: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
+            took: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            shares: Mutex::new(shares),
+            learn,
             pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             submit: Mutex::new(()),
@@ -78,7 +118,7 @@ impl Pool {
         let handles = (1..threads)
             .map(|i| {
                 let inner = inner.clone();
-                std::thread::Builder::new().name(format!("flotilla-compute-{i}")).spawn(move || worker(&inner)).expect("spawn a compute thread")
+                std::thread::Builder::new().name(format!("flotilla-compute-{i}")).spawn(move || worker(&inner, i)).expect("spawn a compute thread")
             })
             .collect();
         Arc::new(Pool { inner, handles })
@@ -102,14 +142,73 @@ impl Pool {
         f()
     }
 
+    /// Each thread's learnt share of the pool's speed, thread 0 (the submitter) first; they sum to 1.
+    pub fn shares(&self) -> Vec<f64> {
+        self.inner.shares.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// `f(0)`, ..., `f(tasks - 1)`, spread over the pool; returns when all have run.
     pub fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.region(tasks, false, f);
+    }
+
+    /// `f(i)` for each of `sizes.len()` parts (at most one per thread), part `i` on thread `i` unless
+    /// that thread is late (parked) and another gets to it first; returns when all have run. `sizes[i]` is
+    /// part `i`'s amount of work in any unit: when every part ran on its own thread, each thread's size
+    /// over its time updates its share of the speed ([`Pool::shares`]).
+    pub fn for_each_part(&self, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) {
+        let n = sizes.len();
+        assert!(n <= self.inner.threads, "{n} parts for {} threads", self.inner.threads);
+        if !self.region(n, true, f) || n != self.inner.threads || !self.inner.learn {
+            return;
+        }
+        let inner = &*self.inner;
+        let mut rates = Vec::with_capacity(n);
+        for (i, &size) in sizes.iter().enumerate() {
+            let ns = inner.took[i].load(Relaxed);
+            if size == 0 || ns == 0 || inner.ran_on[i].load(Relaxed) != i {
+                return;
+            }
+            rates.push(size as f64 / ns as f64);
+        }
+        let total: f64 = rates.iter().sum();
+        let mut shares = inner.shares.lock().unwrap_or_else(|e| e.into_inner());
+        for (s, r) in shares.iter_mut().zip(&rates) {
+            *s += LEARN * (r / total - *s);
+        }
+        // every thread keeps at least half an even share, so a slow spell cannot starve it of the work
+        // that would show it has recovered
+        let least = 0.5 / n as f64;
+        let mut floored = vec![false; n];
+        loop {
+            let sum: f64 = shares.iter().sum();
+            shares.iter_mut().for_each(|s| *s /= sum);
+            let mut changed = false;
+            for (s, f) in shares.iter_mut().zip(&mut floored) {
+                if *s < least {
+                    (*s, *f, changed) = (least, true, true);
+                }
+            }
+            if !changed {
+                break;
+            }
+            // the floored shares stay at the floor; the others fill the rest
+            let rest: f64 = shares.iter().zip(&floored).filter(|(_, f)| !**f).map(|(s, _)| s).sum();
+            let room = 1.0 - least * floored.iter().filter(|f| **f).count() as f64;
+            shares.iter_mut().zip(&floored).filter(|(_, f)| !**f).for_each(|(s, _)| *s *= room / rest);
+        }
+    }
+
+    /// Runs the region; `false` when it ran on this thread alone (one thread, one task, or a busy pool).
+    fn region(&self, tasks: usize, parts: bool, f: &(dyn Fn(usize) + Sync)) -> bool {
         let inner = &*self.inner;
         if inner.threads == 1 || tasks <= 1 {
-            return (0..tasks).for_each(f);
+            (0..tasks).for_each(f);
+            return false;
         }
         let Ok(_guard) = inner.submit.try_lock() else {
-            return (0..tasks).for_each(f);
+            (0..tasks).for_each(f);
+            return false;
         };
         // SAFETY: the lifetime is erased only until this function returns, and it returns only after the
         // epoch is closed and every worker that joined it has left.
@@ -117,6 +216,10 @@ impl Pool {
         unsafe { *inner.job.get() = Some(job) };
         inner.tasks.store(tasks, Relaxed);
         inner.next.store(0, Relaxed);
+        inner.parts.store(parts, Relaxed);
+        if parts {
+            inner.claimed[..tasks].iter().for_each(|c| c.store(false, Relaxed));
+        }
         inner.pending.store(tasks, Relaxed);
         let epoch = (inner.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
         inner.state.store(epoch << 32, SeqCst);
@@ -126,7 +229,7 @@ impl Pool {
         }
         // the submitter runs tasks too: a region started inside one of them runs there alone, as on a worker
         let outer = IN_TASK.with(|w| w.replace(true));
-        let mine = catch_unwind(AssertUnwindSafe(|| run_tasks(inner, f)));
+        let mine = catch_unwind(AssertUnwindSafe(|| run_tasks(inner, f, 0)));
         IN_TASK.with(|w| w.set(outer));
         while inner.pending.load(Acquire) != 0 {
             std::hint::spin_loop();
@@ -142,6 +245,7 @@ impl Pool {
         if inner.panicked.swap(false, Relaxed) {
             panic!("a compute task panicked");
         }
+        true
     }
 }
 
@@ -158,9 +262,26 @@ impl Drop for Pool {
     }
 }
 
-/// Claims and runs tasks until none are left.
-fn run_tasks(inner: &Inner, f: &(dyn Fn(usize) + Sync)) {
+/// Claims and runs tasks until none are left; `me` is this thread's index in the pool (0: the submitter).
+fn run_tasks(inner: &Inner, f: &(dyn Fn(usize) + Sync), me: usize) {
     let tasks = inner.tasks.load(Relaxed);
+    if inner.parts.load(Relaxed) {
+        // this thread's own part first, then any part still unclaimed
+        for i in std::iter::once(me).chain(0..tasks).filter(|&i| i < tasks) {
+            if inner.claimed[i].swap(true, AcqRel) {
+                continue;
+            }
+            let started = Instant::now();
+            let r = catch_unwind(AssertUnwindSafe(|| f(i)));
+            inner.took[i].store(started.elapsed().as_nanos() as u64, Relaxed);
+            inner.ran_on[i].store(me, Relaxed);
+            if r.is_err() {
+                inner.panicked.store(true, Relaxed);
+            }
+            inner.pending.fetch_sub(1, Release);
+        }
+        return;
+    }
     loop {
         let i = inner.next.fetch_add(1, Relaxed);
         if i >= tasks {
@@ -174,7 +295,7 @@ fn run_tasks(inner: &Inner, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-fn worker(inner: &Inner) {
+fn worker(inner: &Inner, me: usize) {
     IN_TASK.with(|w| w.set(true));
     let mut seen = 0u64;
     loop {
@@ -218,7 +339,7 @@ fn worker(inner: &Inner) {
         if joined {
             // SAFETY: joined an open epoch, so the submitter keeps the job alive until this worker leaves.
             if let Some(job) = unsafe { *inner.job.get() } {
-                run_tasks(inner, unsafe { &*job });
+                run_tasks(inner, unsafe { &*job }, me);
             }
             inner.state.fetch_sub(1, Release);
         }
@@ -252,6 +373,63 @@ pub fn current_threads() -> usize {
         return 1;
     }
     CURRENT.with(|c| c.borrow().as_ref().map(|p| p.threads())).unwrap_or_else(|| current().threads())
+}
+
+/// The current pool's learnt shares of the speed, one per thread (`[1.0]` inside a task, where regions
+/// run on one thread).
+pub fn shares() -> Vec<f64> {
+    if IN_TASK.with(|w| w.get()) {
+        return vec![1.0];
+    }
+    CURRENT.with(|c| c.borrow().as_ref().map(|p| p.shares())).unwrap_or_else(|| current().shares())
+}
+
+/// `0..units` cut into one consecutive range per share, sized so that the largest `size / share` (when
+/// the last thread finishes, each working at its share of the speed) is as small as whole units allow:
+/// each its share of `units` rounded down, then each unit left over to the thread that would finish it
+/// soonest, the first on ties (equal shares give sizes within one, the larger first). A range may be
+/// empty when there are fewer units than shares.
+pub fn cut(units: usize, shares: &[f64]) -> Vec<std::ops::Range<usize>> {
+    let total: f64 = shares.iter().sum();
+    let share: Vec<f64> = shares.iter().map(|s| s / total).collect();
+    let mut sizes: Vec<usize> = share.iter().map(|s| ((units as f64 * s) as usize).min(units)).collect();
+    // (rounding can leave the floors one over `units`)
+    while sizes.iter().sum::<usize>() > units {
+        let i = (0..sizes.len()).max_by(|&a, &b| (sizes[a] as f64 / share[a]).total_cmp(&(sizes[b] as f64 / share[b]))).expect("at least one share");
+        sizes[i] -= 1;
+    }
+    while sizes.iter().sum::<usize>() < units {
+        let finish = |i: usize| (sizes[i] + 1) as f64 / share[i];
+        let i = (0..sizes.len()).min_by(|&a, &b| finish(a).total_cmp(&finish(b))).expect("at least one share");
+        sizes[i] += 1;
+    }
+    let mut start = 0;
+    sizes
+        .iter()
+        .map(|n| {
+            start += n;
+            start - n..start
+        })
+        .collect()
+}
+
+/// `f(i)` for each part `i` of `sizes.len()` (one per thread of the current pool), part `i` on thread
+/// `i`, the time each took teaching the pool its threads' speeds ([`Pool::for_each_part`]).
+pub fn for_each_part(sizes: &[usize], f: impl Fn(usize) + Sync) {
+    if IN_TASK.with(|w| w.get()) {
+        return (0..sizes.len()).for_each(f);
+    }
+    current().for_each_part(sizes, &f)
+}
+
+/// [`for_each_part`] over items, `sizes[i]` the work in `items[i]`.
+pub fn each_part_mut<T: Send>(items: &mut [T], sizes: &[usize], f: impl Fn(usize, &mut T) + Sync) {
+    assert_eq!(items.len(), sizes.len(), "one size per item");
+    if items.len() < 2 || current_threads() == 1 {
+        return items.iter_mut().enumerate().for_each(|(i, x)| f(i, x));
+    }
+    let slots: Vec<Mutex<&mut T>> = items.iter_mut().map(Mutex::new).collect();
+    for_each_part(sizes, |i| f(i, &mut slots[i].lock().unwrap_or_else(|e| e.into_inner())));
 }
 
 /// Range `t` of `0..n` cut into `parts` consecutive ranges whose sizes differ by at most one, the larger
@@ -347,6 +525,61 @@ mod tests {
                 assert!(x.chunks_exact(3).enumerate().all(|(i, row)| row.iter().all(|&v| v == i as f32)), "{rows} rows");
             }
         });
+    }
+
+    #[test]
+    fn cut_follows_the_shares_in_whole_units() {
+        assert_eq!(cut(36, &[0.5, 0.5]), vec![0..18, 18..36]);
+        assert_eq!(cut(9, &[0.5, 0.5]), vec![0..5, 5..9], "the larger first");
+        assert_eq!(cut(7, &[1.0, 1.0, 1.0]), vec![0..3, 3..5, 5..7]);
+        assert_eq!(cut(8, &[0.36, 0.64]), vec![0..3, 3..8]);
+        assert_eq!(cut(8, &[0.54, 0.46]), vec![0..4, 4..8], "4:4 finishes sooner than 5:3 at these speeds");
+        assert_eq!(cut(1, &[0.5, 0.5]), vec![0..1, 1..1]);
+        assert_eq!(cut(0, &[0.5, 0.5]), vec![0..0, 0..0]);
+        for shares in [vec![1.0], vec![0.3, 0.7], vec![0.25, 0.25, 0.5], vec![0.1, 0.2, 0.3, 0.4]] {
+            for units in 0..200 {
+                let parts = cut(units, &shares);
+                assert_eq!(parts.len(), shares.len());
+                assert_eq!((parts[0].start, parts[parts.len() - 1].end), (0, units));
+                assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+                for (p, s) in parts.iter().zip(&shares) {
+                    assert!((p.len() as f64 - units as f64 * s).abs() <= 1.0 + 1e-9, "{units} units, shares {shares:?}: {parts:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_thread_whose_parts_take_longer_is_given_a_smaller_share() {
+        let pool = Pool::new(2);
+        assert_eq!(pool.shares(), vec![0.5, 0.5]);
+        let spin = |d: Duration| {
+            let t = Instant::now();
+            while t.elapsed() < d {
+                std::hint::spin_loop();
+            }
+        };
+        // part 1 takes three times as long per unit as part 0: thread 1 has a quarter of the speed
+        let mut rounds = 0;
+        while pool.shares()[0] < 0.65 && rounds < 5000 {
+            pool.for_each_part(&[10, 10], &|i| spin(Duration::from_micros(if i == 0 { 20 } else { 60 })));
+            rounds += 1;
+        }
+        let s = pool.shares();
+        assert!(s[0] >= 0.65 && (s[0] + s[1] - 1.0).abs() < 1e-9, "shares {s:?} after {rounds} regions");
+        // parts of no work teach nothing; every part runs once whoever runs it
+        let before = pool.shares();
+        let hits: Vec<AtomicUsize> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+        pool.for_each_part(&[0, 5], &|i| {
+            hits[i].fetch_add(1, Relaxed);
+        });
+        assert_eq!(pool.shares(), before);
+        assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+        // the least share is half an even one
+        for _ in 0..200 {
+            pool.for_each_part(&[10, 10], &|i| spin(Duration::from_micros(if i == 0 { 5 } else { 200 })));
+        }
+        assert!(pool.shares()[1] >= 0.25 - 1e-9, "{:?}", pool.shares());
     }
 
     #[test]

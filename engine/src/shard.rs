@@ -233,16 +233,17 @@ impl Shard {
         }
         // A batch of many short sequences (batched decode): each thread runs the whole stage for its own
         // run of sequences, with no step shared between threads.
-        if let Some(groups) = sequence_groups(&rows, pool::current_threads()) {
-            return self.forward_groups(batch, &groups);
+        if let Some(groups) = sequence_groups(&rows, &pool::shares()) {
+            return self.forward_groups(batch, &rows, &groups);
         }
         let total: usize = rows.iter().sum();
         // each sequence's first row in the batch's rows
         let first = first_rows(&rows);
 
         // Rows in parts: one per thread for a prompt, each part's rows carried through the row-wise steps
-        // and matmuls of a layer by the thread that owns it; one part of all rows otherwise.
-        let parts = row_parts(total, pool::current_threads());
+        // and matmuls of a layer by the thread that owns it; one part of all rows otherwise. The parts
+        // follow the threads' learnt speeds, so they are cut again for every layer.
+        let mut parts = row_parts(total, &pool::shares());
         let inputs: Vec<StageInput> = batch.iter().map(|s| s.input).collect();
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.len()).collect();
         // which sequence row r is, and which of its new positions
@@ -257,7 +258,7 @@ impl Shard {
         let mut tables: Vec<Vec<(f32, f32)>> = vec![Vec::new(); total];
         {
             let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(split_rows_mut(&mut tables, 1, &parts)).zip(&parts).collect();
-            pool::each_mut(&mut ps, |_, ((xs, ts), part)| {
+            pool::each_part_mut(&mut ps, &sizes(&parts), |_, ((xs, ts), part)| {
                 for ((r, xr), t) in part.clone().zip(xs.chunks_exact_mut(d)).zip(ts.iter_mut()) {
                     let (i, j) = locate(r);
                     match inputs[i] {
@@ -275,8 +276,14 @@ impl Shard {
         let mut k = vec![0f32; total * kv_dim];
         let mut v = vec![0f32; total * kv_dim];
         let mut attn = vec![0f32; total * q_dim];
-        let mut bufs: Vec<PartBuffers> = parts.iter().map(|p| PartBuffers::new(p.len(), d, cfg.n_ff)).collect();
+        let mut bufs: Vec<PartBuffers> = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
+            if li > 0 {
+                parts = row_parts(total, &pool::shares());
+            }
+            if bufs.len() != parts.len() || bufs.iter().zip(&parts).any(|(b, p)| b.rows != p.len()) {
+                bufs = parts.iter().map(|p| PartBuffers::new(p.len(), d, cfg.n_ff)).collect();
+            }
             {
                 let mut ps: Vec<_> = split_rows_mut(&mut q, q_dim, &parts)
                     .into_iter()
@@ -284,7 +291,7 @@ impl Shard {
                     .zip(split_rows_mut(&mut v, kv_dim, &parts))
                     .zip(bufs.iter_mut().zip(&parts))
                     .collect();
-                pool::each_mut(&mut ps, |_, (((q, k), v), (b, part))| {
+                pool::each_part_mut(&mut ps, &sizes(&parts), |_, (((q, k), v), (b, part))| {
                     self.attention_input(l, &x[part.start * d..part.end * d], &tables[part.clone()], &mut b.normed, q, k, v)
                 });
             }
@@ -302,7 +309,9 @@ impl Shard {
             }
             attention::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, cfg.head_dim, &mut attn);
             let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(bufs.iter_mut().zip(&parts)).collect();
-            pool::each_mut(&mut ps, |_, (x, (b, part))| self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], b, x));
+            pool::each_part_mut(&mut ps, &sizes(&parts), |_, (x, (b, part))| {
+                self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], b, x)
+            });
         }
         for (s, &n) in batch.iter_mut().zip(&rows) {
             s.cache.advance(n);
@@ -337,7 +346,7 @@ impl Shard {
     /// one-part path, as a batch of its own. A sequence's result does not depend on the other sequences
     /// in its batch, so the results are those of the whole batch in one. [`Shard::forward`] checked every
     /// sequence before, so no run fails on its input after another has written its caches.
-    fn forward_groups(&self, batch: &mut [SeqStep<'_>], groups: &[Range<usize>]) -> Result<Vec<StageOutput>> {
+    fn forward_groups(&self, batch: &mut [SeqStep<'_>], rows: &[usize], groups: &[Range<usize>]) -> Result<Vec<StageOutput>> {
         let mut rest = batch;
         let mut runs: Vec<_> = groups
             .iter()
@@ -348,7 +357,8 @@ impl Shard {
             })
             .collect();
         debug_assert!(rest.is_empty(), "the groups cover the batch");
-        pool::each_mut(&mut runs, |_, (run, out)| *out = Some(self.forward(run)));
+        let sizes: Vec<usize> = groups.iter().map(|g| rows[g.clone()].iter().sum()).collect();
+        pool::each_part_mut(&mut runs, &sizes, |_, (run, out)| *out = Some(self.forward(run)));
         let mut out = Vec::new();
         for (_, r) in runs {
             out.extend(r.expect("every run ran")?);
@@ -389,10 +399,11 @@ impl Shard {
     }
 }
 
-/// A part's buffers for a layer's row-wise steps (written whole by each layer, allocated once per
-/// forward): the normed input of the attention and of the feed-forward block, and the feed-forward
-/// gate and up projections.
+/// A part's buffers for a layer's row-wise steps (written whole by each layer, allocated again only when
+/// the part's size changes): the normed input of the attention and of the feed-forward block, and the
+/// feed-forward gate and up projections.
 struct PartBuffers {
+    rows: usize,
     normed: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
@@ -400,7 +411,7 @@ struct PartBuffers {
 
 impl PartBuffers {
     fn new(rows: usize, width: usize, ff: usize) -> Self {
-        PartBuffers { normed: vec![0.0; rows * width], gate: vec![0.0; rows * ff], up: vec![0.0; rows * ff] }
+        PartBuffers { rows, normed: vec![0.0; rows * width], gate: vec![0.0; rows * ff], up: vec![0.0; rows * ff] }
     }
 }
 
@@ -428,49 +439,67 @@ fn rope_rows(cfg: &ModelConfig, x: &mut [f32], width: usize, tables: &[Vec<(f32,
 /// the matmuls split their columns instead, so each weight streams from memory once per step.
 const PART_MIN_ROWS: usize = 32;
 
-/// The batch's `total` rows in parts: one per thread, in whole tiles of 16 rows (the batched kernels'
-/// unit), when every thread gets at least [`PART_MIN_ROWS`]; else one part. A thread that carries its
-/// rows through a layer's row-wise steps and matmuls finds them in its own cache (split by matmul
-/// columns, half of every step's input comes from the other core), and a layer runs in three parallel
-/// regions instead of twenty. Every row's result is the same either way.
+/// The batch's `total` rows in parts: one per thread (`shares`, the threads' learnt shares of the
+/// speed), each its share of the rows in whole tiles of 16 rows (the batched kernels' unit), when there
+/// are at least [`PART_MIN_ROWS`] rows per thread; else one part. A thread that carries its rows through
+/// a layer's row-wise steps and matmuls finds them in its own cache (split by matmul columns, half of
+/// every step's input comes from the other core), and a layer runs in three parallel regions instead of
+/// twenty. Every row's result is the same either way. A part that would be empty is left out.
 #[allow(clippy::single_range_in_vec_init, reason = "one part holding every row is meant")]
-fn row_parts(total: usize, threads: usize) -> Vec<Range<usize>> {
-    if threads < 2 || total < threads * PART_MIN_ROWS {
+fn row_parts(total: usize, shares: &[f64]) -> Vec<Range<usize>> {
+    if shares.len() < 2 || total < shares.len() * PART_MIN_ROWS {
         return vec![0..total];
     }
     let tiles = total.div_ceil(16);
-    (0..threads).map(|t| pool::range(tiles, threads, t)).map(|r| r.start * 16..(r.end * 16).min(total)).collect()
+    pool::cut(tiles, shares).into_iter().filter(|r| !r.is_empty()).map(|r| r.start * 16..(r.end * 16).min(total)).collect()
 }
 
-/// Rows each thread's run of sequences needs at least for [`sequence_groups`]: the batched kernels'
-/// per-row cost levels off from about 16 activation rows, and a thread running its own sequences streams
-/// every weight itself.
+/// Each part's rows.
+fn sizes(parts: &[Range<usize>]) -> Vec<usize> {
+    parts.iter().map(|p| p.len()).collect()
+}
+
+/// Rows per thread a batch needs at least for [`sequence_groups`]: the batched kernels' per-row cost
+/// levels off from about 16 activation rows, and a thread running its own sequences streams every
+/// weight itself.
 const GROUP_MIN_ROWS: usize = 16;
 
-/// The batch's sequences (their new rows `rows`) in one run of consecutive sequences per thread, when
-/// each run gets at least [`GROUP_MIN_ROWS`] rows and none more than a quarter over an even share; else
-/// `None` (a long prompt, or too few rows), and the rows go into [`row_parts`]. 32 decode steps on two
-/// threads ran about 10% faster this way than with every matmul's columns split between the threads
-/// (about 20 parallel regions per layer; BENCHMARKS.md, Emerald Rapids).
-fn sequence_groups(rows: &[usize], threads: usize) -> Option<Vec<Range<usize>>> {
+/// The fewest rows of one run (a thread with a small share of the speed gets fewer than
+/// [`GROUP_MIN_ROWS`]; the batched kernels unpack each weight tile once from 8 activation rows).
+const GROUP_LEAST_ROWS: usize = 8;
+
+/// The batch's sequences (their new rows `rows`) in one run of consecutive sequences per thread
+/// (`shares`, the threads' learnt shares of the speed), when the batch has at least [`GROUP_MIN_ROWS`]
+/// rows per thread and each run gets at least [`GROUP_LEAST_ROWS`] and no more than a quarter over its
+/// share of the rows; else `None` (a long prompt, or too few rows), and the rows go
+/// into [`row_parts`]. 32 decode steps on two threads ran about 10% faster this way than with every
+/// matmul's columns split between the threads (about 20 parallel regions per layer; BENCHMARKS.md,
+/// Emerald Rapids).
+fn sequence_groups(rows: &[usize], shares: &[f64]) -> Option<Vec<Range<usize>>> {
+    let threads = shares.len();
     let total: usize = rows.iter().sum();
     if threads < 2 || rows.len() < threads || total < threads * GROUP_MIN_ROWS {
         return None;
     }
-    // cut before the sequence whose first row is nearest each even share's end
+    let sum: f64 = shares.iter().sum();
+    let share: Vec<f64> = shares.iter().map(|s| s / sum).collect();
+    // cut before the sequence whose first row is nearest each share's end
     let starts = first_rows(rows);
     let mut cuts = vec![0];
-    for t in 1..threads {
-        let target = total * t / threads;
-        let i = (0..rows.len()).min_by_key(|&i| starts[i].abs_diff(target)).expect("rows is not empty");
+    let mut acc = 0.0;
+    for s in &share[..threads - 1] {
+        acc += s;
+        let target = total as f64 * acc;
+        let gap = |i: usize| (starts[i] as f64 - target).abs();
+        let i = (0..rows.len()).min_by(|&a, &b| gap(a).total_cmp(&gap(b))).expect("rows is not empty");
         cuts.push(i);
     }
     cuts.push(rows.len());
     let groups: Vec<Range<usize>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
-    let most = (total.div_ceil(threads) * 5).div_ceil(4);
-    let fits = groups.iter().all(|g| {
+    let fits = groups.iter().zip(&share).all(|(g, s)| {
         let n: usize = rows[g.clone()].iter().sum();
-        !g.is_empty() && n >= GROUP_MIN_ROWS && n <= most
+        let most = (total as f64 * s * 1.25).ceil() as usize;
+        !g.is_empty() && n >= GROUP_LEAST_ROWS && n <= most
     });
     fits.then_some(groups)
 }
@@ -555,22 +584,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequence_groups_cut_between_sequences_near_even_shares() {
-        assert_eq!(sequence_groups(&[1; 32], 1), None, "one thread");
-        assert_eq!(sequence_groups(&[1; 32], 2), Some(vec![0..16, 16..32]));
-        assert_eq!(sequence_groups(&[1; 31], 2), None, "too few rows for a second run");
-        assert_eq!(sequence_groups(&[1; 48], 3), Some(vec![0..16, 16..32, 32..48]));
-        assert_eq!(sequence_groups(&[128], 2), None, "one prompt: row parts");
-        assert_eq!(sequence_groups(&[37, 50, 23], 2), None, "no cut near an even share");
-        assert_eq!(sequence_groups(&[20, 3, 20, 1, 2], 2), Some(vec![0..2, 2..5]));
+    fn sequence_groups_cut_between_sequences_near_the_threads_shares() {
+        let even = |t: usize| vec![1.0 / t as f64; t];
+        assert_eq!(sequence_groups(&[1; 32], &even(1)), None, "one thread");
+        assert_eq!(sequence_groups(&[1; 32], &even(2)), Some(vec![0..16, 16..32]));
+        assert_eq!(sequence_groups(&[1; 31], &even(2)), None, "too few rows for a second run");
+        assert_eq!(sequence_groups(&[1; 48], &even(3)), Some(vec![0..16, 16..32, 32..48]));
+        assert_eq!(sequence_groups(&[128], &even(2)), None, "one prompt: row parts");
+        assert_eq!(sequence_groups(&[37, 50, 23], &even(2)), None, "no cut near an even share");
+        assert_eq!(sequence_groups(&[20, 3, 20, 1, 2], &even(2)), Some(vec![0..2, 2..5]));
+        // a thread with 40% of the speed gets 40% of the rows, down to 8 rows
+        assert_eq!(sequence_groups(&[1; 32], &[0.55, 0.45]), Some(vec![0..18, 18..32]));
+        assert_eq!(sequence_groups(&[1; 32], &[0.6, 0.4]), Some(vec![0..19, 19..32]));
+        assert_eq!(sequence_groups(&[1; 32], &[0.25, 0.75]), Some(vec![0..8, 8..32]));
+        assert_eq!(sequence_groups(&[1; 32], &[0.2, 0.8]), None, "under 8 rows for a run");
         for threads in 2..5 {
             for n in 1..80 {
                 let rows: Vec<usize> = (0..n).map(|i| 1 + i % 3).collect();
-                if let Some(g) = sequence_groups(&rows, threads) {
+                if let Some(g) = sequence_groups(&rows, &even(threads)) {
                     assert_eq!(g.len(), threads);
                     assert_eq!((g[0].start, g[threads - 1].end), (0, n));
                     assert!(g.windows(2).all(|w| w[0].end == w[1].start));
-                    assert!(g.iter().all(|g| rows[g.clone()].iter().sum::<usize>() >= GROUP_MIN_ROWS));
+                    assert!(g.iter().all(|g| rows[g.clone()].iter().sum::<usize>() >= GROUP_LEAST_ROWS));
                 }
             }
         }
@@ -578,13 +613,17 @@ mod tests {
 
     #[test]
     fn row_parts_cover_every_row_once_in_whole_tiles() {
-        assert_eq!(row_parts(128, 1), vec![0..128]);
-        assert_eq!(row_parts(32, 2), vec![0..32], "too few rows per thread: one part");
-        assert_eq!(row_parts(128, 2), vec![0..64, 64..128]);
-        assert_eq!(row_parts(110, 3), vec![0..48, 48..80, 80..110]);
-        for threads in 1..5 {
+        let even = |t: usize| vec![1.0 / t as f64; t];
+        assert_eq!(row_parts(128, &even(1)), vec![0..128]);
+        assert_eq!(row_parts(32, &even(2)), vec![0..32], "too few rows per thread: one part");
+        assert_eq!(row_parts(128, &even(2)), vec![0..64, 64..128]);
+        assert_eq!(row_parts(110, &even(3)), vec![0..48, 48..80, 80..110]);
+        assert_eq!(row_parts(128, &[0.36, 0.64]), vec![0..48, 48..128], "a slower thread gets fewer tiles");
+        let skewed = [vec![0.7, 0.3], vec![0.2, 0.3, 0.5], vec![0.1, 0.1, 0.1, 0.7]];
+        for shares in (1..5).map(even).chain(skewed) {
             for total in 1..300 {
-                let parts = row_parts(total, threads);
+                let parts = row_parts(total, &shares);
+                let threads = shares.len();
                 assert_eq!(parts.first().unwrap().start, 0);
                 assert_eq!(parts.last().unwrap().end, total);
                 assert!(parts.windows(2).all(|w| w[0].end == w[1].start && w[0].end % 16 == 0 && !w[0].is_empty()));

@@ -122,6 +122,18 @@ fn thread_count_does_not_change_logits() {
     assert_bit_identical(&one, &three, "1 vs 3 threads");
 }
 
+/// Pools of 2 and 3 threads with even (learnt) shares, and with fixed uneven ones, as a pool gives a
+/// slower core's thread fewer rows, sequences and matmul columns; each with its name for messages.
+fn uneven_and_even_pools() -> Vec<(String, std::sync::Arc<flotilla_engine::pool::Pool>)> {
+    use flotilla_engine::pool::Pool;
+    vec![
+        ("2".into(), Pool::new(2)),
+        ("3".into(), Pool::new(3)),
+        ("2 (shares 0.3 / 0.7)".into(), Pool::with_fixed_shares(&[0.3, 0.7])),
+        ("3 (shares 0.5 / 0.2 / 0.3)".into(), Pool::with_fixed_shares(&[0.5, 0.2, 0.3])),
+    ]
+}
+
 /// Prompts long enough that every thread carries a part of the rows through each layer (whole tiles of 16
 /// rows, sequences straddling parts, a last part with a partial tile), first stage and a middle stage,
 /// against each sequence alone on one thread.
@@ -134,8 +146,8 @@ fn rows_split_among_threads_give_the_same_logits() {
     let prompts: Vec<Vec<u32>> =
         [37usize, 50, 23].iter().enumerate().map(|(s, &n)| (0..n).map(|i| ((i * 13 + s * 71) % 270) as u32).collect()).collect();
     let alone: Vec<Vec<f32>> = flotilla_engine::pool::Pool::new(1).install(|| prompts.iter().map(|p| run_chunked(&whole, p, &[p.len()])).collect());
-    for threads in [2, 3] {
-        flotilla_engine::pool::Pool::new(threads).install(|| {
+    for (threads, pool) in uneven_and_even_pools() {
+        pool.install(|| {
             let mut caches: Vec<_> = prompts.iter().map(|_| front.new_cache()).collect();
             let mut steps: Vec<_> = caches.iter_mut().zip(&prompts).map(|(c, p)| SeqStep { cache: c, input: StageInput::Tokens(p) }).collect();
             let hidden: Vec<Vec<f32>> = front
@@ -189,8 +201,8 @@ fn sequences_split_among_threads_give_the_same_logits() {
         StageOutput::Hidden(h) => h,
         StageOutput::Logits(_) => panic!("a first stage returns hidden states"),
     };
-    for threads in [2, 3] {
-        flotilla_engine::pool::Pool::new(threads).install(|| {
+    for (threads, pool) in uneven_and_even_pools() {
+        pool.install(|| {
             // whole model: the prompts, then a decode step of one token each
             let mut caches: Vec<_> = prompts.iter().map(|_| whole.new_cache()).collect();
             let mut steps: Vec<_> = caches.iter_mut().zip(&prompts).map(|(c, p)| SeqStep { cache: c, input: StageInput::Tokens(p) }).collect();

@@ -60,6 +60,9 @@ struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     batch_decode_tok_s: Option<f64>,
     runs: usize,
+    /// Each compute thread's learnt share of the pool's speed at the end (`engine::pool`): far from
+    /// even when a core ran slower than the other during the runs.
+    thread_shares: Vec<f64>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -154,6 +157,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
         batch: a.batch,
         batch_decode_tok_s: batched,
         runs: a.runs,
+        thread_shares: pool.shares(),
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -163,6 +167,10 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
         println!("decode  ({} tokens): {:.1} tok/s", a.gen_tokens, decode);
         if let (Some(b), Some(r)) = (a.batch, batched) {
             println!("batched decode ({b} sequences): {r:.1} tok/s aggregate ({:.1}x single-stream)", r / decode);
+        }
+        if report.thread_shares.len() > 1 {
+            let shares: Vec<String> = report.thread_shares.iter().map(|s| format!("{:.0}%", s * 100.0)).collect();
+            println!("threads' learnt shares of the speed: {}", shares.join(" / "));
         }
     }
     Ok(())
