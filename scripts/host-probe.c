@@ -1,7 +1,11 @@
 // What this host's cores can do together, for reading engine scaling figures (BENCHMARKS.md):
 // - stream: each thread reads its own 256 MiB buffer 8 times with AVX2 loads (GB/s per thread, total);
-// - maddubs: each thread runs 12 independent `vpmaddubsw` chains in registers (G ops/s), which tells
-//   two real cores (about 2x) from two hyperthreads of one core (about 1x).
+// - maddubs: each thread runs 12 independent `vpmaddubsw` chains held in registers (G ops/s), which tells
+//   two real cores (about 2x) from two hyperthreads of one core (about 1x); with one thread, also per
+//   cycle of a dependent scalar add chain (the clock), and mixed 6 + 6 with `vmulps` (sharing its pipes:
+//   about 2 per cycle in all) and with `vpaddw` (not sharing them: up to 4 per cycle in all).
+// The chains are written in assembly: an earlier version let the compiler keep them in memory, and a
+// store and a load per operation held it to about 1 `vpmaddubsw` per cycle, half of what the core does.
 // Build and run: gcc -O2 -mavx2 -pthread scripts/host-probe.c -o /tmp/host-probe && /tmp/host-probe
 // (x86-64 with AVX2 only; not part of the build or the tests.)
 #include <immintrin.h>
@@ -13,7 +17,7 @@
 
 #define BYTES (256L << 20)
 #define PASSES 8
-#define ITERS 100000000L
+#define ITERS 50000000L
 
 static double now(void) {
     struct timespec t;
@@ -21,8 +25,24 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+static const float one = 1.0f;
+
+// 12 independent operations on ymm0..ymm11 (ymm15 the other operand)
+#define R6(op, r0, r1, r2, r3, r4, r5)                                                                                       \
+    op " %%ymm15, %%ymm" r0 ", %%ymm" r0 "\n" op " %%ymm15, %%ymm" r1 ", %%ymm" r1 "\n" op " %%ymm15, %%ymm" r2 ", %%ymm" r2 "\n" op \
+       " %%ymm15, %%ymm" r3 ", %%ymm" r3 "\n" op " %%ymm15, %%ymm" r4 ", %%ymm" r4 "\n" op " %%ymm15, %%ymm" r5 ", %%ymm" r5 "\n"
+#define CLOBBER "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11"
+// (every register starts at 1.0f: no denormal operands for vmulps)
+#define LOOP(first, second)                                                                                                   \
+    do {                                                                                                                      \
+    __asm__ volatile("vbroadcastss %0, %%ymm15\n" R6("vblendps $255,", "0", "1", "2", "3", "4", "5") R6("vblendps $255,", "6", "7", "8", "9", "10", "11") \
+                     ::"m"(one) : CLOBBER, "xmm15");                                                                          \
+    for (long i = 0; i < ITERS; i++)                                                                                          \
+        __asm__ volatile(R6(first, "0", "1", "2", "3", "4", "5") R6(second, "6", "7", "8", "9", "10", "11")::: CLOBBER, "xmm15");  \
+    } while (0)
+
 struct job {
-    int kind; // 0 stream, 1 maddubs
+    int kind; // 0 stream, 1 maddubs, 2 maddubs + mulps, 3 maddubs + paddw
     char *buf;
     double rate;
     long sink;
@@ -43,18 +63,23 @@ static void *run(void *arg) {
         j->rate = (double)PASSES * BYTES / (now() - t0) / 1e9;
         j->sink = _mm256_extract_epi64(s, 0);
     } else {
-        __m256i w = _mm256_set1_epi8(5), x[12];
-        for (int i = 0; i < 12; i++) x[i] = _mm256_set1_epi8(i + 1);
-        for (long i = 0; i < ITERS; i++) {
-#define M(k) x[k] = _mm256_maddubs_epi16(w, x[k]);
-            M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
-            __asm__ volatile("" : "+x"(x[0]), "+x"(x[1]), "+x"(x[2]), "+x"(x[3]), "+x"(x[4]), "+x"(x[5]), "+x"(x[6]), "+x"(x[7]),
-                             "+x"(x[8]), "+x"(x[9]), "+x"(x[10]), "+x"(x[11]));
-        }
+        if (j->kind == 1)
+            LOOP("vpmaddubsw", "vpmaddubsw");
+        else if (j->kind == 2)
+            LOOP("vpmaddubsw", "vmulps");
+        else
+            LOOP("vpmaddubsw", "vpaddw");
         j->rate = 12.0 * ITERS / (now() - t0) / 1e9;
-        j->sink = _mm256_extract_epi64(x[0], 0);
     }
     return NULL;
+}
+
+// GHz of a dependent chain of scalar adds (one per cycle)
+static double clock_ghz(void) {
+    long a = 0;
+    double t0 = now();
+    for (long i = 0; i < ITERS; i++) __asm__ volatile("add $1, %0\nadd $1, %0\nadd $1, %0\nadd $1, %0\n" : "+r"(a));
+    return 4.0 * ITERS / (now() - t0) / 1e9;
 }
 
 static void measure(int kind, int threads, char **bufs) {
@@ -69,8 +94,10 @@ static void measure(int kind, int threads, char **bufs) {
         pthread_join(t[i], NULL);
         total += j[i].rate;
     }
-    printf("%-8s %d thread(s): total %6.2f %s", kind ? "maddubs" : "stream", threads, total, kind ? "G/s" : "GB/s");
+    static const char *names[] = {"stream", "maddubs", "maddubs+mulps", "maddubs+paddw"};
+    printf("%-14s %d thread(s): total %6.2f %s", names[kind], threads, total, kind ? "G/s" : "GB/s");
     for (int i = 0; i < threads; i++) printf("  [%d] %.2f", i, j[i].rate);
+    if (kind && threads == 1) printf("  (%.2f per cycle)", total / clock_ghz());
     printf("\n");
 }
 
@@ -81,9 +108,9 @@ int main(void) {
         memset(bufs[i], i + 1, BYTES);
     }
     for (int round = 0; round < 2; round++)
-        for (int kind = 0; kind < 2; kind++) {
+        for (int kind = 0; kind < 4; kind++) {
             measure(kind, 1, bufs);
-            measure(kind, 2, bufs);
+            if (kind < 2) measure(kind, 2, bufs);
         }
     return 0;
 }

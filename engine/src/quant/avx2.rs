@@ -8,8 +8,9 @@
 //! widens every chunk. A pass takes the tile's blocks in order (the weights stream in memory order, and
 //! each block's share of the tile [`PREFETCH`] bytes ahead is prefetched as it goes), each block into
 //! lane `b % 16` of its row's and half's 16 lane accumulators (in memory: they would not fit in
-//! registers), which then reduce in the canonical order: the scalar reference's bits. Twenty or more
-//! rows go to the kernel of prepared tiles instead ([`prepared`]).
+//! registers), which then reduce in the canonical order: the scalar reference's bits. Twelve or more
+//! rows go to the kernel of prepared tiles instead ([`prepared`]). Results are stored whole where a half
+//! tile has all 8 columns, masked only in a matrix's last, partial tile ([`Keep`]).
 
 use std::arch::x86_64::*;
 
@@ -22,9 +23,13 @@ use super::wtile::{self, PREFETCH};
 const ROWS: usize = 6;
 
 /// Fewest activation rows that go to the kernel of prepared tiles ([`prepared`]): with fewer, unpacking
-/// every tile once more than [`pass`] does costs more than it saves (Q4_1 1536x576 on the Zen 3 host,
-/// one thread: 0.7x at 4 rows, even at 12-16, 1.1-1.2x from 24 rows on).
-const PREP_MIN_ROWS: usize = 20;
+/// every tile once more than [`pass`] does costs more than it saves. On the Zen 3 host, one thread, with
+/// the weights streaming from memory as in a model's step (Q4_1 1536x576 and Q8_0, both paths
+/// interleaved in one process, 9 rounds): 8 rows 5-9% slower through the prepared tiles, 12 rows 2-8%
+/// faster, 16 rows 2-9% faster (with the weights in cache, an earlier session found 4 rows 0.7x, 12-16
+/// even). Two threads running batched decode take about 16 sequences each ([`crate::shard`]'s sequence
+/// groups), fewer on a slower core.
+const PREP_MIN_ROWS: usize = 12;
 
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
 /// format `f`) and every activation row, as [`super::simd::tile`] does.
@@ -52,9 +57,7 @@ unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
     wtile::prefetch(w.as_ptr(), w.len().min(ahead));
     for j0 in (0..n).step_by(TILE) {
         let tile = w.as_ptr().add(j0 / TILE * tb);
-        let keep =
-            |h: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32((n - j0).saturating_sub(8 * h).min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        let keep = [keep(0), keep(1)];
+        let keep = [Keep::new(n - j0, 0), Keep::new(n - j0, 1)];
         let at = |r: usize| out.offset(r, j0);
         // the first pass over the tile prefetches, block by block, the weights `ahead` bytes on
         let pf = |r: usize| if r == 0 { tile.wrapping_add(ahead) } else { std::ptr::null() };
@@ -78,7 +81,7 @@ unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
 /// reduce in the canonical order; the results of row `r` go to `out.row(r)`, the lanes in `keep`.
 /// Unless `ahead` is null, each block also prefetches its share of the tile there.
 #[inline(always)]
-unsafe fn pass<const R: usize>(f: IntFormat, tile: *const u8, nb: usize, acts: &[Q8Row], out: Out, keep: [__m256i; 2], ahead: *const u8) {
+unsafe fn pass<const R: usize>(f: IntFormat, tile: *const u8, nb: usize, acts: &[Q8Row], out: Out, keep: [Keep; 2], ahead: *const u8) {
     let mut acc = [[[_mm256_setzero_ps(); GROUP]; 2]; R];
     let share = TILE * f.block_bytes();
     for b in 0..nb {
@@ -102,7 +105,35 @@ unsafe fn pass<const R: usize>(f: IntFormat, tile: *const u8, nb: usize, acts: &
                 _mm256_add_ps(_mm256_add_ps(hs[0], hs[4]), _mm256_add_ps(hs[2], hs[6])),
                 _mm256_add_ps(_mm256_add_ps(hs[1], hs[5]), _mm256_add_ps(hs[3], hs[7])),
             );
-            _mm256_maskstore_ps(out.row(r).add(8 * h), keep[h], v);
+            keep[h].store(out.row(r).add(8 * h), v);
+        }
+    }
+}
+
+/// Which of a half tile's 8 columns a matrix has (its last tile may be partial).
+#[derive(Clone, Copy)]
+struct Keep {
+    mask: __m256i,
+    full: bool,
+}
+
+impl Keep {
+    /// Half `h` of a tile whose first column has `cols` columns from it on in the matrix.
+    #[inline(always)]
+    unsafe fn new(cols: usize, h: usize) -> Self {
+        let c = cols.saturating_sub(8 * h).min(8);
+        Keep { mask: _mm256_cmpgt_epi32(_mm256_set1_epi32(c as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), full: c == 8 }
+    }
+
+    /// Writes the lanes of `v` whose columns exist to `p`: a plain store when all do. A masked store is
+    /// microcoded on AMD's cores: on the Zen 3 host 14% of the prepared kernel's samples fell just after
+    /// one, and plain stores made its 32-row matmuls 3-5% faster.
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32, v: __m256) {
+        if self.full {
+            _mm256_storeu_ps(p, v)
+        } else {
+            _mm256_maskstore_ps(p, self.mask, v)
         }
     }
 }
@@ -198,9 +229,12 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
 /// `l + 16`, ... in order), so each stays in a register until its last block, in four groups of four
 /// lanes that each give one term of the canonical reduction. Against [`pass`] this saves unpacking
 /// each block's nibbles once per pass, three of four broadcasts per term, and the accumulators' trips
-/// through memory (and the memset that cleared them). With one `maddubs` per cycle on this host kind
-/// (`scripts/host-probe.c`), 8 of them plus one `madd` per block, half tile and row bound the Q4
-/// kernels; the integer sums are exact in any order, so the bits are the scalar reference's.
+/// through memory (and the memset that cleared them). On the Zen 3 host kind `maddubs`, `madd` and the
+/// float multiplies share two pipes (`scripts/host-probe.c`: 2 per cycle in all): the 8 `maddubs`, one
+/// `madd` and three `mulps` of a Q4_1 block, half tile and row need 6 cycles there, and the whole term
+/// (with the 7 `paddw`, the conversion, two adds and the loads) ran at 7.4 cycles in an ideal loop on
+/// data in the first-level cache, the kernel at 8-10. The integer sums are exact in any order, so the
+/// bits are the scalar reference's.
 mod prepared {
     use super::*;
 
@@ -286,9 +320,7 @@ mod prepared {
             // the next pair's weights, a few lines per activation row
             let next = &w[((t + pair) * tb).min(w.len())..((t + pair + 2) * tb).min(w.len())];
             let pf = wtile::Prefetch::new(next, 4 * acts.len());
-            let keep = |h: usize| {
-                _mm256_cmpgt_epi32(_mm256_set1_epi32((n - j0).saturating_sub(8 * h).min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-            };
+            let keep = |h: usize| Keep::new(n - j0, h);
             let half = |h: usize| dst.add((h / 2) * per_tile + (h % 2) * stride(f)) as *const Y;
             let at = out.offset(0, j0);
             if pair == 2 {
@@ -327,7 +359,7 @@ mod prepared {
         acts: &[Q8Row],
         part: &mut [Partial],
         out: Out,
-        keep: [__m256i; H],
+        keep: [Keep; H],
         pf: &wtile::Prefetch,
     ) {
         if nb * H * stride(f) * 32 <= ROW_ORDER_MAX_BYTES {
@@ -357,7 +389,7 @@ mod prepared {
         x: &Q8Row,
         pr: &mut Partial,
         out: Out,
-        keep: &[__m256i; H],
+        keep: &[Keep; H],
         pf: &wtile::Prefetch,
     ) {
         pf.some();
@@ -375,7 +407,7 @@ mod prepared {
                 2 => pr[1][h] = t,
                 _ => {
                     let v = _mm256_add_ps(pr[0][h], _mm256_add_ps(pr[1][h], t));
-                    _mm256_maskstore_ps(out.row(0).add(8 * h), keep[h], v);
+                    keep[h].store(out.row(0).add(8 * h), v);
                 }
             }
         }

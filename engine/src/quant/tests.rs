@@ -228,6 +228,8 @@ fn every_simd_level_is_bit_identical_to_scalar() {
             (576, 50, 20),
             (1536, 33, 40),
             (32, 17, 8),
+            (576, 32, 12),
+            (1536, 16, 14),
         ] {
             for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
                 let mut x = random(m * k, 4);
