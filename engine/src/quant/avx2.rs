@@ -232,9 +232,9 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
 /// through memory (and the memset that cleared them). On the Zen 3 host kind `maddubs`, `madd` and the
 /// float multiplies share two pipes (`scripts/host-probe.c`: 2 per cycle in all): the 8 `maddubs`, one
 /// `madd` and three `mulps` of a Q4_1 block, half tile and row need 6 cycles there, and the whole term
-/// (with the 7 `paddw`, the conversion, two adds and the loads) ran at 7.4 cycles in an ideal loop on
-/// data in the first-level cache, the kernel at 8-10. The integer sums are exact in any order, so the
-/// bits are the scalar reference's.
+/// (with the 7 `paddw`, the conversion, two adds and the loads) took 3.0-3.4 ns (7.4-8.4 cycles) in an
+/// ideal loop on data in the first-level cache, this kernel 3.5-4.0 ns (BENCHMARKS.md, 2026-12-04). The
+/// integer sums are exact in any order, so the bits are the scalar reference's.
 mod prepared {
     use super::*;
 
