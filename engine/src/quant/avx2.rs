@@ -127,7 +127,7 @@ impl Keep {
 
     /// Writes the lanes of `v` whose columns exist to `p`: a plain store when all do. A masked store is
     /// microcoded on AMD's cores: on the Zen 3 host 14% of the prepared kernel's samples fell just after
-    /// one, and plain stores made its 32-row matmuls 3-5% faster.
+    /// one, and plain stores made its 32-row matmuls 1-10% faster (BENCHMARKS.md, 2026-12-04).
     #[inline(always)]
     unsafe fn store(self, p: *mut f32, v: __m256) {
         if self.full {
