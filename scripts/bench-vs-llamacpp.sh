@@ -2,6 +2,10 @@
 # Side-by-side engine comparison with llama.cpp on the same GGUF, alternating runs so both see the same
 # machine noise. Needs ../shared/baseline/build-llamacpp.sh to have built llama.cpp (outside the repo).
 # Usage: scripts/bench-vs-llamacpp.sh [ROUNDS]   -> one line per measurement, then medians.
+# Where llama-batched-bench was built too (`cmake --build <llama.cpp>/build --target llama-batched-bench`),
+# each round also runs it for 1 and 32 sequences (16-token prompts, 64 generated tokens each), so both
+# engines' batched decode is measured against their own single-stream decode in the same minutes
+# (`batch32` and `batch32/1`; flotilla's ratio is over the decode of the same `bench engine` run).
 # LLAMACPP_ARGS adds llama-bench options (`--repack 0` where its AMX kernels die of SIGILL, as on the
 # Sapphire Rapids VM in BENCHMARKS.md).
 set -euo pipefail
@@ -21,8 +25,18 @@ for r in $(seq "$ROUNDS"); do
       | python3 -c "import json,sys; x=json.load(sys.stdin); print('flotilla', $t, 'prefill', x['prefill_tok_s']); print('flotilla', $t, 'decode', x['decode_tok_s'])" >>"$OUT"
   done
   for t in 1 2; do
+    if [ -x "$BIN/llama-batched-bench" ]; then
+      LD_LIBRARY_PATH=$BIN "$BIN/llama-batched-bench" -m "$MODEL" -c 4096 -b 512 -ub 512 -npp 16 -ntg 64 -npl 1,32 -t "$t" \
+        --output-format jsonl 2>&1 | grep '^{' | python3 -c "
+import json,sys
+r = {x['pl']: x['speed_tg'] for x in map(json.loads, sys.stdin)}
+print('llamacpp', $t, 'batch32', r[32]); print('llamacpp', $t, 'batch32/1', r[32] / r[1])" >>"$OUT"
+    fi
     "$FLOTILLA" bench engine --model "$MODEL" --threads "$t" --runs 3 --batch 32 --json \
-      | python3 -c "import json,sys; x=json.load(sys.stdin); print('flotilla', $t, 'batch32', x['batch_decode_tok_s'])" >>"$OUT"
+      | python3 -c "
+import json,sys
+x = json.load(sys.stdin)
+print('flotilla', $t, 'batch32', x['batch_decode_tok_s']); print('flotilla', $t, 'batch32/1', x['batch_decode_tok_s'] / x['decode_tok_s'])" >>"$OUT"
   done
 done
 cat "$OUT"
