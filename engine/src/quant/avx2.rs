@@ -229,12 +229,17 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
 /// `l + 16`, ... in order), so each stays in a register until its last block, in four groups of four
 /// lanes that each give one term of the canonical reduction. Against [`pass`] this saves unpacking
 /// each block's nibbles once per pass, three of four broadcasts per term, and the accumulators' trips
-/// through memory (and the memset that cleared them). On the Zen 3 host kind `maddubs`, `madd` and the
-/// float multiplies share two pipes (`scripts/host-probe.c`: 2 per cycle in all): the 8 `maddubs`, one
+/// through memory (and the memset that cleared them). For the Q4 formats the activations are offset by
+/// 128 once per call (unsigned, `maddubs`' first operand) and the nibbles are its second, the one
+/// operand `maddubs` can read from memory: the weights' loads fold into the multiplies (a load and an
+/// instruction less per chunk and half tile), at the cost of one subtraction of a bias the unpacking
+/// stores ([`prepared::prep`]); on the Zen 3 host kind Q4_1 matmuls of 32 rows took 5-13% less time
+/// this way (BENCHMARKS.md, 2026-12-04, second session). On that host `maddubs`, `madd` and the float
+/// multiplies share two pipes (`scripts/host-probe.c`: 2 per cycle in all): the 8 `maddubs`, one
 /// `madd` and three `mulps` of a Q4_1 block, half tile and row need 6 cycles there, and the whole term
 /// (with the 7 `paddw`, the conversion, two adds and the loads) took 3.0-3.4 ns (7.4-8.4 cycles) in an
-/// ideal loop on data in the first-level cache, this kernel 3.5-4.0 ns (BENCHMARKS.md, 2026-12-04). The
-/// integer sums are exact in any order, so the bits are the scalar reference's.
+/// ideal loop on data in the first-level cache, this kernel 3.5-4.0 ns before that change (BENCHMARKS.md,
+/// 2026-12-04). The integer sums are exact in any order, so the bits are the scalar reference's.
 mod prepared {
     use super::*;
 
@@ -244,13 +249,25 @@ mod prepared {
     pub struct Y([u8; 32]);
 
     /// Lines per (block, half tile): the 8 value chunks (Q8_0: 8 magnitudes, then 8 signed), the
-    /// scales and (Q4_1) the minimums.
+    /// scales, (Q4_1) the minimums and (Q4 formats) the bias line ([`bias`]).
     #[inline(always)]
     pub fn stride(f: IntFormat) -> usize {
         match f {
-            IntFormat::Q4_0 => 9,
-            IntFormat::Q4_1 => 10,
+            IntFormat::Q4_0 => 10,
+            IntFormat::Q4_1 => 11,
             IntFormat::Q8_0 => 17,
+        }
+    }
+
+    /// Line of a Q4 (block, half) entry's bias: per 16-bit lane of a `maddubs` product, 128 times the
+    /// sum of the two nibbles it takes, over the block's 8 chunks (at most `8 * 128 * 30`): what
+    /// offsetting the activations by 128 adds to the lane's sum ([`lane`]).
+    #[inline(always)]
+    fn bias(f: IntFormat) -> usize {
+        if f == IntFormat::Q4_1 {
+            10
+        } else {
+            9
         }
     }
 
@@ -276,11 +293,17 @@ mod prepared {
                 let o = dst.add((2 * b + h) * st) as *mut __m256i;
                 match f {
                     IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                        let b128 = _mm256_set1_epi8(-128);
+                        let mut bias = _mm256_setzero_si256();
                         for c in 0..4 {
                             let x = _mm256_loadu_si256(v.add(64 * c) as *const __m256i);
-                            _mm256_store_si256(o.add(c), _mm256_and_si256(x, low));
-                            _mm256_store_si256(o.add(c + 4), _mm256_and_si256(_mm256_srli_epi16::<4>(x), low));
+                            let (lo, hi) = (_mm256_and_si256(x, low), _mm256_and_si256(_mm256_srli_epi16::<4>(x), low));
+                            _mm256_store_si256(o.add(c), lo);
+                            _mm256_store_si256(o.add(c + 4), hi);
+                            // 128 (unsigned) times each nibble (signed, 0..15), pairwise
+                            bias = _mm256_add_epi16(bias, _mm256_add_epi16(_mm256_maddubs_epi16(b128, lo), _mm256_maddubs_epi16(b128, hi)));
                         }
+                        _mm256_store_si256(o.add(self::bias(f)), bias);
                     }
                     IntFormat::Q8_0 => {
                         for k in 0..8 {
@@ -308,6 +331,21 @@ mod prepared {
         let mut buf: Vec<Y> = Vec::with_capacity(2 * per_tile);
         let mut part: Vec<Partial> = vec![[[_mm256_setzero_ps(); 4]; 2]; acts.len()];
         let dst = buf.as_mut_ptr();
+        // Q4 formats: every row's activations offset by 128, `nb * 32` bytes a row ([`lane`])
+        let mut flipped: Vec<Y> = Vec::new();
+        if f != IntFormat::Q8_0 {
+            flipped.reserve_exact(acts.len() * nb);
+            let top = _mm256_set1_epi8(i8::MIN);
+            for x in acts {
+                for b in 0..nb {
+                    let v = _mm256_loadu_si256(x.qs.as_ptr().add(pack::act_index(b, 0)) as *const __m256i);
+                    let mut y = Y([0; 32]);
+                    _mm256_store_si256(y.0.as_mut_ptr() as *mut __m256i, _mm256_xor_si256(v, top));
+                    flipped.push(y);
+                }
+            }
+        }
+        let flip = if flipped.is_empty() { std::ptr::null() } else { flipped.as_ptr() as *const i8 };
         let tiles = n.div_ceil(TILE);
         wtile::prefetch(w.as_ptr(), w.len().min(2 * tb));
         let mut t = 0;
@@ -324,17 +362,19 @@ mod prepared {
             let half = |h: usize| dst.add((h / 2) * per_tile + (h % 2) * stride(f)) as *const Y;
             let at = out.offset(0, j0);
             if pair == 2 {
-                rows::<4>(f, [half(0), half(1), half(2), half(3)], nb, acts, &mut part, at, [keep(0), keep(1), keep(2), keep(3)], &pf);
+                rows::<4>(f, [half(0), half(1), half(2), half(3)], nb, acts, flip, &mut part, at, [keep(0), keep(1), keep(2), keep(3)], &pf);
             } else {
-                rows::<2>(f, [half(0), half(1)], nb, acts, &mut part, at, [keep(0), keep(1)], &pf);
+                rows::<2>(f, [half(0), half(1)], nb, acts, flip, &mut part, at, [keep(0), keep(1)], &pf);
             }
             t += pair;
         }
     }
 
     /// Largest prepared data of the `H` half tiles together (bytes) taken row after row rather than lane
-    /// group after lane group.
-    const ROW_ORDER_MAX_BYTES: usize = 24 << 10;
+    /// group after lane group: a pair of Q4_1 tiles of 18-block rows (the model's 576-wide inputs, 24.75
+    /// KiB with the bias lines) stays in row order, as before the bias lines (either order measured the
+    /// same for it on the Zen 3 host).
+    const ROW_ORDER_MAX_BYTES: usize = 26 << 10;
 
     /// A row's partial sums between lane groups, per half tile (the first `H` of 4): `(h0+h4)+(h2+h6)`,
     /// then `h1+h5` (one buffer per call, for every row).
@@ -349,7 +389,8 @@ mod prepared {
     /// four groups of four ([`GROUPS`]). Up to [`ROW_ORDER_MAX_BYTES`] of prepared data, a row's four
     /// groups go one after another; above it, every row's group goes before the next group, so the
     /// weights of a group's blocks stay in the first-level cache across the rows (a pair of Q4_1 tiles of
-    /// 48-block rows is 60 KiB). Each row keeps two partial sums per half between groups.
+    /// 48-block rows is 66 KiB). Each row keeps two partial sums per half between groups. Unless `flip` is
+    /// null, row `r`'s values are read from `flip + r * nb * 32` (the Q4 formats' offset activations).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn rows<const H: usize>(
@@ -357,28 +398,31 @@ mod prepared {
         halves: [*const Y; H],
         nb: usize,
         acts: &[Q8Row],
+        flip: *const i8,
         part: &mut [Partial],
         out: Out,
         keep: [Keep; H],
         pf: &wtile::Prefetch,
     ) {
+        let qs = |r: usize| if flip.is_null() { acts[r].qs.as_ptr() } else { flip.add(r * nb * 32) };
         if nb * H * stride(f) * 32 <= ROW_ORDER_MAX_BYTES {
             // the half tiles fit the cache: one row's four groups after another
             for (r, x) in acts.iter().enumerate() {
                 for g in 0..GROUPS.len() {
-                    group::<H>(f, &halves, nb, g, x, &mut part[r], out.offset(r, 0), &keep, pf);
+                    group::<H>(f, &halves, nb, g, x, qs(r), &mut part[r], out.offset(r, 0), &keep, pf);
                 }
             }
         } else {
             for g in 0..GROUPS.len() {
                 for (r, x) in acts.iter().enumerate() {
-                    group::<H>(f, &halves, nb, g, x, &mut part[r], out.offset(r, 0), &keep, pf);
+                    group::<H>(f, &halves, nb, g, x, qs(r), &mut part[r], out.offset(r, 0), &keep, pf);
                 }
             }
         }
     }
 
-    /// Lane group `g` of one activation row `x` (results through `out.row(0)`).
+    /// Lane group `g` of one activation row `x` whose values are read at `qs` (results through
+    /// `out.row(0)`).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn group<const H: usize>(
@@ -387,6 +431,7 @@ mod prepared {
         nb: usize,
         g: usize,
         x: &Q8Row,
+        qs: *const i8,
         pr: &mut Partial,
         out: Out,
         keep: &[Keep; H],
@@ -394,7 +439,7 @@ mod prepared {
     ) {
         pf.some();
         let lanes = GROUPS[g];
-        let x = (x.qs.as_ptr(), x.d.as_ptr(), x.s.as_ptr(), x.sums.as_ptr());
+        let x = (qs, x.d.as_ptr(), x.s.as_ptr(), x.sums.as_ptr());
         // lanes i, i + 8, i + 4, i + 12: h_i + h_(i+4)
         let (a0, a1) = (lane::<H>(f, halves, nb, lanes[0], x), lane::<H>(f, halves, nb, lanes[1], x));
         let hi: [__m256; H] = std::array::from_fn(|h| _mm256_add_ps(a0[h], a1[h]));
@@ -414,7 +459,7 @@ mod prepared {
     }
 
     /// Lane `l`'s accumulators (blocks `l`, `l + 16`, ... in order) of one activation row (its values,
-    /// scales, scaled sums and sums) for `H` prepared half tiles.
+    /// offset by 128 for the Q4 formats, its scales, scaled sums and sums) for `H` prepared half tiles.
     #[inline(always)]
     unsafe fn lane<const H: usize>(
         f: IntFormat,
@@ -434,16 +479,20 @@ mod prepared {
             let mut p = [_mm256_setzero_si256(); H];
             match f {
                 IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                    // a block's 8 chunks add up in i16 (see the module's note), then one `madd`
+                    // `qs` holds the activations offset by 128 (unsigned), so the nibbles (0..15, taken
+                    // as signed) are `maddubs`' second operand, read straight from memory; a lane's
+                    // pairs (at most 2 * 255 * 15) add up over the block's 8 chunks in wrapping i16,
+                    // and less the bias ([`bias`]) the lane holds its exact sum of activation times
+                    // nibble (at most 16 * 128 * 15 in size); then one `madd`
                     for k in 0..8 {
                         let ak = _mm256_set1_epi32(chunk(k));
                         for h in 0..H {
-                            let m = _mm256_maddubs_epi16(_mm256_load_si256(e[h].add(k)), ak);
+                            let m = _mm256_maddubs_epi16(ak, _mm256_load_si256(e[h].add(k)));
                             p[h] = if k == 0 { m } else { _mm256_add_epi16(p[h], m) };
                         }
                     }
-                    for ph in p.iter_mut() {
-                        *ph = _mm256_madd_epi16(*ph, ones);
+                    for (ph, eh) in p.iter_mut().zip(e) {
+                        *ph = _mm256_madd_epi16(_mm256_sub_epi16(*ph, _mm256_load_si256(eh.add(bias(f)))), ones);
                     }
                     if f == IntFormat::Q4_0 {
                         let c = _mm256_set1_epi32(*sums.add(b) << 3);

@@ -315,3 +315,42 @@ fn quantizer_builds(x: &[f32]) -> Vec<(&'static str, Q8Row)> {
     }
     out
 }
+
+/// The Q4 formats' largest block sums: every nibble 15 against activations all at +127, all at -127, or
+/// alternating in sign, for enough rows to take every kernel's batched path (the AVX2 one adds a lane's
+/// products of offset activations in wrapping 16-bit integers, exact only while the true sum fits).
+#[test]
+fn extreme_q4_block_sums_are_bit_identical_to_scalar() {
+    use super::simd::{supported, Level};
+    let (n, k, m) = (40usize, 576usize, 16usize);
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
+        let ts = dtype.type_size();
+        let mut data = vec![0xFFu8; n * k / dtype.block_size() * ts];
+        let scales = if dtype == GgmlDType::Q4_1 { 2 } else { 1 };
+        for blk in data.chunks_exact_mut(ts) {
+            for i in 0..scales {
+                blk[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(0.0125).to_le_bytes());
+            }
+        }
+        let w = QWeight::new("extreme", dtype, vec![n, k], data).unwrap();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| match (i / k) % 4 {
+                0 => 1.0,
+                1 => -1.0,
+                2 => [1.0, -1.0][i % 2],
+                _ => [1.0, 1.0, -1.0, -1.0][i % 4],
+            })
+            .collect();
+        let rows = quantize_rows(&x, k);
+        assert!(rows[0].qs[..k].iter().all(|&q| q == 127) && rows[1].qs[..k].iter().all(|&q| q == -127));
+        let reference = w.matmul_q8_at(Level::Scalar, &rows);
+        for level in supported() {
+            let got = w.matmul_q8_at(level, &rows);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{dtype:?} {level:?}"
+            );
+        }
+    }
+}
