@@ -293,17 +293,17 @@ mod prepared {
                 let o = dst.add((2 * b + h) * st) as *mut __m256i;
                 match f {
                     IntFormat::Q4_0 | IntFormat::Q4_1 => {
-                        let b128 = _mm256_set1_epi8(-128);
-                        let mut bias = _mm256_setzero_si256();
+                        // each byte's 8 nibbles summed (at most 120), then 128 (unsigned) times each
+                        // pair of those sums
+                        let mut sum = _mm256_setzero_si256();
                         for c in 0..4 {
                             let x = _mm256_loadu_si256(v.add(64 * c) as *const __m256i);
                             let (lo, hi) = (_mm256_and_si256(x, low), _mm256_and_si256(_mm256_srli_epi16::<4>(x), low));
                             _mm256_store_si256(o.add(c), lo);
                             _mm256_store_si256(o.add(c + 4), hi);
-                            // 128 (unsigned) times each nibble (signed, 0..15), pairwise
-                            bias = _mm256_add_epi16(bias, _mm256_add_epi16(_mm256_maddubs_epi16(b128, lo), _mm256_maddubs_epi16(b128, hi)));
+                            sum = _mm256_add_epi8(sum, _mm256_add_epi8(lo, hi));
                         }
-                        _mm256_store_si256(o.add(self::bias(f)), bias);
+                        _mm256_store_si256(o.add(self::bias(f)), _mm256_maddubs_epi16(_mm256_set1_epi8(-128), sum));
                     }
                     IntFormat::Q8_0 => {
                         for k in 0..8 {
