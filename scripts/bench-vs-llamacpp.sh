@@ -6,8 +6,8 @@
 # each round also runs it for 1 and 32 sequences (16-token prompts, 64 generated tokens each), so both
 # engines' batched decode is measured against their own single-stream decode in the same minutes
 # (`batch32` and `batch32/1`; flotilla's ratio is over the decode of the same `bench engine` run).
-# LLAMACPP_ARGS adds llama-bench options (`--repack 0` where its AMX kernels die of SIGILL, as on the
-# Sapphire Rapids VM in BENCHMARKS.md).
+# LLAMACPP_ARGS adds llama-bench options and LLAMACPP_BATCHED_ARGS llama-batched-bench ones (`--repack 0`
+# and `--no-repack` where its AMX kernels die of SIGILL, as on the Sapphire Rapids VM in BENCHMARKS.md).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-3}
@@ -26,7 +26,7 @@ for r in $(seq "$ROUNDS"); do
   done
   for t in 1 2; do
     if [ -x "$BIN/llama-batched-bench" ]; then
-      LD_LIBRARY_PATH=$BIN "$BIN/llama-batched-bench" -m "$MODEL" -c 4096 -b 512 -ub 512 -npp 16 -ntg 64 -npl 1,32 -t "$t" \
+      LD_LIBRARY_PATH=$BIN "$BIN/llama-batched-bench" -m "$MODEL" -c 4096 -b 512 -ub 512 -npp 16 -ntg 64 -npl 1,32 -t "$t" ${LLAMACPP_BATCHED_ARGS:-} \
         --output-format jsonl 2>&1 | grep '^{' | python3 -c "
 import json,sys
 r = {x['pl']: x['speed_tg'] for x in map(json.loads, sys.stdin)}
