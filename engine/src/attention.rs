@@ -100,16 +100,42 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
         work += n * (s.start + n) * head_dim * n_head;
     }
     let dst = OutPtr(out.as_mut_ptr());
+    // The keys and values of the task two ahead, asked for before this one runs: a decode step finds
+    // its caches in memory (the weights streamed since evicted them), in runs of a few lines that the
+    // hardware prefetcher hardly starts on (32 decode sequences, one thread: 15% less time; the task right
+    // after this one was too close, its lines half in flight already). At most the first
+    // `PREFETCH_POSITIONS` positions: a long cache streams well enough on its own.
+    const AHEAD: usize = 2;
+    const PREFETCH_POSITIONS: usize = 256;
+    let kv_dim = n_head_kv * head_dim;
+    let fetch = |u: usize| {
+        let Some(&(i, g, _, t1, _)) = units.get(u) else { return };
+        let s = &seqs[i];
+        let visible = (s.start + t1).min(PREFETCH_POSITIONS);
+        for b in 0..visible.div_ceil(KEY_BLOCK) {
+            prefetch(s.k[key_index(b * KEY_BLOCK, g, 0, n_head_kv, head_dim)..].as_ptr(), head_dim * KEY_BLOCK);
+        }
+        for p in 0..visible {
+            prefetch(s.v[p * kv_dim + g * head_dim..].as_ptr(), head_dim);
+        }
+    };
     let task = |u: usize| {
+        if u == 0 {
+            (0..AHEAD).for_each(fetch);
+        }
+        fetch(u + AHEAD);
         let (i, g, t0, t1, r0) = units[u];
         let s = &seqs[i];
         let per = n_head / n_head_kv;
-        for h in g * per..(g + 1) * per {
+        let mut h = g * per;
+        while h < (g + 1) * per {
+            let heads = ((g + 1) * per - h).min(MAX_HEADS);
             let job = HeadJob { q: &s.q[t0 * q_dim..t1 * q_dim], k: s.k, v: s.v, start: s.start + t0, h, n_head, n_head_kv, head_dim };
             // SAFETY: rows r0.. of `out` hold the task's query rows (sizes checked above), and the (row,
             // head) slots of different tasks are disjoint, so no other thread writes them while `out` is
             // borrowed
-            unsafe { head(job, dst.get().add(r0 * q_dim + h * head_dim), q_dim) };
+            unsafe { head_group(job, heads, dst.get().add(r0 * q_dim + h * head_dim), q_dim) };
+            h += heads;
         }
     };
     if work < 1 << 16 || crate::pool::current_threads() == 1 {
@@ -117,6 +143,18 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
     } else {
         crate::pool::for_each(units.len(), task);
     }
+}
+
+/// Asks for the lines of `len` bytes at `p` to be brought into the second-level cache.
+#[inline(always)]
+fn prefetch(p: *const f32, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..len * 4).step_by(64) {
+        // SAFETY: a prefetch reads nothing the program sees and never faults
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>((p as *const i8).wrapping_add(off)) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }
 
 /// The attention output shared by tasks that write disjoint (row, head) slots.
@@ -157,8 +195,41 @@ impl HeadJob<'_> {
     /// The query vector of row `t`.
     #[inline(always)]
     fn query(&self, t: usize) -> &[f32] {
+        self.query_of(t, 0)
+    }
+
+    /// The query vector of row `t` for head `h + i`.
+    #[inline(always)]
+    fn query_of(&self, t: usize, i: usize) -> &[f32] {
         let q_dim = self.n_head * self.head_dim;
-        &self.q[t * q_dim + self.h * self.head_dim..][..self.head_dim]
+        &self.q[t * q_dim + (self.h + i) * self.head_dim..][..self.head_dim]
+    }
+}
+
+/// Most query heads one pass over a cache head's keys and values serves (three heads' score
+/// accumulators, 24 registers, still leave room for the key and its products).
+const MAX_HEADS: usize = 3;
+
+/// [`head`] for query heads `j.h..j.h + heads` (at most [`MAX_HEADS`], all reading the same cache head),
+/// head `j.h + i` written at `out + i * head_dim`: with AVX-512 in one pass that loads each key block and
+/// value row once for all of them, the same operations per head in the same order, so the same bits.
+///
+/// # Safety
+/// As [`head`], for every head of the group.
+unsafe fn head_group(j: HeadJob<'_>, heads: usize, out: *mut f32, stride: usize) {
+    debug_assert!((1..=MAX_HEADS).contains(&heads));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if j.head_dim.is_multiple_of(16) && is_x86_feature_detected!("avx512f") {
+            return match heads {
+                1 => x86::heads512::<1>(j, out, stride),
+                2 => x86::heads512::<2>(j, out, stride),
+                _ => x86::heads512::<3>(j, out, stride),
+            };
+        }
+    }
+    for i in 0..heads {
+        head(HeadJob { h: j.h + i, ..j }, out.add(i * j.head_dim), stride);
     }
 }
 
@@ -171,7 +242,7 @@ unsafe fn head(j: HeadJob<'_>, out: *mut f32, stride: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if j.head_dim.is_multiple_of(16) && is_x86_feature_detected!("avx512f") {
-            return x86::head512(j, out, stride);
+            return x86::heads512::<1>(j, out, stride);
         }
         if j.head_dim.is_multiple_of(8) && is_x86_feature_detected!("avx2") {
             return x86::head256(j, out, stride);
@@ -247,10 +318,11 @@ mod x86 {
     use super::{key_index, HeadJob, KEY_BLOCK, SCORES};
     use crate::ops::expvec::{exp256, exp512};
 
-    /// [`super::head_portable`] with 16 keys per 512-bit register (one key block), the value sums 16
-    /// elements per register.
+    /// [`super::head_portable`] for the `P` query heads `j.h..j.h + P`, which read the same cache head
+    /// (head `j.h + i` written at `out + i * head_dim`): each key block and value row is loaded once for
+    /// all of them. 16 keys per 512-bit register (one key block), the value sums 16 elements per register.
     #[target_feature(enable = "avx512f,avx2")]
-    pub(super) unsafe fn head512(j: HeadJob<'_>, out: *mut f32, stride: usize) {
+    pub(super) unsafe fn heads512<const P: usize>(j: HeadJob<'_>, out: *mut f32, stride: usize) {
         let (_, kv_dim, g, scale) = j.layout();
         let (hd, n_kv) = (j.head_dim, j.n_head_kv);
         let mut scores = SCORES.with(|c| std::mem::take(&mut *c.borrow_mut()));
@@ -258,60 +330,77 @@ mod x86 {
         for t in 0..j.q.len() / (j.n_head * hd) {
             let visible = j.start + t + 1;
             let blocks = visible.div_ceil(KEY_BLOCK);
-            let q = j.query(t).as_ptr();
+            // head i's scores (then weights) at sp + i * width
+            let width = blocks * KEY_BLOCK;
+            let q: [*const f32; P] = std::array::from_fn(|i| j.query_of(t, i).as_ptr());
             scores.clear();
-            scores.reserve(blocks * KEY_BLOCK);
+            scores.reserve(P * width);
             let sp = scores.as_mut_ptr();
-            let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); P];
             for b in 0..blocks {
                 let kb = j.k.as_ptr().add(key_index(b * KEY_BLOCK, g, 0, n_kv, hd));
-                let mut part = [_mm512_setzero_ps(); 8];
+                let mut part = [[_mm512_setzero_ps(); 8]; P];
                 for c in 0..hd / 8 {
-                    for (l, pl) in part.iter_mut().enumerate() {
+                    for l in 0..8 {
                         let d = 8 * c + l;
-                        *pl = _mm512_add_ps(*pl, _mm512_mul_ps(_mm512_set1_ps(*q.add(d)), _mm512_loadu_ps(kb.add(d * KEY_BLOCK))));
+                        let key = _mm512_loadu_ps(kb.add(d * KEY_BLOCK));
+                        for (pi, qi) in part.iter_mut().zip(&q) {
+                            pi[l] = _mm512_add_ps(pi[l], _mm512_mul_ps(_mm512_set1_ps(*qi.add(d)), key));
+                        }
                     }
                 }
-                // (head widths here are whole multiples of 16: the tail is 0.0, added as in the reference)
-                let dot = _mm512_add_ps(
-                    _mm512_add_ps(
-                        _mm512_add_ps(_mm512_add_ps(part[0], part[4]), _mm512_add_ps(part[1], part[5])),
-                        _mm512_add_ps(_mm512_add_ps(part[2], part[6]), _mm512_add_ps(part[3], part[7])),
-                    ),
-                    _mm512_setzero_ps(),
-                );
-                let s = _mm512_mul_ps(dot, _mm512_set1_ps(scale));
                 // positions past the visible ones (the block's end) take no part
                 let seen =
                     _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((b * KEY_BLOCK) as i32)), _mm512_set1_epi32(visible as i32));
-                let s = _mm512_mask_blend_ps(seen, _mm512_set1_ps(f32::NEG_INFINITY), s);
-                max = _mm512_max_ps(max, s);
-                _mm512_storeu_ps(sp.add(b * KEY_BLOCK), s);
+                for (i, (part, max)) in part.iter().zip(&mut max).enumerate() {
+                    // (head widths here are whole multiples of 16: the tail is 0.0, added as in the reference)
+                    let dot = _mm512_add_ps(
+                        _mm512_add_ps(
+                            _mm512_add_ps(_mm512_add_ps(part[0], part[4]), _mm512_add_ps(part[1], part[5])),
+                            _mm512_add_ps(_mm512_add_ps(part[2], part[6]), _mm512_add_ps(part[3], part[7])),
+                        ),
+                        _mm512_setzero_ps(),
+                    );
+                    let s = _mm512_mul_ps(dot, _mm512_set1_ps(scale));
+                    let s = _mm512_mask_blend_ps(seen, _mm512_set1_ps(f32::NEG_INFINITY), s);
+                    *max = _mm512_max_ps(*max, s);
+                    _mm512_storeu_ps(sp.add(i * width + b * KEY_BLOCK), s);
+                }
             }
-            let m = _mm512_set1_ps(_mm512_reduce_max_ps(max));
-            let mut lanes = _mm512_setzero_ps();
-            for b in 0..blocks {
-                let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sp.add(b * KEY_BLOCK)), m));
-                lanes = _mm512_add_ps(lanes, e);
-                _mm512_storeu_ps(sp.add(b * KEY_BLOCK), e);
+            let mut inv = [_mm512_setzero_ps(); P];
+            for (i, (inv, max)) in inv.iter_mut().zip(&max).enumerate() {
+                let si = sp.add(i * width);
+                let m = _mm512_set1_ps(_mm512_reduce_max_ps(*max));
+                let mut lanes = _mm512_setzero_ps();
+                for b in 0..blocks {
+                    let e = exp512(_mm512_sub_ps(_mm512_loadu_ps(si.add(b * KEY_BLOCK)), m));
+                    lanes = _mm512_add_ps(lanes, e);
+                    _mm512_storeu_ps(si.add(b * KEY_BLOCK), e);
+                }
+                let mut l = [0f32; KEY_BLOCK];
+                _mm512_storeu_ps(l.as_mut_ptr(), lanes);
+                *inv = _mm512_set1_ps(1.0 / super::reduce16(&l));
             }
-            let mut l = [0f32; KEY_BLOCK];
-            _mm512_storeu_ps(l.as_mut_ptr(), lanes);
-            let inv = _mm512_set1_ps(1.0 / super::reduce16(&l));
             let vp = j.v.as_ptr().add(g * hd);
             let o = out.add(t * stride);
-            // up to 128 elements (8 registers) at a time, every key for each
-            for c0 in (0..hd).step_by(8 * KEY_BLOCK) {
-                let n = ((hd - c0) / KEY_BLOCK).min(8);
-                let mut acc = [_mm512_setzero_ps(); 8];
+            // up to 128 elements (8 registers) per head at a time (64 with three heads), every key for each
+            let per_pass = if P == 3 { 4 } else { 8 };
+            for c0 in (0..hd).step_by(per_pass * KEY_BLOCK) {
+                let n = ((hd - c0) / KEY_BLOCK).min(per_pass);
+                let mut acc = [[_mm512_setzero_ps(); 8]; P];
                 for p in 0..visible {
-                    let (e, row) = (_mm512_set1_ps(*sp.add(p)), vp.add(p * kv_dim + c0));
-                    for (c, a) in acc.iter_mut().enumerate().take(n) {
-                        *a = _mm512_add_ps(*a, _mm512_mul_ps(e, _mm512_loadu_ps(row.add(c * KEY_BLOCK))));
+                    let row = vp.add(p * kv_dim + c0);
+                    for c in 0..n {
+                        let val = _mm512_loadu_ps(row.add(c * KEY_BLOCK));
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            a[c] = _mm512_add_ps(a[c], _mm512_mul_ps(_mm512_set1_ps(*sp.add(i * width + p)), val));
+                        }
                     }
                 }
-                for (c, a) in acc.iter().enumerate().take(n) {
-                    _mm512_storeu_ps(o.add(c0 + c * KEY_BLOCK), _mm512_mul_ps(*a, inv));
+                for (i, (a, inv)) in acc.iter().zip(&inv).enumerate() {
+                    for (c, a) in a.iter().enumerate().take(n) {
+                        _mm512_storeu_ps(o.add(i * hd + c0 + c * KEY_BLOCK), _mm512_mul_ps(*a, *inv));
+                    }
                 }
             }
         }
@@ -460,9 +549,10 @@ mod tests {
     #[test]
     fn every_attention_build_gives_the_portable_bits() {
         // head widths 64 and 128 (every build), 40 (AVX2 and portable), 36 (portable only: a tail past the
-        // last whole 8), GQA 6 heads over 2; rows ending inside a key block and on its edge
-        for &(hd, rows, start) in &[(64usize, 5usize, 11usize), (128, 3, 29), (40, 4, 12), (36, 2, 14), (64, 1, 15), (64, 17, 0)] {
-            let (n_head, n_kv) = (6, 2);
+        // last whole 8); rows ending inside a key block and on its edge; GQA 6 heads over 2, and groups of
+        // 5 and of 1 query heads per cache head (a pass over the cache serves up to three heads: 3 + 2, 1)
+        let shapes = [(64usize, 5usize, 11usize), (128, 3, 29), (40, 4, 12), (36, 2, 14), (64, 1, 15), (64, 17, 0)];
+        for (&(hd, rows, start), (n_head, n_kv)) in shapes.iter().flat_map(|s| [(s, (6, 2)), (s, (10, 2)), (s, (3, 3))]) {
             let rnd = crate::quant::tests::random;
             let q = rnd(rows * n_head * hd, 1);
             let k = key_blocks(&rnd((start + rows) * n_kv * hd, 2), n_kv, hd);
@@ -492,7 +582,7 @@ mod tests {
                     unsafe {
                         let o = got.as_mut_ptr().add(h * hd);
                         if build == "avx512" {
-                            x86::head512(job, o, q_dim)
+                            x86::heads512::<1>(job, o, q_dim)
                         } else {
                             x86::head256(job, o, q_dim)
                         }

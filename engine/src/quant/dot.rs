@@ -171,28 +171,65 @@ impl Q8Row {
         use std::arch::x86_64::*;
         self.start(x.len());
         let nb = x.len() / QK8;
-        for b in 0..nb {
+        let whole = nb / GROUP * GROUP;
+        let (lo, hi, half) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
+        let round = |v: __m512, id: __m512| {
+            let x = _mm512_mul_ps(v, id);
+            let xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+            let t = _mm512_cvttps_epi32(xc);
+            let r = _mm512_sub_ps(xc, _mm512_cvtepi32_ps(t));
+            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(r, half);
+            let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(r, _mm512_set1_ps(-0.5));
+            let n = _mm512_mask_add_epi32(t, up, t, _mm512_set1_epi32(1));
+            let n = _mm512_mask_sub_epi32(n, down, n, _mm512_set1_epi32(1));
+            // NaN lanes (unordered with themselves) are 0
+            _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x), n)
+        };
+        // 16 blocks at a time: their maxima and their sums each reduced in one transpose (block `b` of
+        // the 16 taken in turn `TRANSPOSED[b]`, so lane `b` of the result is block `b`'s), and the scales,
+        // reciprocals and scaled sums computed in one vector; a maximum and an integer sum do not depend
+        // on the order, and the rest is the same operations lane by lane
+        const TRANSPOSED: [usize; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+        const _: () = assert!(GROUP == 16, "a group is one register of blocks");
+        for g0 in (0..whole).step_by(GROUP) {
+            let p = x.as_ptr().add(g0 * QK8);
+            let mut m = [_mm512_setzero_ps(); GROUP];
+            for (mi, &b) in m.iter_mut().zip(&TRANSPOSED) {
+                let (v0, v1) = (_mm512_loadu_ps(p.add(b * QK8)), _mm512_loadu_ps(p.add(b * QK8 + 16)));
+                *mi = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps()));
+            }
+            let d = _mm512_div_ps(transpose_reduce::<true>(m), _mm512_set1_ps(127.0));
+            // 1 / d where d != 0.0 (as `!=` in Rust: true for NaN), else 0.0
+            let id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(d, _mm512_setzero_ps()), _mm512_set1_ps(1.0), d);
+            let mut ids = [0f32; GROUP];
+            _mm512_storeu_ps(ids.as_mut_ptr(), id);
+            let mut n = [_mm512_setzero_ps(); GROUP];
+            for (ni, &b) in n.iter_mut().zip(&TRANSPOSED) {
+                let (v0, v1) = (_mm512_loadu_ps(p.add(b * QK8)), _mm512_loadu_ps(p.add(b * QK8 + 16)));
+                let idb = _mm512_set1_ps(ids[b]);
+                let (n0, n1) = (round(v0, idb), round(v1, idb));
+                let q = self.qs.as_mut_ptr().add(act_index(g0 + b, 0));
+                _mm_storeu_si128(q as *mut __m128i, _mm512_cvtepi32_epi8(n0));
+                _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(n1));
+                *ni = _mm512_castsi512_ps(_mm512_add_epi32(n0, n1));
+            }
+            let sums = _mm512_castps_si512(transpose_reduce::<false>(n));
+            let (mut da, mut sa, mut ia) = ([0f32; GROUP], [0f32; GROUP], [0i32; GROUP]);
+            _mm512_storeu_ps(da.as_mut_ptr(), d);
+            _mm512_storeu_ps(sa.as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sums)));
+            _mm512_storeu_si512(ia.as_mut_ptr() as *mut _, sums);
+            self.d.extend_from_slice(&da);
+            self.s.extend_from_slice(&sa);
+            self.sums.extend_from_slice(&ia);
+        }
+        for b in whole..nb {
             let p = x.as_ptr().add(b * QK8);
             let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
             let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps()));
             let amax = _mm512_reduce_max_ps(m);
             let d = amax / 127.0;
             let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-            let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
-            let half = _mm512_set1_ps(0.5);
-            let round = |v: __m512| {
-                let x = _mm512_mul_ps(v, id);
-                let xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-                let t = _mm512_cvttps_epi32(xc);
-                let r = _mm512_sub_ps(xc, _mm512_cvtepi32_ps(t));
-                let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(r, half);
-                let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(r, _mm512_set1_ps(-0.5));
-                let n = _mm512_mask_add_epi32(t, up, t, _mm512_set1_epi32(1));
-                let n = _mm512_mask_sub_epi32(n, down, n, _mm512_set1_epi32(1));
-                // NaN lanes (unordered with themselves) are 0
-                _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x), n)
-            };
-            let (n0, n1) = (round(v0), round(v1));
+            let (n0, n1) = (round(v0, id), round(v1, id));
             let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(n0, n1));
             let mut q = [0i32; 8];
             _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(n0));
@@ -249,6 +286,34 @@ impl Q8Row {
     pub fn value(&self, b: usize, j: usize) -> i8 {
         self.qs[act_index(b, j)]
     }
+}
+
+/// Lane `i` of the result: the maximum (`MAX`) or the 32-bit integer sum of the 16 lanes of `a[j]`, where
+/// `j` is `i`'s place in `[0, 4, 8, 12, 1, 5, ..., 15]` (the lanes come out 4x4-transposed), reduced in
+/// halves, quarters, pairs and single lanes of the registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose_reduce<const MAX: bool>(a: [std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let op = |x: __m512, y: __m512| {
+        if MAX {
+            _mm512_max_ps(x, y)
+        } else {
+            _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_castps_si512(y)))
+        }
+    };
+    let h: [__m512; 8] = std::array::from_fn(|i| {
+        op(_mm512_shuffle_f32x4::<0b01_00_01_00>(a[2 * i], a[2 * i + 1]), _mm512_shuffle_f32x4::<0b11_10_11_10>(a[2 * i], a[2 * i + 1]))
+    });
+    let q: [__m512; 4] = std::array::from_fn(|i| {
+        op(_mm512_shuffle_f32x4::<0b10_00_10_00>(h[2 * i], h[2 * i + 1]), _mm512_shuffle_f32x4::<0b11_01_11_01>(h[2 * i], h[2 * i + 1]))
+    });
+    let p: [__m512; 2] = std::array::from_fn(|i| {
+        let (x, y) = (_mm512_castps_pd(q[2 * i]), _mm512_castps_pd(q[2 * i + 1]));
+        op(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)))
+    });
+    op(_mm512_shuffle_ps::<0b10_00_10_00>(p[0], p[1]), _mm512_shuffle_ps::<0b11_01_11_01>(p[0], p[1]))
 }
 
 /// One block: `d = max|x| / 127`, `q = round(x * (1/d))` (halves away from zero), returns `(d, Σq)`.
