@@ -380,6 +380,16 @@ fn split_tiles(tiles: usize, m: usize, f: impl Fn(Range<usize>) + Sync) {
     });
 }
 
+/// Queues memory for this thread's batched matmuls to prefetch while they run, replacing what was queued
+/// (start and length in bytes; an empty iterator clears the queue): the next layer's key/value caches in a
+/// batched decode step, which the matmuls before them leave time to fetch. Nothing on other machines.
+pub fn prefetch_ahead(ranges: impl IntoIterator<Item = (*const u8, usize)>) {
+    #[cfg(target_arch = "x86_64")]
+    wtile::prefetch_ahead(ranges);
+    #[cfg(not(target_arch = "x86_64"))]
+    drop(ranges);
+}
+
 /// Quantizes each `k`-wide row of `x` to 8-bit blocks (rows in parallel when there are many).
 pub fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8Row> {
     if x.len() >= 1 << 13 && crate::pool::current_threads() > 1 {

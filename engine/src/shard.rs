@@ -8,7 +8,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::KvCache;
 use crate::quant::QWeight;
-use crate::{attention, ops, pool};
+use crate::{attention, ops, pool, quant};
 
 /// Weights of one decoder layer.
 struct Layer {
@@ -307,12 +307,22 @@ impl Shard {
                 seqs.push(attention::AttnSeq { q: &q[r0 * q_dim..(r0 + n) * q_dim], k: kc, v: vc, start: s.cache.len() });
                 r0 += n;
             }
+            // (what the matmuls since have not prefetched, the attention asks for itself)
+            quant::prefetch_ahead(std::iter::empty());
             attention::attention_many(&seqs, cfg.n_head, cfg.n_head_kv, cfg.head_dim, &mut attn);
+            // the next layer's caches, fetched while the matmuls up to its attention run
+            if li + 1 < self.layers.len() {
+                quant::prefetch_ahead(batch.iter().flat_map(|s| {
+                    let (k, v) = s.cache.layer(li + 1);
+                    [(k.as_ptr() as *const u8, size_of_val(k)), (v.as_ptr() as *const u8, size_of_val(v))]
+                }));
+            }
             let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(bufs.iter_mut().zip(&parts)).collect();
             pool::each_part_mut(&mut ps, &sizes(&parts), |_, (x, (b, part))| {
                 self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], b, x)
             });
         }
+        quant::prefetch_ahead(std::iter::empty());
         for (s, &n) in batch.iter_mut().zip(&rows) {
             s.cache.advance(n);
         }

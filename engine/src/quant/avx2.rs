@@ -358,6 +358,7 @@ mod prepared {
             // the next pair's weights, a few lines per activation row
             let next = &w[((t + pair) * tb).min(w.len())..((t + pair + 2) * tb).min(w.len())];
             let pf = wtile::Prefetch::new(next, 4 * acts.len());
+            wtile::some_ahead(pair * acts.len());
             let keep = |h: usize| Keep::new(n - j0, h);
             let half = |h: usize| dst.add((h / 2) * per_tile + (h % 2) * stride(f)) as *const Y;
             let at = out.offset(0, j0);

@@ -165,6 +165,7 @@ unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: Rows, out: Out,
     };
     for r in (0..acts.m).step_by(ROWS) {
         let p = passes.pass(r, nb);
+        wtile::some_ahead((acts.m - r).min(ROWS));
         match (acts.m - r).min(ROWS) {
             1 => pass::<F, 1, S>(src, nb, p, at(r), keep),
             2 => pass::<F, 2, S>(src, nb, p, at(r), keep),

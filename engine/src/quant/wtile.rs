@@ -8,7 +8,7 @@
 //! that pad a matrix's last tile have zero scales.
 
 use std::arch::x86_64::*;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use super::pack;
 use super::simd::IntFormat;
@@ -66,6 +66,62 @@ pub fn prefetch(p: *const u8, len: usize) {
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
         off += 64;
     }
+}
+
+/// Memory the forward pass reads soon after the matmuls running now (the next layer's key/value caches
+/// in a batched decode step), queued per thread: the batched kernels ([`super::vnni`], [`super::avx2`])
+/// prefetch a few of its lines for every tile and activation row they multiply, while they are bound
+/// by arithmetic and leave the memory path idle.
+#[derive(Default)]
+struct Ahead {
+    /// (address, bytes), and where the prefetching stands in them
+    ranges: Vec<(usize, usize)>,
+    at: usize,
+    off: usize,
+}
+
+thread_local! {
+    static AHEAD: RefCell<Ahead> = RefCell::new(Ahead::default());
+}
+
+/// Lines of the queue prefetched per weight tile and activation row multiplied. A 32-sequence decode step
+/// of SmolLM2 multiplies about 10,000 (tile, row) pairs between two layers' attention, so 8 lines each
+/// cover a layer's caches (2-4 MB at 50-80 positions) with room to spare. On the Zen 4 VM (one thread),
+/// 48 lines per 6-row pass did as well as 64 and better than 32; 256 at once between tiles, or
+/// `prefetcht0`, did no better. (Not in the AMX kernel: not measured on an AMX host.)
+const AHEAD_LINES: usize = 8;
+
+/// Replaces this thread's queue of memory to prefetch during batched matmuls with `ranges` (start and
+/// length in bytes; an empty iterator clears it). The memory may be freed before its turn comes: a
+/// prefetch never faults.
+pub fn prefetch_ahead(ranges: impl IntoIterator<Item = (*const u8, usize)>) {
+    AHEAD.with(|a| {
+        let mut a = a.borrow_mut();
+        a.ranges.clear();
+        a.ranges.extend(ranges.into_iter().map(|(p, n)| (p as usize, n)));
+        (a.at, a.off) = (0, 0);
+    });
+}
+
+/// The queue's next lines for `rows` activation rows against one weight tile.
+#[inline]
+pub fn some_ahead(rows: usize) {
+    AHEAD.with(|a| {
+        let a = &mut *a.borrow_mut();
+        let mut lines = AHEAD_LINES * rows;
+        while lines > 0 && a.at < a.ranges.len() {
+            let (p, n) = a.ranges[a.at];
+            while lines > 0 && a.off < n {
+                // SAFETY: x86_64 always has SSE; a prefetch reads nothing the program sees and never faults
+                unsafe { _mm_prefetch::<_MM_HINT_T1>((p + a.off) as *const i8) };
+                a.off += 64;
+                lines -= 1;
+            }
+            if a.off >= n {
+                (a.at, a.off) = (a.at + 1, 0);
+            }
+        }
+    });
 }
 
 /// The lines of the next tile, prefetched a few at a time while the current one is multiplied (all at
