@@ -172,16 +172,15 @@ impl Q8Row {
         self.start(x.len());
         let nb = x.len() / QK8;
         let whole = nb / GROUP * GROUP;
-        let (lo, hi, half) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0), _mm512_set1_ps(0.5));
+        let (lo, hi) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
         let round = |v: __m512, id: __m512| {
             let x = _mm512_mul_ps(v, id);
             let xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
             let t = _mm512_cvttps_epi32(xc);
             let r = _mm512_sub_ps(xc, _mm512_cvtepi32_ps(t));
-            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(r, half);
-            let down = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(r, _mm512_set1_ps(-0.5));
-            let n = _mm512_mask_add_epi32(t, up, t, _mm512_set1_epi32(1));
-            let n = _mm512_mask_sub_epi32(n, down, n, _mm512_set1_epi32(1));
+            // r is exact and within (-1, 1), so 2r is exact and truncates to 1 where r >= 0.5, to -1
+            // where r <= -0.5, else to 0: the correction
+            let n = _mm512_add_epi32(t, _mm512_cvttps_epi32(_mm512_add_ps(r, r)));
             // NaN lanes (unordered with themselves) are 0
             _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x), n)
         };
