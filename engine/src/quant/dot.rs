@@ -186,8 +186,9 @@ impl Q8Row {
         };
         // 16 blocks at a time: their maxima and their sums each reduced in one transpose (block `b` of
         // the 16 taken in turn `TRANSPOSED[b]`, so lane `b` of the result is block `b`'s), and the scales,
-        // reciprocals and scaled sums computed in one vector; a maximum and an integer sum do not depend
-        // on the order, and the rest is the same operations lane by lane
+        // reciprocals and scaled sums computed in one vector; the maximum of values without NaN (`max(|v|,
+        // m)` keeps `m` for a NaN `v`) and an integer sum do not depend on the order, and the rest is the
+        // same operations lane by lane
         const TRANSPOSED: [usize; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
         const _: () = assert!(GROUP == 16, "a group is one register of blocks");
         for g0 in (0..whole).step_by(GROUP) {
