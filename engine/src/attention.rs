@@ -210,14 +210,17 @@ impl HeadJob<'_> {
 /// accumulators, 24 registers, still leave room for the key and its products).
 const MAX_HEADS: usize = 3;
 
-/// [`head`] for query heads `j.h..j.h + heads` (at most [`MAX_HEADS`], all reading the same cache head),
-/// head `j.h + i` written at `out + i * head_dim`: with AVX-512 in one pass that loads each key block and
-/// value row once for all of them, the same operations per head in the same order, so the same bits.
+/// Every row of query heads `j.h..j.h + heads` (at most [`MAX_HEADS`], all reading the same cache head)
+/// into `out`, head `j.h + i` at `out + i * head_dim` (row `t` at `+ t * stride`), built for the widest
+/// vectors the CPU has: the canonical operations in the same order, so the same bits. With AVX-512 one
+/// pass loads each key block and value row once for all of the heads; AVX2 (16 registers, one head's 8
+/// partial sums) and the portable build take one head per pass.
 ///
 /// # Safety
-/// As [`head`], for every head of the group.
+/// `out` has room for every head's rows at that stride.
 unsafe fn head_group(j: HeadJob<'_>, heads: usize, out: *mut f32, stride: usize) {
     debug_assert!((1..=MAX_HEADS).contains(&heads));
+    let each = |i: usize| (HeadJob { h: j.h + i, ..j }, out.wrapping_add(i * j.head_dim));
     #[cfg(target_arch = "x86_64")]
     {
         if j.head_dim.is_multiple_of(16) && is_x86_feature_detected!("avx512f") {
@@ -227,28 +230,11 @@ unsafe fn head_group(j: HeadJob<'_>, heads: usize, out: *mut f32, stride: usize)
                 _ => x86::heads512::<3>(j, out, stride),
             };
         }
-    }
-    for i in 0..heads {
-        head(HeadJob { h: j.h + i, ..j }, out.add(i * j.head_dim), stride);
-    }
-}
-
-/// Every row of one query head into `out` (row `t` at `out + t * stride`), built for the widest vectors
-/// the CPU has: the canonical operations in the same order, so the same bits.
-///
-/// # Safety
-/// `out` has room for the job's rows at that stride.
-unsafe fn head(j: HeadJob<'_>, out: *mut f32, stride: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if j.head_dim.is_multiple_of(16) && is_x86_feature_detected!("avx512f") {
-            return x86::heads512::<1>(j, out, stride);
-        }
         if j.head_dim.is_multiple_of(8) && is_x86_feature_detected!("avx2") {
-            return x86::head256(j, out, stride);
+            return (0..heads).map(each).for_each(|(job, o)| x86::head256(job, o, stride));
         }
     }
-    head_portable(j, out, stride)
+    (0..heads).map(each).for_each(|(job, o)| head_portable(job, o, stride))
 }
 
 /// The 16 lanes of a sum in the fixed tree.
@@ -266,7 +252,7 @@ thread_local! {
 /// The reference build.
 ///
 /// # Safety
-/// As [`head`].
+/// `out` has room for the job's rows at that stride.
 unsafe fn head_portable(j: HeadJob<'_>, out: *mut f32, stride: usize) {
     let (_, kv_dim, g, scale) = j.layout();
     let (hd, n_kv) = (j.head_dim, j.n_head_kv);
