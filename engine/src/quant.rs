@@ -21,14 +21,39 @@ use crate::error::{EngineError, Result};
 use dot::{AlignedBytes, Q8Row};
 use simd::IntFormat;
 
-/// The formats with integer kernels (held in the tiles of [`pack`]).
+/// The integer format a GGUF format is held in (in the tiles of [`pack`]), for the formats with integer
+/// kernels: their own, and Q5_0 as Q8_0. A Q5_0 weight is `d * (q - 16)` with `q` in 0..32, which is the
+/// Q8_0 block of the same scale and the bytes `q - 16`: the same values exactly, multiplied as Q8_0 is
+/// (against 8-bit activations, as llama.cpp multiplies Q5_0), at 34 bytes a block instead of 22.
+/// llama.cpp's K-quant mixes fall back to Q5_0 for rows whose width is not a multiple of 256 (most of
+/// SmolLM2-135M's matrices in a `Q4_K_M` file).
 fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
     match dtype {
         GgmlDType::Q4_0 => Some(IntFormat::Q4_0),
         GgmlDType::Q4_1 => Some(IntFormat::Q4_1),
-        GgmlDType::Q8_0 => Some(IntFormat::Q8_0),
+        GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(IntFormat::Q8_0),
         _ => None,
     }
+}
+
+/// A GGUF Q5_0 row in Q8_0 blocks with the same values (see [`int_format`]).
+fn q5_0_as_q8_0(row: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.len() / 22 * 34);
+    for blk in row.chunks_exact(22) {
+        // the 5-bit values as ggml assembles them (the test against candle's dequantization checks the
+        // values come out the same)
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        out.extend_from_slice(&blk[0..2]);
+        let start = out.len();
+        out.resize(start + 32, 0);
+        for j in 0..16 {
+            let h0 = (((qh >> j) << 4) & 0x10) as u8;
+            let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+            out[start + j] = (((blk[6 + j] & 0xF) | h0) as i8 - 16) as u8;
+            out[start + j + 16] = (((blk[6 + j] >> 4) | h1) as i8 - 16) as u8;
+        }
+    }
+    out
 }
 
 /// How a weight format is multiplied.
@@ -50,8 +75,11 @@ pub struct QWeight {
     row_len: usize,
     row_bytes: usize,
     kernel: Kernel,
-    /// As in the file, except that the integer formats ([`int_format`]) are held in the tiles of
-    /// [`pack`] (the same bytes per row, the last tile padded to 16 rows), even after
+    /// The integer format the data is held in ([`int_format`]), if any (kept after
+    /// [`QWeight::into_exact`]).
+    held: Option<IntFormat>,
+    /// As in the file, except that the formats with integer kernels are held in the tiles of [`pack`]
+    /// (`row_bytes` per row in the held format, the last tile padded to 16 rows), even after
     /// [`QWeight::into_exact`].
     data: AlignedBytes,
 }
@@ -65,42 +93,40 @@ impl std::fmt::Debug for QWeight {
 impl QWeight {
     /// Wraps raw GGUF tensor bytes; checks the format is one this engine can use.
     pub fn new(name: &str, dtype: GgmlDType, dims: Vec<usize>, data: Vec<u8>) -> Result<Self> {
-        let kernel = match (int_format(dtype), dtype) {
+        let held = int_format(dtype);
+        let kernel = match (held, dtype) {
             (Some(f), _) => Kernel::Int(f),
-            (
-                None,
-                GgmlDType::F32
-                | GgmlDType::F16
-                | GgmlDType::BF16
-                | GgmlDType::Q5_0
-                | GgmlDType::Q5_1
-                | GgmlDType::Q4K
-                | GgmlDType::Q5K
-                | GgmlDType::Q6K,
-            ) => Kernel::Dequant,
+            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) => {
+                Kernel::Dequant
+            }
             (None, other) => return Err(EngineError::UnsupportedTensorType { name: name.to_string(), dtype: format!("{other:?}") }),
         };
         let row_len = *dims.last().unwrap_or(&1);
         let rows = dims.iter().rev().skip(1).product::<usize>();
-        let row_bytes = row_len / dtype.block_size() * dtype.type_size();
-        if data.len() != rows * row_bytes {
-            return Err(EngineError::TensorShape { name: name.to_string(), expected: vec![rows * row_bytes], actual: vec![data.len()] });
+        let file_row_bytes = row_len / dtype.block_size() * dtype.type_size();
+        if data.len() != rows * file_row_bytes {
+            return Err(EngineError::TensorShape { name: name.to_string(), expected: vec![rows * file_row_bytes], actual: vec![data.len()] });
         }
-        let data = match kernel {
+        let (row_bytes, data) = match kernel {
             Kernel::Int(f) => {
+                let row_bytes = row_len / pack::QK * f.block_bytes();
                 let mut out = AlignedBytes::default();
                 out.reset_zeroed(pack::tiled_len(rows, row_bytes));
-                for (t, src) in data.chunks(pack::TILE * row_bytes).enumerate() {
+                for (t, src) in data.chunks(pack::TILE * file_row_bytes).enumerate() {
                     let tile = &mut out.bytes_mut()[t * pack::TILE * row_bytes..(t + 1) * pack::TILE * row_bytes];
-                    for (n, row) in src.chunks_exact(row_bytes).enumerate() {
-                        pack::pack_row(f, row, tile, n);
+                    for (n, row) in src.chunks_exact(file_row_bytes).enumerate() {
+                        if dtype == GgmlDType::Q5_0 {
+                            pack::pack_row(f, &q5_0_as_q8_0(row), tile, n);
+                        } else {
+                            pack::pack_row(f, row, tile, n);
+                        }
                     }
                 }
-                out
+                (row_bytes, out)
             }
-            Kernel::Dequant => AlignedBytes::from(&data[..]),
+            Kernel::Dequant => (file_row_bytes, AlignedBytes::from(&data[..])),
         };
-        Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, data })
+        Ok(Self { name: name.to_string(), dtype, dims, rows, row_len, row_bytes, kernel, held, data })
     }
 
     /// Multiplies by dequantized f32 weights and unquantized activations instead of 8-bit integer dots:
@@ -150,41 +176,29 @@ impl QWeight {
 
     /// Dequantizes row `r` into `out` (length `row_len`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let bs = self.dtype.block_size();
-        let ts = self.dtype.type_size();
-        let f: fn(&[u8], &mut [f32]) = match self.dtype {
-            GgmlDType::F32 => dequant::f32_block,
-            GgmlDType::F16 => dequant::f16_block,
-            GgmlDType::BF16 => dequant::bf16_block,
-            GgmlDType::Q4_0 => dequant::q4_0,
-            GgmlDType::Q4_1 => dequant::q4_1,
-            GgmlDType::Q5_0 => dequant::q5_0,
-            GgmlDType::Q5_1 => dequant::q5_1,
-            GgmlDType::Q8_0 => dequant::q8_0,
-            GgmlDType::Q4K => dequant::q4_k,
-            GgmlDType::Q5K => dequant::q5_k,
-            GgmlDType::Q6K => dequant::q6_k,
-            _ => unreachable!("format checked in QWeight::new"),
-        };
-        if let Some(p) = int_format(self.dtype) {
+        if let Some(p) = self.held {
+            let f: fn(&[u8], &mut [f32]) = match p {
+                IntFormat::Q4_0 => dequant::q4_0,
+                IntFormat::Q4_1 => dequant::q4_1,
+                IntFormat::Q8_0 => dequant::q8_0,
+            };
             let tile = &self.data.bytes()[r / pack::TILE * pack::TILE * self.row_bytes..][..pack::TILE * self.row_bytes];
-            let nb = self.row_len / bs;
+            let nb = self.row_len / pack::QK;
             let mut blk = [0u8; 34];
-            let blk = &mut blk[..ts];
-            for (i, o) in out.chunks_exact_mut(bs).enumerate() {
+            let blk = &mut blk[..p.block_bytes()];
+            for (i, o) in out.chunks_exact_mut(pack::QK).enumerate() {
                 pack::unpack_block(p, tile, nb, r % pack::TILE, i, blk);
                 f(blk, o);
             }
             return;
         }
         let b = &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes];
-        if bs == 1 {
-            f(b, out);
-        } else {
-            for (blk, o) in b.chunks_exact(ts).zip(out.chunks_exact_mut(bs)) {
-                f(blk, o);
-            }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2 and F16C (checked above)
+            return unsafe { dequant::row_avx2(self.dtype, b, out) };
         }
+        dequant::row(self.dtype, b, out)
     }
 
     /// The whole tensor as f32, row-major.
@@ -247,13 +261,17 @@ impl QWeight {
         match self.kernel {
             Kernel::Int(_) => self.matmul_q8_to(simd::detected(), &quantize_rows(x, k), out),
             Kernel::Dequant => columns(self.rows, m, out, |cols, out| {
-                let mut wrow = vec![0f32; k];
-                for (jj, j) in cols.enumerate() {
-                    self.dequantize_row(j, &mut wrow);
-                    for (i, a) in x.chunks_exact(k).enumerate() {
-                        // SAFETY: as promised by `columns`
-                        unsafe { out.put(jj, i, dot::dot_f32(&wrow, a)) };
+                // a few weight rows dequantized at a time (in the first-level cache together), then every
+                // activation row's dots with them
+                const ROWS: usize = 4;
+                let mut w = vec![0f32; ROWS * k];
+                for j0 in cols.clone().step_by(ROWS) {
+                    let n = (cols.end - j0).min(ROWS);
+                    for (jj, wr) in w.chunks_exact_mut(k).take(n).enumerate() {
+                        self.dequantize_row(j0 + jj, wr);
                     }
+                    // SAFETY: as promised by `columns`
+                    dot::dots_f32(&w[..n * k], x, k, |i, jj, v| unsafe { out.put(j0 - cols.start + jj, i, v) });
                 }
             }),
         }

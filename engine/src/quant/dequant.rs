@@ -1,8 +1,43 @@
 //! Scalar dequantization of GGML block formats, one block at a time (layouts as in ggml-quants.c).
 
+use candle_core::quantized::GgmlDType;
 use half::{bf16, f16};
 
-#[inline]
+/// A row of GGUF blocks `b` of a format without integer kernels (as `QWeight::new` admits them)
+/// dequantized into `y`.
+#[inline(always)]
+pub(crate) fn row(dtype: GgmlDType, b: &[u8], y: &mut [f32]) {
+    // (a macro, not a closure: the block functions must inline into `row_avx2` to be vectorized)
+    macro_rules! blocks {
+        ($f:ident) => {
+            for (blk, o) in b.chunks_exact(dtype.type_size()).zip(y.chunks_exact_mut(dtype.block_size())) {
+                $f(blk, o);
+            }
+        };
+    }
+    match dtype {
+        GgmlDType::F32 => f32_block(b, y),
+        GgmlDType::F16 => f16_block(b, y),
+        GgmlDType::BF16 => bf16_block(b, y),
+        GgmlDType::Q5_1 => blocks!(q5_1),
+        GgmlDType::Q4K => blocks!(q4_k),
+        GgmlDType::Q5K => blocks!(q5_k),
+        GgmlDType::Q6K => blocks!(q6_k),
+        _ => unreachable!("{dtype:?} is held in an integer format or refused by QWeight::new"),
+    }
+}
+
+/// [`row`] compiled for AVX2, which the compiler vectorizes (elementwise, so the same bits).
+///
+/// # Safety
+/// The CPU has AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn row_avx2(dtype: GgmlDType, b: &[u8], y: &mut [f32]) {
+    row(dtype, b, y)
+}
+
+#[inline(always)]
 pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
     f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
 }
@@ -28,7 +63,9 @@ pub(crate) fn q4_1(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Q5_0: f16 scale, 32 5-bit values centred on 16 (fifth bits packed in a u32).
+/// Q5_0: f16 scale, 32 5-bit values centred on 16 (fifth bits packed in a u32). Q5_0 weights are held as
+/// Q8_0 (`super::int_format`); this is the reference the tests hold that conversion to.
+#[cfg(test)]
 pub(crate) fn q5_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
@@ -42,6 +79,7 @@ pub(crate) fn q5_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q5_1: f16 scale and minimum, 32 5-bit values.
+#[inline(always)]
 pub(crate) fn q5_1(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let m = f16_at(b, 2);
@@ -63,7 +101,7 @@ pub(crate) fn q8_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
@@ -73,6 +111,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// Q4_K: super-block of 256 with 8 sub-blocks, 6-bit scales and minimums.
+#[inline(always)]
 pub(crate) fn q4_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
@@ -94,6 +133,7 @@ pub(crate) fn q4_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q5_K: as Q4_K with a fifth bit per value.
+#[inline(always)]
 pub(crate) fn q5_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
@@ -121,6 +161,7 @@ pub(crate) fn q5_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q6_K: super-block of 256, 6-bit values, 16 signed 8-bit scales, f16 scale at the end.
+#[inline(always)]
 pub(crate) fn q6_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 208);
     for half in 0..2 {
@@ -142,18 +183,21 @@ pub(crate) fn q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub(crate) fn f32_block(b: &[u8], y: &mut [f32]) {
     for (v, c) in y.iter_mut().zip(b.chunks_exact(4)) {
         *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
     }
 }
 
+#[inline(always)]
 pub(crate) fn f16_block(b: &[u8], y: &mut [f32]) {
     for (v, c) in y.iter_mut().zip(b.chunks_exact(2)) {
         *v = f16::from_le_bytes([c[0], c[1]]).to_f32();
     }
 }
 
+#[inline(always)]
 pub(crate) fn bf16_block(b: &[u8], y: &mut [f32]) {
     for (v, c) in y.iter_mut().zip(b.chunks_exact(2)) {
         *v = bf16::from_le_bytes([c[0], c[1]]).to_f32();

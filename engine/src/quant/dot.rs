@@ -362,27 +362,88 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7])) + tail
 }
 
-/// [`dot_f32`] on 256-bit vectors: lane `l` is partial sum `l`, so the bits are the same.
+/// [`dot_f32`] of every weight row of `ws` with every activation row of `xs` (rows of `k` values), each
+/// result given to `put(activation row, weight row, value)`: the same bits as one [`dot_f32`] each, with
+/// several rows' partial sums in flight at once where the CPU has AVX (each weight chunk loaded once
+/// for two activation rows, and eight independent sums instead of one dependent chain).
+pub fn dots_f32(ws: &[f32], xs: &[f32], k: usize, mut put: impl FnMut(usize, usize, f32)) {
+    assert!(k > 0 && ws.len().is_multiple_of(k) && xs.len().is_multiple_of(k), "rows of {k} values");
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx") && is_x86_feature_detected!("sse3") {
+        // SAFETY: the CPU has AVX and SSE3 (checked above)
+        return unsafe { dots_f32_avx(ws, xs, k, &mut put) };
+    }
+    for (i, x) in xs.chunks_exact(k).enumerate() {
+        for (j, w) in ws.chunks_exact(k).enumerate() {
+            put(i, j, dot_f32(w, x));
+        }
+    }
+}
+
+/// [`dots_f32`] on 256-bit vectors: up to [`DOT_ROWS`] activation rows against up to [`DOT_COLS`] weight
+/// rows per pass, lane `l` of each accumulator being partial sum `l` of that pair's [`dot_f32`].
 ///
 /// # Safety
 /// The CPU has AVX and SSE3.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx,sse3")]
+unsafe fn dots_f32_avx(ws: &[f32], xs: &[f32], k: usize, put: &mut impl FnMut(usize, usize, f32)) {
+    let (n, m) = (ws.len() / k, xs.len() / k);
+    for i0 in (0..m).step_by(DOT_ROWS) {
+        for j0 in (0..n).step_by(DOT_COLS) {
+            match ((m - i0).min(DOT_ROWS), (n - j0).min(DOT_COLS)) {
+                (1, 1) => dots_pass::<1, 1>(ws, xs, k, i0, j0, put),
+                (1, 2) => dots_pass::<1, 2>(ws, xs, k, i0, j0, put),
+                (1, 3) => dots_pass::<1, 3>(ws, xs, k, i0, j0, put),
+                (1, _) => dots_pass::<1, DOT_COLS>(ws, xs, k, i0, j0, put),
+                (_, 1) => dots_pass::<DOT_ROWS, 1>(ws, xs, k, i0, j0, put),
+                (_, 2) => dots_pass::<DOT_ROWS, 2>(ws, xs, k, i0, j0, put),
+                (_, 3) => dots_pass::<DOT_ROWS, 3>(ws, xs, k, i0, j0, put),
+                _ => dots_pass::<DOT_ROWS, DOT_COLS>(ws, xs, k, i0, j0, put),
+            }
+        }
+    }
+}
+
+/// Activation rows of one pass of [`dots_f32_avx`].
+#[cfg(target_arch = "x86_64")]
+const DOT_ROWS: usize = 2;
+
+/// Weight rows of one pass of [`dots_f32_avx`] (with [`DOT_ROWS`], 8 accumulators, 4 weight chunks and an
+/// activation chunk: 13 of the 16 registers).
+#[cfg(target_arch = "x86_64")]
+const DOT_COLS: usize = 4;
+
+/// Activation rows `i0..i0 + R` against weight rows `j0..j0 + C`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,sse3")]
 #[inline]
-pub unsafe fn dot_f32_avx(a: &[f32], b: &[f32]) -> f32 {
+unsafe fn dots_pass<const R: usize, const C: usize>(ws: &[f32], xs: &[f32], k: usize, i0: usize, j0: usize, put: &mut impl FnMut(usize, usize, f32)) {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len()) / 8 * 8;
-    let mut p = _mm256_setzero_ps();
-    let mut i = 0;
-    while i < n {
-        p = _mm256_add_ps(p, _mm256_mul_ps(_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i))));
-        i += 8;
+    let n8 = k / 8 * 8;
+    let w: [*const f32; C] = std::array::from_fn(|c| ws[(j0 + c) * k..].as_ptr());
+    let x: [*const f32; R] = std::array::from_fn(|r| xs[(i0 + r) * k..].as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut at = 0;
+    while at < n8 {
+        let wv: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(w[c].add(at)));
+        for r in 0..R {
+            let xv = _mm256_loadu_ps(x[r].add(at));
+            for c in 0..C {
+                acc[r][c] = _mm256_add_ps(acc[r][c], _mm256_mul_ps(wv[c], xv));
+            }
+        }
+        at += 8;
     }
-    let mut tail = 0f32;
-    for (x, y) in a[n..].iter().zip(&b[n..]) {
-        tail += x * y;
+    for r in 0..R {
+        for c in 0..C {
+            let mut tail = 0f32;
+            for t in n8..k {
+                tail += *w[c].add(t) * *x[r].add(t);
+            }
+            put(i0 + r, j0 + c, sum_lanes(acc[r][c]) + tail);
+        }
     }
-    sum_lanes(p) + tail
 }
 
 /// The 8 partial sums of [`dot_f32`] in its fixed tree: `[p0+p4, p1+p5, p2+p6, p3+p7]`, then

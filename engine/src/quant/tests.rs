@@ -258,17 +258,26 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 #[test]
-fn avx_f32_dot_is_bit_identical() {
-    if !is_x86_feature_detected!("avx") {
-        eprintln!("skipped: no AVX");
-        return;
-    }
-    for n in [1, 7, 8, 9, 64, 100, 576] {
-        let (a, b) = (random(n, 1), random(n, 2));
-        let got = unsafe { dot::dot_f32_avx(&a, &b) };
-        assert_eq!(got.to_bits(), dot::dot_f32(&a, &b).to_bits(), "n={n}");
+fn batched_f32_dots_give_each_single_dots_bits() {
+    // every pass shape (1-2 activation rows against 1-4 weight rows) and widths with and without a tail
+    for k in [1, 7, 8, 9, 64, 100, 576] {
+        for (m, n) in [(1, 1), (1, 3), (1, 4), (1, 9), (2, 2), (3, 5), (5, 8), (7, 7)] {
+            let (ws, xs) = (random(n * k, k as u64), random(m * k, 7 + m as u64));
+            let mut got = vec![f32::NAN; m * n];
+            let mut seen = vec![0; m * n];
+            dot::dots_f32(&ws, &xs, k, |i, j, v| {
+                got[i * n + j] = v;
+                seen[i * n + j] += 1;
+            });
+            assert!(seen.iter().all(|&s| s == 1), "k={k} {m}x{n}: every pair once");
+            for i in 0..m {
+                for j in 0..n {
+                    let want = dot::dot_f32(&ws[j * k..(j + 1) * k], &xs[i * k..(i + 1) * k]);
+                    assert_eq!(got[i * n + j].to_bits(), want.to_bits(), "k={k} {m}x{n} [{i},{j}]");
+                }
+            }
+        }
     }
 }
 
@@ -352,5 +361,41 @@ fn extreme_q4_block_sums_are_bit_identical_to_scalar() {
                 "{dtype:?} {level:?}"
             );
         }
+    }
+}
+
+#[test]
+fn q5_0_is_held_as_q8_0_with_the_same_values() {
+    let nb = 9;
+    let mut row = random_bytes(22 * nb, 21);
+    for (b, blk) in row.chunks_exact_mut(22).enumerate() {
+        // finite scales of either sign; the value bytes and fifth bits stay random
+        blk[0..2].copy_from_slice(&half::f16::from_f32(0.01 * (b as f32 - 4.5)).to_le_bytes());
+    }
+    let w = QWeight::new("w", GgmlDType::Q5_0, vec![1, 32 * nb], row.clone()).unwrap();
+    assert!(w.takes_q8(), "Q5_0 multiplies 8-bit activations");
+    let mut want = vec![0f32; 32 * nb];
+    for (blk, y) in row.chunks_exact(22).zip(want.chunks_exact_mut(32)) {
+        dequant::q5_0(blk, y);
+    }
+    let got = w.dequantize();
+    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_dequantization_gives_the_portable_bits() {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+        eprintln!("skipped: no AVX2");
+        return;
+    }
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let (_, q) = quantized(dtype, 1, 1024, 17);
+        let bytes = q.data().unwrap().into_owned();
+        let (mut want, mut got) = (vec![0f32; 1024], vec![0f32; 1024]);
+        dequant::row(dtype, &bytes, &mut want);
+        // SAFETY: the CPU has AVX2 and F16C (checked above)
+        unsafe { dequant::row_avx2(dtype, &bytes, &mut got) };
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{dtype:?}");
     }
 }
