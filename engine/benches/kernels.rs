@@ -39,9 +39,26 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
+fn float_path(c: &mut Criterion) {
+    // the formats without integer kernels (dequantized, then f32 dots), at ffn_down's shape, where a
+    // llama.cpp Q4_K_M file of SmolLM2-135M holds Q4_K and Q6_K (the other matrices' rows, 576 wide, fall
+    // back to Q5_0 and Q8_0)
+    let one = flotilla_engine::pool::Pool::new(1);
+    for (dtype, n, k) in [(GgmlDType::Q4K, 576, 1536), (GgmlDType::Q6K, 576, 1536)] {
+        let w = weight(dtype, n, k);
+        let mut g = c.benchmark_group(format!("matmul_{dtype:?}_{n}x{k}"));
+        for m in [1usize, 32, 128] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 200) as f32 / 100.0) - 1.0).collect();
+            g.throughput(Throughput::Elements((m * n * k) as u64));
+            g.bench_with_input(BenchmarkId::new("1t", m), &m, |b, _| b.iter(|| one.install(|| w.matmul(&x, m))));
+        }
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = matmul
+    targets = matmul, float_path
 }
 criterion_main!(benches);

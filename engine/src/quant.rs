@@ -32,8 +32,30 @@ fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
         GgmlDType::Q4_0 => Some(IntFormat::Q4_0),
         GgmlDType::Q4_1 => Some(IntFormat::Q4_1),
         GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(IntFormat::Q8_0),
+        GgmlDType::Q4K => Some(IntFormat::Q4K),
         _ => None,
     }
+}
+
+/// A GGUF Q4_K row as [`IntFormat::Q4K`] blocks of 32 (f32 scale, f32 minimum, 16 bytes of nibbles as in
+/// Q4_1): sub-block `j` of a super-block has scale `d * sc_j` and minimum `-(dmin * m_j)` (a 16-bit by
+/// 6-bit product, exact in f32), so `scale * q + minimum` is Q4_K's `d * sc_j * q - dmin * m_j` to the
+/// bit, and the canonical sum is Q4_1's.
+fn q4_k_as_blocks(row: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.len() / 144 * 8 * 24);
+    for sb in row.chunks_exact(144) {
+        let (d, dmin) = (dequant::f16_at(sb, 0), dequant::f16_at(sb, 2));
+        for j in 0..8 {
+            let (sc, m) = dequant::scale_min_k4(j, &sb[4..16]);
+            out.extend_from_slice(&(d * sc as f32).to_le_bytes());
+            out.extend_from_slice(&(-(dmin * m as f32)).to_le_bytes());
+            // sub-block j is the low (even j) or high (odd j) nibbles of the pair's 32 bytes
+            let q = &sb[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
+            let v = |l: usize| if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
+            out.extend((0..16).map(|l| v(l) | (v(l + 16) << 4)));
+        }
+    }
+    out
 }
 
 /// A GGUF Q5_0 row in Q8_0 blocks with the same values (see [`int_format`]).
@@ -96,9 +118,7 @@ impl QWeight {
         let held = int_format(dtype);
         let kernel = match (held, dtype) {
             (Some(f), _) => Kernel::Int(f),
-            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q5_1 | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) => {
-                Kernel::Dequant
-            }
+            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K) => Kernel::Dequant,
             (None, other) => return Err(EngineError::UnsupportedTensorType { name: name.to_string(), dtype: format!("{other:?}") }),
         };
         let row_len = *dims.last().unwrap_or(&1);
@@ -115,10 +135,10 @@ impl QWeight {
                 for (t, src) in data.chunks(pack::TILE * file_row_bytes).enumerate() {
                     let tile = &mut out.bytes_mut()[t * pack::TILE * row_bytes..(t + 1) * pack::TILE * row_bytes];
                     for (n, row) in src.chunks_exact(file_row_bytes).enumerate() {
-                        if dtype == GgmlDType::Q5_0 {
-                            pack::pack_row(f, &q5_0_as_q8_0(row), tile, n);
-                        } else {
-                            pack::pack_row(f, row, tile, n);
+                        match dtype {
+                            GgmlDType::Q5_0 => pack::pack_row(f, &q5_0_as_q8_0(row), tile, n),
+                            GgmlDType::Q4K => pack::pack_row(f, &q4_k_as_blocks(row), tile, n),
+                            _ => pack::pack_row(f, row, tile, n),
                         }
                     }
                 }
@@ -181,6 +201,7 @@ impl QWeight {
                 IntFormat::Q4_0 => dequant::q4_0,
                 IntFormat::Q4_1 => dequant::q4_1,
                 IntFormat::Q8_0 => dequant::q8_0,
+                IntFormat::Q4K => dequant::q4_k_held,
             };
             let tile = &self.data.bytes()[r / pack::TILE * pack::TILE * self.row_bytes..][..pack::TILE * self.row_bytes];
             let nb = self.row_len / pack::QK;

@@ -302,7 +302,7 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
                     p = _mm512_sub_epi32(p, _mm512_set1_epi32(8 * *sums.add(at + r)));
                 }
                 let mut term = _mm512_mul_ps(_mm512_mul_ps(dw, _mm512_set1_ps(*d.add(at + r))), _mm512_cvtepi32_ps(p));
-                if f == IntFormat::Q4_1 {
+                if f.has_min() {
                     term = _mm512_add_ps(term, _mm512_mul_ps(mw, _mm512_set1_ps(*sa.add(at + r))));
                 }
                 *v = _mm512_add_ps(*v, term);

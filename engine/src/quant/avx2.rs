@@ -43,6 +43,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q4_0 => tiles_as(IntFormat::Q4_0, w, rb, n, acts, out),
         IntFormat::Q4_1 => tiles_as(IntFormat::Q4_1, w, rb, n, acts, out),
         IntFormat::Q8_0 => tiles_as(IntFormat::Q8_0, w, rb, n, acts, out),
+        IntFormat::Q4K => tiles_as(IntFormat::Q4K, w, rb, n, acts, out),
     }
 }
 
@@ -162,7 +163,7 @@ impl Half {
         let v = self.p.add(pack::values_at(f, b) + 32 * self.h);
         let mut w = [_mm256_setzero_si256(); 8];
         match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+            IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
                 let low = _mm256_set1_epi8(0x0F);
                 for c in 0..4 {
                     let x = _mm256_loadu_si256(v.add(64 * c) as *const __m256i);
@@ -177,10 +178,20 @@ impl Half {
                 }
             }
         }
-        let s = self.p.add(pack::scales_at(f, nb, b) + 16 * self.h);
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
-        let mw = if f == IntFormat::Q4_1 { _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * TILE * nb) as *const __m128i)) } else { _mm256_setzero_ps() };
+        let half = 8 * pack::scale_bytes(f) * self.h;
+        let dw = scales8(f, self.p.add(pack::scales_at(f, nb, b) + half));
+        let mw = if f.has_min() { scales8(f, self.p.add(pack::minimums_at(f, nb, b) + half)) } else { _mm256_setzero_ps() };
         Block { w, signs: v, dw, mw }
+    }
+}
+
+/// The 8 scales (or minimums) at `p`: f16, Q4K's f32.
+#[inline(always)]
+unsafe fn scales8(f: IntFormat, p: *const u8) -> __m256 {
+    if f == IntFormat::Q4K {
+        _mm256_loadu_ps(p as *const f32)
+    } else {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 }
 
@@ -191,7 +202,7 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
     let a = x.qs.as_ptr().add(pack::act_index(b, 0));
     let chunk = |k: usize| (a.add(4 * k) as *const i32).read_unaligned();
     let mut p = match f {
-        IntFormat::Q4_0 | IntFormat::Q4_1 => {
+        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
             let mut s0 = _mm256_maddubs_epi16(blk.w[0], _mm256_set1_epi32(chunk(0)));
             let mut s1 = _mm256_maddubs_epi16(blk.w[1], _mm256_set1_epi32(chunk(1)));
             for k in (2..8).step_by(2) {
@@ -215,7 +226,7 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
         p = _mm256_sub_epi32(p, _mm256_set1_epi32(*x.sums.get_unchecked(b) << 3));
     }
     let mut term = _mm256_mul_ps(_mm256_mul_ps(blk.dw, _mm256_set1_ps(*x.d.get_unchecked(b))), _mm256_cvtepi32_ps(p));
-    if f == IntFormat::Q4_1 {
+    if f.has_min() {
         term = _mm256_add_ps(term, _mm256_mul_ps(blk.mw, _mm256_set1_ps(*x.s.get_unchecked(b))));
     }
     term
@@ -254,7 +265,7 @@ mod prepared {
     pub fn stride(f: IntFormat) -> usize {
         match f {
             IntFormat::Q4_0 => 10,
-            IntFormat::Q4_1 => 11,
+            IntFormat::Q4_1 | IntFormat::Q4K => 11,
             IntFormat::Q8_0 => 17,
         }
     }
@@ -264,7 +275,7 @@ mod prepared {
     /// offsetting the activations by 128 adds to the lane's sum ([`lane`]).
     #[inline(always)]
     fn bias(f: IntFormat) -> usize {
-        if f == IntFormat::Q4_1 {
+        if f.has_min() {
             10
         } else {
             9
@@ -292,7 +303,7 @@ mod prepared {
                 let v = tile.add(pack::values_at(f, b) + 32 * h);
                 let o = dst.add((2 * b + h) * st) as *mut __m256i;
                 match f {
-                    IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                    IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
                         // each byte's 8 nibbles summed (at most 120), then 128 (unsigned) times each
                         // pair of those sums
                         let mut sum = _mm256_setzero_si256();
@@ -313,11 +324,11 @@ mod prepared {
                         }
                     }
                 }
-                let s = tile.add(pack::scales_at(f, nb, b) + 16 * h);
+                let half = 8 * pack::scale_bytes(f) * h;
                 let sc = o.add(scales(f)) as *mut f32;
-                _mm256_store_ps(sc, _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i)));
-                if f == IntFormat::Q4_1 {
-                    _mm256_store_ps(sc.add(8), _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * TILE * nb) as *const __m128i)));
+                _mm256_store_ps(sc, scales8(f, tile.add(pack::scales_at(f, nb, b) + half)));
+                if f.has_min() {
+                    _mm256_store_ps(sc.add(8), scales8(f, tile.add(pack::minimums_at(f, nb, b) + half)));
                 }
             }
         }
@@ -479,7 +490,7 @@ mod prepared {
             let e: [*const __m256i; H] = std::array::from_fn(|h| halves[h].add(b * step) as *const __m256i);
             let mut p = [_mm256_setzero_si256(); H];
             match f {
-                IntFormat::Q4_0 | IntFormat::Q4_1 => {
+                IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
                     // `qs` holds the activations offset by 128 (unsigned), so the nibbles (0..15, taken
                     // as signed) are `maddubs`' second operand, read straight from memory; a lane's
                     // pairs (at most 2 * 255 * 15) add up over the block's 8 chunks in wrapping i16,
@@ -514,11 +525,11 @@ mod prepared {
                 }
             }
             let da = _mm256_set1_ps(*d.add(b));
-            let sa = if f == IntFormat::Q4_1 { _mm256_set1_ps(*s.add(b)) } else { _mm256_setzero_ps() };
+            let sa = if f.has_min() { _mm256_set1_ps(*s.add(b)) } else { _mm256_setzero_ps() };
             for h in 0..H {
                 let scale = e[h].add(sc) as *const f32;
                 let mut term = _mm256_mul_ps(_mm256_mul_ps(_mm256_load_ps(scale), da), _mm256_cvtepi32_ps(p[h]));
-                if f == IntFormat::Q4_1 {
+                if f.has_min() {
                     term = _mm256_add_ps(term, _mm256_mul_ps(_mm256_load_ps(scale.add(8)), sa));
                 }
                 acc[h] = _mm256_add_ps(acc[h], term);

@@ -4,9 +4,10 @@
 //! **Weights.** A matrix's rows are cut into tiles of [`TILE`] rows (the last one padded with zero
 //! rows), each `TILE * row_bytes` long, the GGUF bytes of its rows reordered so that the 16 rows sit side
 //! by side: the values of block 0, block 1, ... (`16 * value_bytes` each), then the 16 rows' f16 scales
-//! of every block (32 bytes per block), then (Q4_1) their f16 minimums. Inside a block's values, line
+//! of every block (32 bytes per block), then (Q4_1) their f16 minimums; Q4K (GGUF Q4_K as blocks of 32)
+//! the same with f32 scales and minimums (64 bytes per block each). Inside a block's values, line
 //! `c` (64 bytes) holds bytes `4c..4c+4` of every row's values, row `n` at `4n..4n+4`:
-//! - Q4_0 / Q4_1: 4 lines, the GGUF nibble bytes `qs[4c..4c+4]` (low nibbles are values `4c..4c+4`, high
+//! - Q4_0 / Q4_1 / Q4K: 4 lines, the GGUF nibble bytes `qs[4c..4c+4]` (low nibbles are values `4c..4c+4`, high
 //!   nibbles values `16+4c..16+4c+4`);
 //! - Q8_0: 8 lines, values `4c..4c+4`.
 //!
@@ -32,16 +33,28 @@ pub const QK: usize = 32;
 /// Bytes of 4-bit or 8-bit values per block (without scales).
 pub fn value_bytes(f: IntFormat) -> usize {
     match f {
-        IntFormat::Q4_0 | IntFormat::Q4_1 => 16,
+        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => 16,
         IntFormat::Q8_0 => 32,
     }
 }
 
-/// Byte offset of the values in a GGUF block (after the scale and, for Q4_1, the minimum).
+/// Bytes of one scale or minimum: f16, Q4K's f32.
+#[inline(always)]
+pub fn scale_bytes(f: IntFormat) -> usize {
+    if f == IntFormat::Q4K {
+        4
+    } else {
+        2
+    }
+}
+
+/// Byte offset of the values in a GGUF block (after the scale and, for Q4_1, the minimum; Q4K's blocks
+/// of 32 are this crate's: f32 scale, f32 minimum, then the nibbles as in Q4_1).
 fn gguf_values(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_1 => 4,
         IntFormat::Q4_0 | IntFormat::Q8_0 => 2,
+        IntFormat::Q4K => 8,
     }
 }
 
@@ -51,11 +64,26 @@ pub fn values_at(f: IntFormat, b: usize) -> usize {
     b * TILE * value_bytes(f)
 }
 
-/// Byte offset, inside a tile of rows with `nb` blocks, of block `b`'s 16 f16 scales; its minimums
-/// (Q4_1) follow at `+ 32 * nb`.
+/// Byte offset, inside a tile of rows with `nb` blocks, of block `b`'s 16 scales.
 #[inline(always)]
 pub fn scales_at(f: IntFormat, nb: usize, b: usize) -> usize {
-    nb * TILE * value_bytes(f) + 2 * TILE * b
+    nb * TILE * value_bytes(f) + scale_bytes(f) * TILE * b
+}
+
+/// Byte offset, inside a tile of rows with `nb` blocks, of block `b`'s 16 minimums (formats with one).
+#[inline(always)]
+pub fn minimums_at(f: IntFormat, nb: usize, b: usize) -> usize {
+    scales_at(f, nb, b) + scale_bytes(f) * TILE * nb
+}
+
+/// Row `n`'s scale (or minimum) among the 16 at byte `at` of a tile.
+#[inline(always)]
+pub fn scale(f: IntFormat, tile: &[u8], at: usize, n: usize) -> f32 {
+    if f == IntFormat::Q4K {
+        f32::from_le_bytes(tile[at + 4 * n..at + 4 * n + 4].try_into().expect("4 bytes"))
+    } else {
+        super::dequant::f16_at(tile, at + 2 * n)
+    }
 }
 
 /// Bytes the tiles of `rows` rows of `row_bytes` take (the last tile padded to 16 rows).
@@ -74,10 +102,12 @@ pub fn pack_row(f: IntFormat, gguf: &[u8], tile: &mut [u8], n: usize) {
         for c in 0..vb / 4 {
             tile[v + c * 64 + 4 * n..][..4].copy_from_slice(&blk[vo + 4 * c..vo + 4 * c + 4]);
         }
-        let s = scales_at(f, nb, b) + 2 * n;
-        tile[s..s + 2].copy_from_slice(&blk[0..2]);
-        if f == IntFormat::Q4_1 {
-            tile[s + 2 * TILE * nb..s + 2 * TILE * nb + 2].copy_from_slice(&blk[2..4]);
+        let sb = scale_bytes(f);
+        let s = scales_at(f, nb, b) + sb * n;
+        tile[s..s + sb].copy_from_slice(&blk[0..sb]);
+        if f.has_min() {
+            let m = minimums_at(f, nb, b) + sb * n;
+            tile[m..m + sb].copy_from_slice(&blk[sb..2 * sb]);
         }
     }
 }
@@ -89,10 +119,12 @@ pub fn unpack_block(f: IntFormat, tile: &[u8], nb: usize, n: usize, b: usize, ou
     for c in 0..vb / 4 {
         out[vo + 4 * c..vo + 4 * c + 4].copy_from_slice(&tile[v + c * 64 + 4 * n..][..4]);
     }
-    let s = scales_at(f, nb, b) + 2 * n;
-    out[0..2].copy_from_slice(&tile[s..s + 2]);
-    if f == IntFormat::Q4_1 {
-        out[2..4].copy_from_slice(&tile[s + 2 * TILE * nb..s + 2 * TILE * nb + 2]);
+    let sb = scale_bytes(f);
+    let s = scales_at(f, nb, b) + sb * n;
+    out[0..sb].copy_from_slice(&tile[s..s + sb]);
+    if f.has_min() {
+        let m = minimums_at(f, nb, b) + sb * n;
+        out[sb..2 * sb].copy_from_slice(&tile[m..m + sb]);
     }
 }
 
@@ -102,7 +134,7 @@ pub fn unpack_block(f: IntFormat, tile: &[u8], nb: usize, n: usize, b: usize, ou
 pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> i32 {
     let v = values_at(f, b);
     match f {
-        IntFormat::Q4_0 | IntFormat::Q4_1 => {
+        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
             let byte = tile[v + (j % 16) / 4 * 64 + 4 * n + j % 4];
             (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32
         }

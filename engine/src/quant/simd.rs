@@ -13,7 +13,6 @@
 
 use std::sync::OnceLock;
 
-use super::dequant::f16_at;
 use super::dot::Q8Row;
 use super::pack::{self, GROUP, QK, TILE};
 
@@ -78,16 +77,32 @@ pub enum IntFormat {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// GGUF Q4_K, held as Q4_1 blocks of 32 with f32 scales and minimums (`d * sc` and `-dmin * m` of the
+    /// sub-block, exact in f32): Q4_1's canonical sum.
+    Q4K,
 }
 
 impl IntFormat {
-    /// Bytes per 32-element block.
+    /// Bytes per 32-element block (as held: Q4K's scale and minimum as f32).
     pub fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
+            Self::Q4K => 24,
         }
+    }
+
+    /// Whether the values are 4-bit nibbles (else bytes).
+    #[inline(always)]
+    pub fn nibbles(self) -> bool {
+        !matches!(self, Self::Q8_0)
+    }
+
+    /// Whether a block has a minimum (`w = d * q + m`), whose term `m * sa` the canonical sum adds.
+    #[inline(always)]
+    pub fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q4K)
     }
 }
 
@@ -225,8 +240,7 @@ pub fn row_scalar(f: IntFormat, tile: &[u8], n: usize, a: &Q8Row) -> f32 {
     let nb = a.blocks();
     let mut acc = [0f32; GROUP];
     for b in 0..nb {
-        let s = pack::scales_at(f, nb, b) + 2 * n;
-        let dw = f16_at(tile, s);
+        let dw = pack::scale(f, tile, pack::scales_at(f, nb, b), n);
         let p: i32 = (0..QK)
             .map(|j| {
                 let w = pack::weight_value(f, tile, n, b, j);
@@ -236,8 +250,8 @@ pub fn row_scalar(f: IntFormat, tile: &[u8], n: usize, a: &Q8Row) -> f32 {
             .sum();
         let l = b % GROUP;
         let mut term = (dw * a.d[b]) * p as f32;
-        if f == IntFormat::Q4_1 {
-            term = term + f16_at(tile, s + 2 * TILE * nb) * a.s[b];
+        if f.has_min() {
+            term = term + pack::scale(f, tile, pack::minimums_at(f, nb, b), n) * a.s[b];
         }
         acc[l] = acc[l] + term;
     }

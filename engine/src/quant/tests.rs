@@ -191,7 +191,8 @@ fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight 
     let mut data = random_bytes(bytes, seed);
     // Keep scales finite and moderate: f16 bytes of each block set to ~0.01..0.02.
     let ts = dtype.type_size();
-    let n_scales = if dtype == GgmlDType::Q4_1 { 2 } else { 1 };
+    // (Q4_K: its super-block scale and minimum scale; the 6-bit sub-block ones stay random)
+    let n_scales = if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K) { 2 } else { 1 };
     for blk in data.chunks_exact_mut(ts) {
         for i in 0..n_scales {
             let v = half::f16::from_f32(0.01 + (blk[4 + i] as f32) / 25500.0);
@@ -206,7 +207,7 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     use super::simd::{supported, Level};
     let levels = supported();
     eprintln!("kernel levels on this CPU: {levels:?}");
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K] {
         for &(k, n, m) in &[
             (32, 1, 1),
             (64, 7, 3),
@@ -230,7 +231,14 @@ fn every_simd_level_is_bit_identical_to_scalar() {
             (32, 17, 8),
             (576, 32, 12),
             (1536, 16, 14),
+            (256, 5, 1),
+            (768, 17, 1),
+            (1280, 9, 3),
+            (2048, 40, 12),
         ] {
+            if k % dtype.block_size() != 0 {
+                continue; // (Q4_K: rows of 256-value super-blocks)
+            }
             for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
                 let mut x = random(m * k, 4);
                 x[0] = 0.0;
@@ -389,7 +397,7 @@ fn avx2_dequantization_gives_the_portable_bits() {
         eprintln!("skipped: no AVX2");
         return;
     }
-    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q5K, GgmlDType::Q6K] {
         let (_, q) = quantized(dtype, 1, 1024, 17);
         let bytes = q.data().unwrap().into_owned();
         let (mut want, mut got) = (vec![0f32; 1024], vec![0f32; 1024]);
@@ -398,4 +406,23 @@ fn avx2_dequantization_gives_the_portable_bits() {
         unsafe { dequant::row_avx2(dtype, &bytes, &mut got) };
         assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{dtype:?}");
     }
+}
+
+#[test]
+fn q4_k_is_held_as_blocks_of_32_with_the_same_values() {
+    let nb = 3;
+    let mut row = random_bytes(144 * nb, 31);
+    for (b, sb) in row.chunks_exact_mut(144).enumerate() {
+        // finite super-block scales; the 6-bit sub-block scales, minimums and nibbles stay random
+        sb[0..2].copy_from_slice(&half::f16::from_f32(0.003 * (b as f32 + 1.0)).to_le_bytes());
+        sb[2..4].copy_from_slice(&half::f16::from_f32(-0.002 * (b as f32 + 0.5)).to_le_bytes());
+    }
+    let w = QWeight::new("w", GgmlDType::Q4K, vec![1, 256 * nb], row.clone()).unwrap();
+    assert!(w.takes_q8(), "Q4_K multiplies 8-bit activations");
+    let mut want = vec![0f32; 256 * nb];
+    for (sb, y) in row.chunks_exact(144).zip(want.chunks_exact_mut(256)) {
+        dequant::q4_k(sb, y);
+    }
+    let got = w.dequantize();
+    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
 }

@@ -98,6 +98,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q4_0 => tiles_as::<Q4_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
+        IntFormat::Q4K => tiles_as::<Q4K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
     }
 }
 
@@ -105,11 +106,13 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
+const Q4K: u8 = 3;
 
 const fn format(code: u8) -> IntFormat {
     match code {
         Q4_0 => IntFormat::Q4_0,
         Q4_1 => IntFormat::Q4_1,
+        Q4K => IntFormat::Q4K,
         _ => IntFormat::Q8_0,
     }
 }
@@ -208,7 +211,7 @@ impl Source for Packed {
         let v = self.p.add(pack::values_at(f, b)) as *const __m512i;
         let mut w = [_mm512_setzero_si512(); 8];
         match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+            IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
                 let low = _mm512_set1_epi8(0x0F);
                 for c in 0..4 {
                     let x = _mm512_loadu_si512(v.add(c) as *const _);
@@ -222,9 +225,8 @@ impl Source for Packed {
                 }
             }
         }
-        let s = self.p.add(pack::scales_at(f, nb, b));
-        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i));
-        let mw = if f == IntFormat::Q4_1 { _mm512_cvtph_ps(_mm256_loadu_si256(s.add(2 * TILE * nb) as *const __m256i)) } else { _mm512_setzero_ps() };
+        let dw = wtile::scales16(f, self.p.add(pack::scales_at(f, nb, b)));
+        let mw = if f.has_min() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
         Block { w, dw, mw }
     }
 }
@@ -245,7 +247,7 @@ impl Source for Prepped<'_> {
             *wk = _mm512_load_si512(v.add(k));
         }
         let dw = _mm512_load_ps(self.t.scales(b));
-        let mw = if f == IntFormat::Q4_1 { _mm512_load_ps(self.t.minimums(b)) } else { _mm512_setzero_ps() };
+        let mw = if f.has_min() { _mm512_load_ps(self.t.minimums(b)) } else { _mm512_setzero_ps() };
         Block { w, dw, mw }
     }
 }
@@ -367,10 +369,10 @@ unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32
     match f {
         IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 3)),
         IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 7)),
-        IntFormat::Q4_1 => {}
+        IntFormat::Q4_1 | IntFormat::Q4K => {}
     }
     let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(d)), _mm512_cvtepi32_ps(p));
-    if f == IntFormat::Q4_1 {
+    if f.has_min() {
         _mm512_add_ps(term, _mm512_mul_ps(blk.mw, _mm512_set1_ps(s)))
     } else {
         term

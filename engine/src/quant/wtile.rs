@@ -152,6 +152,19 @@ impl Prefetch {
     }
 }
 
+/// The 16 scales (or minimums) at `p`: f16, Q4K's f32.
+///
+/// # Safety
+/// The CPU has AVX-512 F and F16C; `p` points at 16 of them.
+#[inline(always)]
+pub unsafe fn scales16(f: IntFormat, p: *const u8) -> __m512 {
+    if f == IntFormat::Q4K {
+        _mm512_loadu_ps(p as *const f32)
+    } else {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+}
+
 /// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`; Q8_0 values offset
 /// by 128 (unsigned) when `unsigned_q8`.
 ///
@@ -170,7 +183,7 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
     for b in 0..nb {
         let v = p.add(pack::values_at(f, b)) as *const __m512i;
         match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 => {
+            IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
                 for c in 0..4 {
                     let x = _mm512_loadu_si512(v.add(c) as *const _);
                     _mm512_store_si512(dst.add(b * 8 + c), _mm512_and_si512(x, low));
@@ -183,11 +196,9 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
                 }
             }
         }
-        let sc = p.add(pack::scales_at(f, nb, b));
-        _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, _mm512_cvtph_ps(_mm256_loadu_si256(sc as *const __m256i)));
-        if f == IntFormat::Q4_1 {
-            let mn = sc.add(2 * T * nb) as *const __m256i;
-            _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, _mm512_cvtph_ps(_mm256_loadu_si256(mn)));
+        _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::scales_at(f, nb, b))));
+        if f.has_min() {
+            _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::minimums_at(f, nb, b))));
         }
     }
 }
@@ -195,7 +206,6 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::dequant::f16_at;
 
     #[test]
     fn prep_unpacks_every_row_block_and_scale() {
@@ -203,7 +213,7 @@ mod tests {
             eprintln!("skipped: no AVX-512");
             return;
         }
-        for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0] {
+        for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0, IntFormat::Q4K] {
             for nb in [1, 2, 3, 16, 17, 18, 33, 48] {
                 let tile = crate::quant::tests::random_bytes(T * nb * f.block_bytes(), 7 + nb as u64);
                 for unsigned_q8 in [false, true] {
@@ -222,10 +232,11 @@ mod tests {
                                 let got = if f == IntFormat::Q8_0 && !unsigned_q8 { got as i8 as i32 } else { got as i32 };
                                 assert_eq!(got, want, "{f:?} nb={nb} block {b} row {n} value {j}");
                             }
-                            let s = pack::scales_at(f, nb, b) + 2 * n;
-                            assert_eq!(floats(&t.dw, b)[n], f16_at(&tile, s).to_bits(), "{f:?} nb={nb} block {b} row {n} scale");
-                            if f == IntFormat::Q4_1 {
-                                assert_eq!(floats(&t.mw, b)[n], f16_at(&tile, s + 2 * T * nb).to_bits(), "{f:?} minimum");
+                            let s = pack::scale(f, &tile, pack::scales_at(f, nb, b), n);
+                            assert_eq!(floats(&t.dw, b)[n], s.to_bits(), "{f:?} nb={nb} block {b} row {n} scale");
+                            if f.has_min() {
+                                let m = pack::scale(f, &tile, pack::minimums_at(f, nb, b), n);
+                                assert_eq!(floats(&t.mw, b)[n], m.to_bits(), "{f:?} minimum");
                             }
                         }
                     }
