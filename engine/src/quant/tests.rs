@@ -194,12 +194,6 @@ fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight 
     // (Q4_K: its super-block scale and minimum scale; the 6-bit sub-block ones stay random)
     let n_scales = if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K) { 2 } else { 1 };
     for blk in data.chunks_exact_mut(ts) {
-        if dtype == GgmlDType::Q6K {
-            // its super-block scale is last; the 8-bit sub-block scales stay random
-            let v = half::f16::from_f32(0.0005 + (blk[0] as f32) / 255000.0);
-            blk[208..210].copy_from_slice(&v.to_le_bytes());
-            continue;
-        }
         for i in 0..n_scales {
             let v = half::f16::from_f32(0.01 + (blk[4 + i] as f32) / 25500.0);
             blk[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
@@ -213,7 +207,7 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     use super::simd::{supported, Level};
     let levels = supported();
     eprintln!("kernel levels on this CPU: {levels:?}");
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K] {
         for &(k, n, m) in &[
             (32, 1, 1),
             (64, 7, 3),
@@ -243,7 +237,7 @@ fn every_simd_level_is_bit_identical_to_scalar() {
             (2048, 40, 12),
         ] {
             if k % dtype.block_size() != 0 {
-                continue; // (K-quants: rows of 256-value super-blocks)
+                continue; // (Q4_K: rows of 256-value super-blocks)
             }
             for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
                 let mut x = random(m * k, 4);
@@ -403,7 +397,7 @@ fn avx2_dequantization_gives_the_portable_bits() {
         eprintln!("skipped: no AVX2");
         return;
     }
-    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q5K] {
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q5K, GgmlDType::Q6K] {
         let (_, q) = quantized(dtype, 1, 1024, 17);
         let bytes = q.data().unwrap().into_owned();
         let (mut want, mut got) = (vec![0f32; 1024], vec![0f32; 1024]);
@@ -428,24 +422,6 @@ fn q4_k_is_held_as_blocks_of_32_with_the_same_values() {
     let mut want = vec![0f32; 256 * nb];
     for (sb, y) in row.chunks_exact(144).zip(want.chunks_exact_mut(256)) {
         dequant::q4_k(sb, y);
-    }
-    let got = w.dequantize();
-    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-}
-
-#[test]
-fn q6_k_is_held_as_blocks_of_32_with_the_same_values() {
-    let nb = 3;
-    let mut row = random_bytes(210 * nb, 41);
-    for (b, sb) in row.chunks_exact_mut(210).enumerate() {
-        // a finite super-block scale of either sign; the 8-bit sub-block scales and values stay random
-        sb[208..210].copy_from_slice(&half::f16::from_f32(0.001 * (b as f32 - 1.5)).to_le_bytes());
-    }
-    let w = QWeight::new("w", GgmlDType::Q6K, vec![1, 256 * nb], row.clone()).unwrap();
-    assert!(w.takes_q8(), "Q6_K multiplies 8-bit activations");
-    let mut want = vec![0f32; 256 * nb];
-    for (sb, y) in row.chunks_exact(210).zip(want.chunks_exact_mut(256)) {
-        dequant::q6_k(sb, y);
     }
     let got = w.dequantize();
     assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());

@@ -44,14 +44,12 @@ pub struct PassRows {
     d: Vec<f32>,
     s: Vec<f32>,
     sums: Vec<i32>,
-    lo_sums: Vec<i32>,
 }
 
 impl PassRows {
     pub fn new(rows: &[Q8Row]) -> Self {
         let (nb, m) = (rows.first().map_or(0, Q8Row::blocks), rows.len());
-        let mut p =
-            PassRows { qs: AlignedBytes::default(), d: vec![0.0; m * nb], s: vec![0.0; m * nb], sums: vec![0; m * nb], lo_sums: vec![0; m * nb] };
+        let mut p = PassRows { qs: AlignedBytes::default(), d: vec![0.0; m * nb], s: vec![0.0; m * nb], sums: vec![0; m * nb] };
         p.qs.reset_zeroed(m * nb * QK);
         for (i, row) in rows.iter().enumerate() {
             let (p0, r) = (i / ROWS * ROWS, i % ROWS);
@@ -59,7 +57,7 @@ impl PassRows {
             for b in 0..nb {
                 let at = p0 * nb + b * n + r;
                 p.qs[at * QK..(at + 1) * QK].copy_from_slice(&row.qs[pack::act_index(b, 0)..pack::act_index(b + 1, 0)]);
-                (p.d[at], p.s[at], p.sums[at], p.lo_sums[at]) = (row.d[b], row.s[b], row.sums[b], row.lo_sums[b]);
+                (p.d[at], p.s[at], p.sums[at]) = (row.d[b], row.s[b], row.sums[b]);
             }
         }
         p
@@ -68,13 +66,7 @@ impl PassRows {
     /// The pass starting at row `r0` of rows with `nb` blocks.
     fn pass(&self, r0: usize, nb: usize) -> PassPtrs {
         let at = r0 * nb;
-        PassPtrs {
-            qs: self.qs[at * QK..].as_ptr(),
-            d: self.d[at..].as_ptr(),
-            s: self.s[at..].as_ptr(),
-            sums: self.sums[at..].as_ptr(),
-            lo_sums: self.lo_sums[at..].as_ptr(),
-        }
+        PassPtrs { qs: self.qs[at * QK..].as_ptr(), d: self.d[at..].as_ptr(), s: self.s[at..].as_ptr(), sums: self.sums[at..].as_ptr() }
     }
 }
 
@@ -85,7 +77,6 @@ struct PassPtrs {
     d: *const f32,
     s: *const f32,
     sums: *const i32,
-    lo_sums: *const i32,
 }
 
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
@@ -108,7 +99,6 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q4K => tiles_as::<Q4K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q6K => tiles_as::<Q6K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
     }
 }
 
@@ -117,14 +107,12 @@ const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 const Q4K: u8 = 3;
-const Q6K: u8 = 4;
 
 const fn format(code: u8) -> IntFormat {
     match code {
         Q4_0 => IntFormat::Q4_0,
         Q4_1 => IntFormat::Q4_1,
         Q4K => IntFormat::Q4K,
-        Q6K => IntFormat::Q6K,
         _ => IntFormat::Q8_0,
     }
 }
@@ -236,14 +224,9 @@ impl Source for Packed {
                     *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), _mm512_set1_epi8(-128));
                 }
             }
-            IntFormat::Q6K => {
-                for (k, wk) in w.iter_mut().enumerate() {
-                    *wk = _mm512_loadu_si512(v.add(k) as *const _);
-                }
-            }
         }
         let dw = wtile::scales16(f, self.p.add(pack::scales_at(f, nb, b)));
-        let mw = if f.two_scales() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
+        let mw = if f.has_min() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
         Block { w, dw, mw }
     }
 }
@@ -264,7 +247,7 @@ impl Source for Prepped<'_> {
             *wk = _mm512_load_si512(v.add(k));
         }
         let dw = _mm512_load_ps(self.t.scales(b));
-        let mw = if f.two_scales() { _mm512_load_ps(self.t.minimums(b)) } else { _mm512_setzero_ps() };
+        let mw = if f.has_min() { _mm512_load_ps(self.t.minimums(b)) } else { _mm512_setzero_ps() };
         Block { w, dw, mw }
     }
 }
@@ -292,7 +275,7 @@ unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out
             ($l:literal) => {
                 if g0 + $l < nb {
                     let b = g0 + $l;
-                    let t = term(f, &src.block(f, b), x.qs.as_ptr().add(pack::act_index(b, 0)), x.d[b], x.s[b], (x.sums[b], x.lo_sums[b]));
+                    let t = term(f, &src.block(f, b), x.qs.as_ptr().add(pack::act_index(b, 0)), x.d[b], x.s[b], x.sums[b]);
                     acc[$l] = _mm512_add_ps(acc[$l], t);
                 }
             };
@@ -355,7 +338,7 @@ unsafe fn lane<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, l: us
             $(
                 if $r < R {
                     let at = $b * R + $r;
-                    let t = term(f, $blk, acts.qs.add(at * QK), *acts.d.add(at), *acts.s.add(at), (*acts.sums.add(at), *acts.lo_sums.add(at)));
+                    let t = term(f, $blk, acts.qs.add(at * QK), *acts.d.add(at), *acts.s.add(at), *acts.sums.add(at));
                     acc[$r] = _mm512_add_ps(acc[$r], t);
                 }
             )*
@@ -372,23 +355,9 @@ unsafe fn lane<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, l: us
 }
 
 /// A block's canonical term for the tile's 16 weight rows and one activation row: its values at `a`,
-/// its scale `d`, scaled sum `s` and integer sums (all 32 values, the first 16).
+/// its scale `d`, scaled sum `s` and integer sum `sum`.
 #[inline(always)]
-unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, (sum, lo_sum): (i32, i32)) -> __m512 {
-    if f == IntFormat::Q6K {
-        // each half's sum on its own (chunks 0..4 are values 0..16), less 32 x its activations' sum
-        let mut lo = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[0], chunk(a, 0));
-        let mut hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[4], chunk(a, 4));
-        for k in 1..4 {
-            lo = _mm512_dpbusd_epi32(lo, blk.w[k], chunk(a, k));
-            hi = _mm512_dpbusd_epi32(hi, blk.w[k + 4], chunk(a, k + 4));
-        }
-        let plo = _mm512_sub_epi32(lo, _mm512_set1_epi32(lo_sum << 5));
-        let phi = _mm512_sub_epi32(hi, _mm512_set1_epi32((sum - lo_sum) << 5));
-        let da = _mm512_set1_ps(d);
-        let tlo = _mm512_mul_ps(_mm512_mul_ps(blk.dw, da), _mm512_cvtepi32_ps(plo));
-        return _mm512_add_ps(tlo, _mm512_mul_ps(_mm512_mul_ps(blk.mw, da), _mm512_cvtepi32_ps(phi)));
-    }
+unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32) -> __m512 {
     let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[0], chunk(a, 0));
     let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[1], chunk(a, 1));
     for k in (2..8).step_by(2) {
@@ -400,7 +369,7 @@ unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, (sum, lo
     match f {
         IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 3)),
         IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 7)),
-        IntFormat::Q4_1 | IntFormat::Q4K | IntFormat::Q6K => {}
+        IntFormat::Q4_1 | IntFormat::Q4K => {}
     }
     let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(d)), _mm512_cvtepi32_ps(p));
     if f.has_min() {

@@ -152,13 +152,13 @@ impl Prefetch {
     }
 }
 
-/// The 16 scales (or minimums) at `p`: f16, Q4K's and Q6K's f32.
+/// The 16 scales (or minimums) at `p`: f16, Q4K's f32.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and F16C; `p` points at 16 of them.
 #[inline(always)]
 pub unsafe fn scales16(f: IntFormat, p: *const u8) -> __m512 {
-    if pack::scale_bytes(f) == 4 {
+    if f == IntFormat::Q4K {
         _mm512_loadu_ps(p as *const f32)
     } else {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
@@ -195,14 +195,9 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
                     _mm512_store_si512(dst.add(b * 8 + k), _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), flip));
                 }
             }
-            IntFormat::Q6K => {
-                for k in 0..8 {
-                    _mm512_store_si512(dst.add(b * 8 + k), _mm512_loadu_si512(v.add(k) as *const _));
-                }
-            }
         }
         _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::scales_at(f, nb, b))));
-        if f.two_scales() {
+        if f.has_min() {
             _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::minimums_at(f, nb, b))));
         }
     }
@@ -218,7 +213,7 @@ mod tests {
             eprintln!("skipped: no AVX-512");
             return;
         }
-        for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0, IntFormat::Q4K, IntFormat::Q6K] {
+        for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0, IntFormat::Q4K] {
             for nb in [1, 2, 3, 16, 17, 18, 33, 48] {
                 let tile = crate::quant::tests::random_bytes(T * nb * f.block_bytes(), 7 + nb as u64);
                 for unsigned_q8 in [false, true] {
@@ -239,7 +234,7 @@ mod tests {
                             }
                             let s = pack::scale(f, &tile, pack::scales_at(f, nb, b), n);
                             assert_eq!(floats(&t.dw, b)[n], s.to_bits(), "{f:?} nb={nb} block {b} row {n} scale");
-                            if f.two_scales() {
+                            if f.has_min() {
                                 let m = pack::scale(f, &tile, pack::minimums_at(f, nb, b), n);
                                 assert_eq!(floats(&t.mw, b)[n], m.to_bits(), "{f:?} minimum");
                             }
