@@ -43,8 +43,9 @@ pub(crate) unsafe fn row_avx2(dtype: GgmlDType, b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// [`q6_k`] written out for AVX2: the same multiplies and subtractions per value (so the same
-/// bits), 8 values to a register.
+/// [`q6_k`] written out for AVX2: the same multiply per value (so the same bits), 8 values to a
+/// register. (Macros, not closures, for the repeated steps: a closure does not inherit the target
+/// features, so its intrinsics would rely on the closure being inlined.)
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -79,17 +80,25 @@ mod avx2 {
             let y = &mut y[half * 128..half * 128 + 128];
             for l in (0..32).step_by(8) {
                 let is = l / 16;
-                let scale = |k: usize| _mm256_set1_ps(d * (sc[is + k] as i8) as f32);
+                macro_rules! scale {
+                    ($k:expr) => {
+                        _mm256_set1_ps(d * (sc[is + $k] as i8) as f32)
+                    };
+                }
                 let (a, c, h) = (bytes8(&ql[l..]), bytes8(&ql[l + 32..]), bytes8(&qh[l..]));
-                let hbits = |s: i32| _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srlv_epi32(h, _mm256_set1_epi32(s)), two));
-                let q1 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(a, low), hbits(0)), off);
-                let q2 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(c, low), hbits(2)), off);
-                let q3 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32::<4>(a), hbits(4)), off);
-                let q4 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32::<4>(c), hbits(6)), off);
-                store8(&mut y[l..], _mm256_mul_ps(scale(0), _mm256_cvtepi32_ps(q1)));
-                store8(&mut y[l + 32..], _mm256_mul_ps(scale(2), _mm256_cvtepi32_ps(q2)));
-                store8(&mut y[l + 64..], _mm256_mul_ps(scale(4), _mm256_cvtepi32_ps(q3)));
-                store8(&mut y[l + 96..], _mm256_mul_ps(scale(6), _mm256_cvtepi32_ps(q4)));
+                macro_rules! hbits {
+                    ($s:literal) => {
+                        _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<$s>(h), two))
+                    };
+                }
+                let q1 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(a, low), hbits!(0)), off);
+                let q2 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(c, low), hbits!(2)), off);
+                let q3 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32::<4>(a), hbits!(4)), off);
+                let q4 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32::<4>(c), hbits!(6)), off);
+                store8(&mut y[l..], _mm256_mul_ps(scale!(0), _mm256_cvtepi32_ps(q1)));
+                store8(&mut y[l + 32..], _mm256_mul_ps(scale!(2), _mm256_cvtepi32_ps(q2)));
+                store8(&mut y[l + 64..], _mm256_mul_ps(scale!(4), _mm256_cvtepi32_ps(q3)));
+                store8(&mut y[l + 96..], _mm256_mul_ps(scale!(6), _mm256_cvtepi32_ps(q4)));
             }
         }
     }
