@@ -372,22 +372,28 @@ fn extreme_q4_block_sums_are_bit_identical_to_scalar() {
     }
 }
 
+/// A one-row matrix of GGUF `dtype` bytes `row`, held in an integer format, dequantizes to the bits of
+/// `reference` (the GGUF format's own dequantization) block by block.
+fn assert_held_with_the_same_values(dtype: GgmlDType, row: &[u8], reference: fn(&[u8], &mut [f32])) {
+    let (bs, ts) = (dtype.block_size(), dtype.type_size());
+    let w = QWeight::new("w", dtype, vec![1, row.len() / ts * bs], row.to_vec()).unwrap();
+    assert!(w.takes_q8(), "{dtype:?} multiplies 8-bit activations");
+    let mut want = vec![0f32; row.len() / ts * bs];
+    for (blk, y) in row.chunks_exact(ts).zip(want.chunks_exact_mut(bs)) {
+        reference(blk, y);
+    }
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&w.dequantize()), bits(&want), "{dtype:?}");
+}
+
 #[test]
 fn q5_0_is_held_as_q8_0_with_the_same_values() {
-    let nb = 9;
-    let mut row = random_bytes(22 * nb, 21);
+    let mut row = random_bytes(22 * 9, 21);
     for (b, blk) in row.chunks_exact_mut(22).enumerate() {
         // finite scales of either sign; the value bytes and fifth bits stay random
         blk[0..2].copy_from_slice(&half::f16::from_f32(0.01 * (b as f32 - 4.5)).to_le_bytes());
     }
-    let w = QWeight::new("w", GgmlDType::Q5_0, vec![1, 32 * nb], row.clone()).unwrap();
-    assert!(w.takes_q8(), "Q5_0 multiplies 8-bit activations");
-    let mut want = vec![0f32; 32 * nb];
-    for (blk, y) in row.chunks_exact(22).zip(want.chunks_exact_mut(32)) {
-        dequant::q5_0(blk, y);
-    }
-    let got = w.dequantize();
-    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert_held_with_the_same_values(GgmlDType::Q5_0, &row, dequant::q5_0);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -410,19 +416,11 @@ fn avx2_dequantization_gives_the_portable_bits() {
 
 #[test]
 fn q4_k_is_held_as_blocks_of_32_with_the_same_values() {
-    let nb = 3;
-    let mut row = random_bytes(144 * nb, 31);
+    let mut row = random_bytes(144 * 3, 31);
     for (b, sb) in row.chunks_exact_mut(144).enumerate() {
         // finite super-block scales; the 6-bit sub-block scales, minimums and nibbles stay random
         sb[0..2].copy_from_slice(&half::f16::from_f32(0.003 * (b as f32 + 1.0)).to_le_bytes());
         sb[2..4].copy_from_slice(&half::f16::from_f32(-0.002 * (b as f32 + 0.5)).to_le_bytes());
     }
-    let w = QWeight::new("w", GgmlDType::Q4K, vec![1, 256 * nb], row.clone()).unwrap();
-    assert!(w.takes_q8(), "Q4_K multiplies 8-bit activations");
-    let mut want = vec![0f32; 256 * nb];
-    for (sb, y) in row.chunks_exact(144).zip(want.chunks_exact_mut(256)) {
-        dequant::q4_k(sb, y);
-    }
-    let got = w.dequantize();
-    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert_held_with_the_same_values(GgmlDType::Q4K, &row, dequant::q4_k);
 }
