@@ -13,6 +13,7 @@
 //! tile has all 8 columns, masked only in a matrix's last, partial tile ([`Keep`]).
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::dot::Q8Row;
 use super::pack::{self, GROUP, TILE};
@@ -83,8 +84,15 @@ unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
 /// Unless `ahead` is null, each block also prefetches its share of the tile there.
 #[inline(always)]
 unsafe fn pass<const R: usize>(f: IntFormat, tile: *const u8, nb: usize, acts: &[Q8Row], out: Out, keep: [Keep; 2], ahead: *const u8) {
-    let mut acc = [[[_mm256_setzero_ps(); GROUP]; 2]; R];
+    // Not zeroed up front: a lane's first block adds its term to 0.0 (the same bits as an add to a
+    // zeroed lane) instead. Zeroing the array (1-6 KiB) was a `memset` per pass: 4.6% of two-thread
+    // decode's samples on the Zen 1 host (BENCHMARKS.md, 2026-12-05, second session).
+    assert_eq!(acts.len(), R, "a pass takes R rows");
+    let mut acc = MaybeUninit::<[[[__m256; GROUP]; 2]; R]>::uninit();
+    let base = acc.as_mut_ptr() as *mut __m256;
+    let lane = |r: usize, h: usize, l: usize| base.add((r * 2 + h) * GROUP + l);
     let share = TILE * f.block_bytes();
+    let zero = _mm256_setzero_ps();
     for b in 0..nb {
         let l = b % GROUP;
         if !ahead.is_null() {
@@ -92,13 +100,22 @@ unsafe fn pass<const R: usize>(f: IntFormat, tile: *const u8, nb: usize, acts: &
         }
         for h in 0..2 {
             let blk = Half { f, p: tile, nb, h }.block(b);
-            for (acc, x) in acc.iter_mut().zip(acts) {
-                let a = &mut acc[h][l];
-                *a = _mm256_add_ps(*a, term(f, &blk, x, b));
+            for (r, x) in acts.iter().enumerate().take(R) {
+                let a = lane(r, h, l);
+                let sum = if b < GROUP { zero } else { *a };
+                *a = _mm256_add_ps(sum, term(f, &blk, x, b));
             }
         }
     }
-    // lanes without blocks (rows under 16 blocks) stay 0.0
+    // lanes without blocks (rows under 16 blocks) are 0.0
+    for r in 0..R {
+        for h in 0..2 {
+            for l in nb..GROUP {
+                *lane(r, h, l) = zero;
+            }
+        }
+    }
+    let acc = acc.assume_init();
     for (r, acc) in acc.iter().enumerate() {
         for (h, a) in acc.iter().enumerate() {
             let hs: [__m256; 8] = std::array::from_fn(|i| _mm256_add_ps(a[i], a[i + 8]));
