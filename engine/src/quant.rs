@@ -33,8 +33,34 @@ fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
         GgmlDType::Q4_1 => Some(IntFormat::Q4_1),
         GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(IntFormat::Q8_0),
         GgmlDType::Q4K => Some(IntFormat::Q4K),
+        GgmlDType::Q6K => Some(IntFormat::Q6K),
         _ => None,
     }
+}
+
+/// A GGUF Q6_K row as [`IntFormat::Q6K`] blocks of 32 (f32 scales of the two 16-value halves, then the
+/// 32 unsigned 6-bit values, one per byte): a half's scale is `d * sc` (a 16-bit by 8-bit product, exact
+/// in f32), so `scale * (q - 32)` is Q6_K's `d * sc * (q - 32)` to the bit.
+fn q6_k_as_blocks(row: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.len() / 210 * 8 * 40);
+    for sb in row.chunks_exact(210) {
+        let d = dequant::f16_at(sb, 208);
+        // block b is quarter b % 4 of half b / 4: value l (0..32) from ql/qh as ggml lays them out
+        for b in 0..8 {
+            let (half, quarter) = (b / 4, b % 4);
+            let (ql, qh, sc) = (&sb[64 * half..64 * half + 64], &sb[128 + 32 * half..160 + 32 * half], &sb[192 + 8 * half..200 + 8 * half]);
+            for h in 0..2 {
+                out.extend_from_slice(&(d * (sc[h + 2 * quarter] as i8) as f32).to_le_bytes());
+            }
+            out.extend((0..32).map(|l| {
+                // quarters 0 and 1: low nibbles of ql[l] and ql[l + 32]; 2 and 3: their high nibbles
+                let byte = ql[l + 32 * (quarter % 2)];
+                let low = if quarter < 2 { byte & 0xF } else { byte >> 4 };
+                low | (((qh[l] >> (2 * quarter)) & 3) << 4)
+            }));
+        }
+    }
+    out
 }
 
 /// A GGUF Q4_K row as [`IntFormat::Q4K`] blocks of 32 (f32 scale, f32 minimum, 16 bytes of nibbles as in
@@ -118,7 +144,7 @@ impl QWeight {
         let held = int_format(dtype);
         let kernel = match (held, dtype) {
             (Some(f), _) => Kernel::Int(f),
-            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q5_1 | GgmlDType::Q5K | GgmlDType::Q6K) => Kernel::Dequant,
+            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q5_1 | GgmlDType::Q5K) => Kernel::Dequant,
             (None, other) => return Err(EngineError::UnsupportedTensorType { name: name.to_string(), dtype: format!("{other:?}") }),
         };
         let row_len = *dims.last().unwrap_or(&1);
@@ -138,6 +164,7 @@ impl QWeight {
                         match dtype {
                             GgmlDType::Q5_0 => pack::pack_row(f, &q5_0_as_q8_0(row), tile, n),
                             GgmlDType::Q4K => pack::pack_row(f, &q4_k_as_blocks(row), tile, n),
+                            GgmlDType::Q6K => pack::pack_row(f, &q6_k_as_blocks(row), tile, n),
                             _ => pack::pack_row(f, row, tile, n),
                         }
                     }
@@ -202,10 +229,11 @@ impl QWeight {
                 IntFormat::Q4_1 => dequant::q4_1,
                 IntFormat::Q8_0 => dequant::q8_0,
                 IntFormat::Q4K => dequant::q4_k_held,
+                IntFormat::Q6K => dequant::q6_k_held,
             };
             let tile = &self.data.bytes()[r / pack::TILE * pack::TILE * self.row_bytes..][..pack::TILE * self.row_bytes];
             let nb = self.row_len / pack::QK;
-            let mut blk = [0u8; 34];
+            let mut blk = [0u8; 40];
             let blk = &mut blk[..p.block_bytes()];
             for (i, o) in out.chunks_exact_mut(pack::QK).enumerate() {
                 pack::unpack_block(p, tile, nb, r % pack::TILE, i, blk);
@@ -321,6 +349,7 @@ impl QWeight {
             panic!("{} ({:?}) does not take 8-bit activations", self.name, self.dtype);
         };
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
+        let level = simd::level_for(level, f);
         let acts = simd::Acts::new(level, rows);
         // SAFETY: as promised by `columns`; `acts` was made for `level`
         columns(self.rows, rows.len(), out, |cols, out| unsafe {

@@ -45,13 +45,15 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q4_1 => tiles_as(IntFormat::Q4_1, w, rb, n, acts, out),
         IntFormat::Q8_0 => tiles_as(IntFormat::Q8_0, w, rb, n, acts, out),
         IntFormat::Q4K => tiles_as(IntFormat::Q4K, w, rb, n, acts, out),
+        IntFormat::Q6K => tiles_as(IntFormat::Q6K, w, rb, n, acts, out),
     }
 }
 
 #[inline(always)]
 unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
     let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
-    if m >= PREP_MIN_ROWS {
+    // (Q6K: every row count through the passes; the prepared tiles hold one scale per block)
+    if m >= PREP_MIN_ROWS && f != IntFormat::Q6K {
         return prepared::tiles(f, w, rb, n, acts, out);
     }
     let ahead = PREFETCH.max(tb);
@@ -194,18 +196,23 @@ impl Half {
                     *wk = _mm256_sign_epi8(x, x);
                 }
             }
+            IntFormat::Q6K => {
+                for (k, wk) in w.iter_mut().enumerate() {
+                    *wk = _mm256_loadu_si256(v.add(64 * k) as *const __m256i);
+                }
+            }
         }
         let half = 8 * pack::scale_bytes(f) * self.h;
         let dw = scales8(f, self.p.add(pack::scales_at(f, nb, b) + half));
-        let mw = if f.has_min() { scales8(f, self.p.add(pack::minimums_at(f, nb, b) + half)) } else { _mm256_setzero_ps() };
+        let mw = if f.two_scales() { scales8(f, self.p.add(pack::minimums_at(f, nb, b) + half)) } else { _mm256_setzero_ps() };
         Block { w, signs: v, dw, mw }
     }
 }
 
-/// The 8 scales (or minimums) at `p`: f16, Q4K's f32.
+/// The 8 scales (or minimums) at `p`: f16, Q4K's and Q6K's f32.
 #[inline(always)]
 unsafe fn scales8(f: IntFormat, p: *const u8) -> __m256 {
-    if f == IntFormat::Q4K {
+    if pack::scale_bytes(f) == 4 {
         _mm256_loadu_ps(p as *const f32)
     } else {
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
@@ -236,6 +243,28 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
                 p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(blk.w[k], ak), ones));
             }
             p
+        }
+        IntFormat::Q6K => {
+            // unsigned 6-bit weights: a chunk's pairs at most 2 * 63 * 128, two chunks' in i16; each
+            // half's sum on its own (chunks 0..4 are values 0..16), less 32 x its activations' sum
+            // (macros, not closures: a closure does not inherit the target features)
+            macro_rules! pair {
+                ($k:expr) => {
+                    _mm256_madd_epi16(
+                        _mm256_add_epi16(
+                            _mm256_maddubs_epi16(blk.w[$k], _mm256_set1_epi32(chunk($k))),
+                            _mm256_maddubs_epi16(blk.w[$k + 1], _mm256_set1_epi32(chunk($k + 1))),
+                        ),
+                        ones,
+                    )
+                };
+            }
+            let lo = *x.lo_sums.get_unchecked(b);
+            let plo = _mm256_sub_epi32(_mm256_add_epi32(pair!(0), pair!(2)), _mm256_set1_epi32(lo << 5));
+            let phi = _mm256_sub_epi32(_mm256_add_epi32(pair!(4), pair!(6)), _mm256_set1_epi32((*x.sums.get_unchecked(b) - lo) << 5));
+            let da = _mm256_set1_ps(*x.d.get_unchecked(b));
+            let tlo = _mm256_mul_ps(_mm256_mul_ps(blk.dw, da), _mm256_cvtepi32_ps(plo));
+            return _mm256_add_ps(tlo, _mm256_mul_ps(_mm256_mul_ps(blk.mw, da), _mm256_cvtepi32_ps(phi)));
         }
     };
     if f == IntFormat::Q4_0 {
@@ -284,6 +313,7 @@ mod prepared {
             IntFormat::Q4_0 => 10,
             IntFormat::Q4_1 | IntFormat::Q4K => 11,
             IntFormat::Q8_0 => 17,
+            IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
         }
     }
 
@@ -340,6 +370,7 @@ mod prepared {
                             _mm256_store_si256(o.add(8 + k), x);
                         }
                     }
+                    IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
                 }
                 let half = 8 * pack::scale_bytes(f) * h;
                 let sc = o.add(scales(f)) as *mut f32;
@@ -540,6 +571,7 @@ mod prepared {
                         }
                     }
                 }
+                IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
             }
             let da = _mm256_set1_ps(*d.add(b));
             let sa = if f.has_min() { _mm256_set1_ps(*s.add(b)) } else { _mm256_setzero_ps() };

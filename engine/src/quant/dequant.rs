@@ -21,7 +21,6 @@ pub(crate) fn row(dtype: GgmlDType, b: &[u8], y: &mut [f32]) {
         GgmlDType::BF16 => bf16_block(b, y),
         GgmlDType::Q5_1 => blocks!(q5_1),
         GgmlDType::Q5K => blocks!(q5_k),
-        GgmlDType::Q6K => blocks!(q6_k),
         _ => unreachable!("{dtype:?} is held in an integer format or refused by QWeight::new"),
     }
 }
@@ -33,75 +32,7 @@ pub(crate) fn row(dtype: GgmlDType, b: &[u8], y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 pub(crate) unsafe fn row_avx2(dtype: GgmlDType, b: &[u8], y: &mut [f32]) {
-    match dtype {
-        GgmlDType::Q6K => {
-            for (blk, o) in b.chunks_exact(210).zip(y.chunks_exact_mut(256)) {
-                avx2::q6_k(blk, o);
-            }
-        }
-        _ => row(dtype, b, y),
-    }
-}
-
-/// [`q6_k`] written out for AVX2: the same multiply per value (so the same bits), 8 values to a
-/// register. (Macros, not closures, for the repeated steps: a closure does not inherit the target
-/// features, so its intrinsics would rely on the closure being inlined.)
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// An f16 at `b[off..]` as f32 (exact either way; the `half` crate's conversion was 4% of a decode
-    /// step of a K-quant model).
-    #[inline(always)]
-    unsafe fn f16_at(b: &[u8], off: usize) -> f32 {
-        let h = u16::from_le_bytes([b[off], b[off + 1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
-
-    /// Eight bytes from `p` as eight i32.
-    #[inline(always)]
-    unsafe fn bytes8(p: &[u8]) -> __m256i {
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(p[..8].as_ptr() as *const __m128i))
-    }
-
-    #[inline(always)]
-    unsafe fn store8(y: &mut [f32], v: __m256) {
-        _mm256_storeu_ps(y[..8].as_mut_ptr(), v)
-    }
-
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn q6_k(b: &[u8], y: &mut [f32]) {
-        let d = f16_at(b, 208);
-        let (low, two, off) = (_mm256_set1_epi32(0xF), _mm256_set1_epi32(3), _mm256_set1_epi32(32));
-        for half in 0..2 {
-            let ql = &b[half * 64..half * 64 + 64];
-            let qh = &b[128 + half * 32..128 + half * 32 + 32];
-            let sc = &b[192 + half * 8..192 + half * 8 + 8];
-            let y = &mut y[half * 128..half * 128 + 128];
-            for l in (0..32).step_by(8) {
-                let is = l / 16;
-                macro_rules! scale {
-                    ($k:expr) => {
-                        _mm256_set1_ps(d * (sc[is + $k] as i8) as f32)
-                    };
-                }
-                let (a, c, h) = (bytes8(&ql[l..]), bytes8(&ql[l + 32..]), bytes8(&qh[l..]));
-                macro_rules! hbits {
-                    ($s:literal) => {
-                        _mm256_slli_epi32::<4>(_mm256_and_si256(_mm256_srli_epi32::<$s>(h), two))
-                    };
-                }
-                let q1 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(a, low), hbits!(0)), off);
-                let q2 = _mm256_sub_epi32(_mm256_or_si256(_mm256_and_si256(c, low), hbits!(2)), off);
-                let q3 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32::<4>(a), hbits!(4)), off);
-                let q4 = _mm256_sub_epi32(_mm256_or_si256(_mm256_srli_epi32::<4>(c), hbits!(6)), off);
-                store8(&mut y[l..], _mm256_mul_ps(scale!(0), _mm256_cvtepi32_ps(q1)));
-                store8(&mut y[l + 32..], _mm256_mul_ps(scale!(2), _mm256_cvtepi32_ps(q2)));
-                store8(&mut y[l + 64..], _mm256_mul_ps(scale!(4), _mm256_cvtepi32_ps(q3)));
-                store8(&mut y[l + 96..], _mm256_mul_ps(scale!(6), _mm256_cvtepi32_ps(q4)));
-            }
-        }
-    }
+    row(dtype, b, y)
 }
 
 #[inline(always)]
@@ -188,6 +119,15 @@ pub(crate) fn q4_k_held(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// A Q6_K block of 32 as held (`super::IntFormat::Q6K`): the f32 scales of its halves, then 32 unsigned
+/// 6-bit values.
+pub(crate) fn q6_k_held(b: &[u8], y: &mut [f32]) {
+    let d = [f32::from_le_bytes([b[0], b[1], b[2], b[3]]), f32::from_le_bytes([b[4], b[5], b[6], b[7]])];
+    for (j, v) in y[..32].iter_mut().enumerate() {
+        *v = d[j / 16] * (b[8 + j] as i32 - 32) as f32;
+    }
+}
+
 /// Q4_K: super-block of 256 with 8 sub-blocks, 6-bit scales and minimums. Q4_K weights are held as
 /// `super::IntFormat::Q4K`; this is the reference the tests hold that conversion to.
 #[cfg(test)]
@@ -239,8 +179,9 @@ pub(crate) fn q5_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Q6_K: super-block of 256, 6-bit values, 16 signed 8-bit scales, f16 scale at the end.
-#[inline(always)]
+/// Q6_K: super-block of 256, 6-bit values, 16 signed 8-bit scales, f16 scale at the end. Q6_K weights
+/// are held as `super::IntFormat::Q6K`; this is the reference the tests hold that conversion to.
+#[cfg(test)]
 pub(crate) fn q6_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 208);
     for half in 0..2 {

@@ -14,6 +14,8 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub sums: Vec<i32>,
+    /// `Σq` of each block's first 16 values (Q6K weights have a scale per 16 values).
+    pub lo_sums: Vec<i32>,
     pub qs: AlignedBytes,
 }
 
@@ -253,12 +255,14 @@ impl Q8Row {
         self.qs.reset_zeroed(padded * QK8);
     }
 
-    /// Pads the per-block values with zero blocks to whole groups.
+    /// Pads the per-block values with zero blocks to whole groups, and sums each block's first half.
     fn finish(&mut self) {
         let padded = self.blocks().div_ceil(GROUP) * GROUP;
         self.d.resize(padded, 0.0);
         self.s.resize(padded, 0.0);
         self.sums.resize(padded, 0);
+        self.lo_sums.clear();
+        self.lo_sums.extend((0..padded).map(|b| self.qs[act_index(b, 0)..act_index(b, 16)].iter().map(|&q| q as i32).sum::<i32>()));
     }
 
     #[inline(always)]

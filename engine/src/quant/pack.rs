@@ -9,7 +9,8 @@
 //! `c` (64 bytes) holds bytes `4c..4c+4` of every row's values, row `n` at `4n..4n+4`:
 //! - Q4_0 / Q4_1 / Q4K: 4 lines, the GGUF nibble bytes `qs[4c..4c+4]` (low nibbles are values `4c..4c+4`, high
 //!   nibbles values `16+4c..16+4c+4`);
-//! - Q8_0: 8 lines, values `4c..4c+4`.
+//! - Q8_0: 8 lines, values `4c..4c+4`; Q6K (GGUF Q6_K as blocks of 32, two f32 scales per block in
+//!   the scales' and minimums' places) the same with its 6-bit values unsigned.
 //!
 //! A 512-bit register then holds one 4-value chunk of one block for the 16 rows, and one `dpbusd`
 //! against that chunk of an activation block broadcast to every lane adds 4 products to each of the 16
@@ -34,14 +35,14 @@ pub const QK: usize = 32;
 pub fn value_bytes(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => 16,
-        IntFormat::Q8_0 => 32,
+        IntFormat::Q8_0 | IntFormat::Q6K => 32,
     }
 }
 
-/// Bytes of one scale or minimum: f16, Q4K's f32.
+/// Bytes of one scale or minimum: f16, Q4K's and Q6K's f32.
 #[inline(always)]
 pub fn scale_bytes(f: IntFormat) -> usize {
-    if f == IntFormat::Q4K {
+    if matches!(f, IntFormat::Q4K | IntFormat::Q6K) {
         4
     } else {
         2
@@ -54,7 +55,7 @@ fn gguf_values(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_1 => 4,
         IntFormat::Q4_0 | IntFormat::Q8_0 => 2,
-        IntFormat::Q4K => 8,
+        IntFormat::Q4K | IntFormat::Q6K => 8,
     }
 }
 
@@ -70,7 +71,8 @@ pub fn scales_at(f: IntFormat, nb: usize, b: usize) -> usize {
     nb * TILE * value_bytes(f) + scale_bytes(f) * TILE * b
 }
 
-/// Byte offset, inside a tile of rows with `nb` blocks, of block `b`'s 16 minimums (formats with one).
+/// Byte offset, inside a tile of rows with `nb` blocks, of block `b`'s 16 minimums (Q4_1, Q4K) or second
+/// scales (Q6K).
 #[inline(always)]
 pub fn minimums_at(f: IntFormat, nb: usize, b: usize) -> usize {
     scales_at(f, nb, b) + scale_bytes(f) * TILE * nb
@@ -79,7 +81,7 @@ pub fn minimums_at(f: IntFormat, nb: usize, b: usize) -> usize {
 /// Row `n`'s scale (or minimum) among the 16 at byte `at` of a tile.
 #[inline(always)]
 pub fn scale(f: IntFormat, tile: &[u8], at: usize, n: usize) -> f32 {
-    if f == IntFormat::Q4K {
+    if scale_bytes(f) == 4 {
         f32::from_le_bytes(tile[at + 4 * n..at + 4 * n + 4].try_into().expect("4 bytes"))
     } else {
         super::dequant::f16_at(tile, at + 2 * n)
@@ -105,7 +107,7 @@ pub fn pack_row(f: IntFormat, gguf: &[u8], tile: &mut [u8], n: usize) {
         let sb = scale_bytes(f);
         let s = scales_at(f, nb, b) + sb * n;
         tile[s..s + sb].copy_from_slice(&blk[0..sb]);
-        if f.has_min() {
+        if f.two_scales() {
             let m = minimums_at(f, nb, b) + sb * n;
             tile[m..m + sb].copy_from_slice(&blk[sb..2 * sb]);
         }
@@ -122,14 +124,14 @@ pub fn unpack_block(f: IntFormat, tile: &[u8], nb: usize, n: usize, b: usize, ou
     let sb = scale_bytes(f);
     let s = scales_at(f, nb, b) + sb * n;
     out[0..sb].copy_from_slice(&tile[s..s + sb]);
-    if f.has_min() {
+    if f.two_scales() {
         let m = minimums_at(f, nb, b) + sb * n;
         out[sb..2 * sb].copy_from_slice(&tile[m..m + sb]);
     }
 }
 
 /// Weight value `j` (0..32) of block `b` of row `n` in a tile, as stored: Q4 nibbles unsigned (0..15),
-/// Q8_0 signed.
+/// Q8_0 signed, Q6K unsigned (0..63).
 #[inline(always)]
 pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> i32 {
     let v = values_at(f, b);
@@ -139,6 +141,7 @@ pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> 
             (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32
         }
         IntFormat::Q8_0 => tile[v + j / 4 * 64 + 4 * n + j % 4] as i8 as i32,
+        IntFormat::Q6K => tile[v + j / 4 * 64 + 4 * n + j % 4] as i32,
     }
 }
 

@@ -47,6 +47,18 @@ pub fn detected() -> Level {
     })
 }
 
+/// The level a matmul of format `f` runs at for `level`: Q6K runs on the AVX2 kernel at the AVX-512
+/// levels too. The AMX kernel's scaling takes one scale per block; in the VNNI kernel a fifth format
+/// cost the default Q4_1 model 6% of its batched decode speed on the Zen 4 host (its `pair` function
+/// was no longer inlined; BENCHMARKS.md, 2026-12-05).
+pub fn level_for(level: Level, f: IntFormat) -> Level {
+    if f == IntFormat::Q6K {
+        level.min(Level::Avx2)
+    } else {
+        level
+    }
+}
+
 /// Every level this CPU can run (for tests).
 pub fn supported() -> Vec<Level> {
     [Level::Scalar, Level::Avx2, Level::Avx512Vnni, Level::Avx512Amx].into_iter().filter(|&l| l <= best_supported()).collect()
@@ -80,6 +92,10 @@ pub enum IntFormat {
     /// GGUF Q4_K, held as Q4_1 blocks of 32 with f32 scales and minimums (`d * sc` and `-dmin * m` of the
     /// sub-block, exact in f32): Q4_1's canonical sum.
     Q4K,
+    /// GGUF Q6_K, held as blocks of 32 unsigned 6-bit values `q` (one per byte, as Q8_0's) with two f32
+    /// scales, `d * sc` of the block's two 16-value sub-blocks (exact in f32); a weight is `scale * (q -
+    /// 32)`. The canonical term sums the halves: `(dlo*da)*plo + (dhi*da)*phi`.
+    Q6K,
 }
 
 impl IntFormat {
@@ -90,13 +106,21 @@ impl IntFormat {
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
             Self::Q4K => 24,
+            Self::Q6K => 40,
         }
     }
 
     /// Whether the values are 4-bit nibbles (else bytes).
     #[inline(always)]
     pub fn nibbles(self) -> bool {
-        !matches!(self, Self::Q8_0)
+        !matches!(self, Self::Q8_0 | Self::Q6K)
+    }
+
+    /// Whether a block holds a second f32 or f16 per row after its scale: Q4_1's and Q4K's minimum, or
+    /// Q6K's second scale.
+    #[inline(always)]
+    pub fn two_scales(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q4K | Self::Q6K)
     }
 
     /// Whether a block has a minimum (`w = d * q + m`), whose term `m * sa` the canonical sum adds.
@@ -201,10 +225,12 @@ impl<'a> Acts<'a> {
 ///
 /// # Safety
 /// `w` holds `n.div_ceil(16)` whole tiles; `out` covers `n` columns of `acts.rows.len()` rows that only
-/// this call writes; `acts` was made for `level`.
+/// this call writes; `acts` was made for `level`. The kernel is `level_for(level, f)`'s: a group of
+/// matrices with one input shares one `acts` whatever their formats.
 pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, n: usize, acts: &Acts, out: Out) {
+    let level = level_for(level, f);
     #[cfg(target_arch = "x86_64")]
-    if let Some(t) = &acts.tiles {
+    if let (Level::Avx512Amx, Some(t)) = (level, &acts.tiles) {
         return super::amx::tile(f, w, row_bytes, n, t, out);
     }
     #[cfg(target_arch = "x86_64")]
@@ -241,6 +267,14 @@ pub fn row_scalar(f: IntFormat, tile: &[u8], n: usize, a: &Q8Row) -> f32 {
     let mut acc = [0f32; GROUP];
     for b in 0..nb {
         let dw = pack::scale(f, tile, pack::scales_at(f, nb, b), n);
+        let l = b % GROUP;
+        if f == IntFormat::Q6K {
+            let half = |h: usize| (16 * h..16 * h + 16).map(|j| (pack::weight_value(f, tile, n, b, j) - 32) * a.value(b, j) as i32).sum::<i32>();
+            let dhi = pack::scale(f, tile, pack::minimums_at(f, nb, b), n);
+            let term = (dw * a.d[b]) * half(0) as f32 + (dhi * a.d[b]) * half(1) as f32;
+            acc[l] = acc[l] + term;
+            continue;
+        }
         let p: i32 = (0..QK)
             .map(|j| {
                 let w = pack::weight_value(f, tile, n, b, j);
@@ -248,7 +282,6 @@ pub fn row_scalar(f: IntFormat, tile: &[u8], n: usize, a: &Q8Row) -> f32 {
                 w * a.value(b, j) as i32
             })
             .sum();
-        let l = b % GROUP;
         let mut term = (dw * a.d[b]) * p as f32;
         if f.has_min() {
             term = term + pack::scale(f, tile, pack::minimums_at(f, nb, b), n) * a.s[b];

@@ -194,6 +194,12 @@ fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight 
     // (Q4_K: its super-block scale and minimum scale; the 6-bit sub-block ones stay random)
     let n_scales = if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K) { 2 } else { 1 };
     for blk in data.chunks_exact_mut(ts) {
+        if dtype == GgmlDType::Q6K {
+            // its super-block scale is last; the 8-bit sub-block scales stay random
+            let v = half::f16::from_f32(0.0005 + (blk[0] as f32) / 255000.0);
+            blk[208..210].copy_from_slice(&v.to_le_bytes());
+            continue;
+        }
         for i in 0..n_scales {
             let v = half::f16::from_f32(0.01 + (blk[4 + i] as f32) / 25500.0);
             blk[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
@@ -207,7 +213,7 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     use super::simd::{supported, Level};
     let levels = supported();
     eprintln!("kernel levels on this CPU: {levels:?}");
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K] {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         for &(k, n, m) in &[
             (32, 1, 1),
             (64, 7, 3),
@@ -237,7 +243,7 @@ fn every_simd_level_is_bit_identical_to_scalar() {
             (2048, 40, 12),
         ] {
             if k % dtype.block_size() != 0 {
-                continue; // (Q4_K: rows of 256-value super-blocks)
+                continue; // (K-quants: rows of 256-value super-blocks)
             }
             for w in [quantized(dtype, n, k, 21).0, raw_weight(dtype, n, k, 77)] {
                 let mut x = random(m * k, 4);
@@ -403,7 +409,7 @@ fn avx2_dequantization_gives_the_portable_bits() {
         eprintln!("skipped: no AVX2");
         return;
     }
-    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q5K, GgmlDType::Q6K] {
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q5K] {
         let (_, q) = quantized(dtype, 1, 1024, 17);
         let bytes = q.data().unwrap().into_owned();
         let (mut want, mut got) = (vec![0f32; 1024], vec![0f32; 1024]);
@@ -423,4 +429,37 @@ fn q4_k_is_held_as_blocks_of_32_with_the_same_values() {
         sb[2..4].copy_from_slice(&half::f16::from_f32(-0.002 * (b as f32 + 0.5)).to_le_bytes());
     }
     assert_held_with_the_same_values(GgmlDType::Q4K, &row, dequant::q4_k);
+}
+
+#[test]
+fn q6_k_is_held_as_blocks_of_32_with_the_same_values() {
+    let mut row = random_bytes(210 * 3, 41);
+    for (b, sb) in row.chunks_exact_mut(210).enumerate() {
+        // a finite super-block scale of either sign; the 8-bit sub-block scales and values stay random
+        sb[208..210].copy_from_slice(&half::f16::from_f32(0.001 * (b as f32 - 1.5)).to_le_bytes());
+    }
+    assert_held_with_the_same_values(GgmlDType::Q6K, &row, dequant::q6_k);
+}
+
+#[test]
+fn matrices_of_mixed_formats_sharing_an_input_give_each_ones_bits() {
+    // a layer's fused matmuls (q, k, v; gate, up) may mix formats, Q6K among them, which runs on the
+    // AVX2 kernel where the others take the AVX-512 or AMX ones
+    let k = 512;
+    let ws: Vec<QWeight> = [(GgmlDType::Q4K, 40), (GgmlDType::Q6K, 24), (GgmlDType::Q4_1, 17), (GgmlDType::Q8_0, 16)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(dtype, n))| raw_weight(dtype, n, k, 50 + i as u64))
+        .collect();
+    for m in [1, 3, 16] {
+        let rows = quantize_rows(&random(m * k, 9 + m as u64), k);
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+        let mut dst: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        matmul_q8_many_into(&ws.iter().collect::<Vec<_>>(), &rows, &mut dst);
+        for (w, got) in ws.iter().zip(&outs) {
+            let want = w.matmul_q8(&rows);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(got), bits(&want), "{:?} m={m}", w.dtype);
+        }
+    }
 }
