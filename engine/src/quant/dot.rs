@@ -14,7 +14,8 @@ pub struct Q8Row {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
     pub sums: Vec<i32>,
-    /// `Σq` of each block's first 16 values (Q6K weights have a scale per 16 values).
+    /// `Σq` of each block's first 16 values (Q6K weights have a scale per 16 values), summed by the
+    /// quantizer beside `sums`.
     pub lo_sums: Vec<i32>,
     pub qs: AlignedBytes,
 }
@@ -140,10 +141,14 @@ impl Q8Row {
                 _mm256_and_si256(n, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(x, x)))
             };
             let n: [__m256i; 4] = std::array::from_fn(|i| round(v[i]));
-            let s8 = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
-            let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256::<1>(s8));
-            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
+            let hsum = |s8: __m256i| {
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256::<1>(s8));
+                let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+                _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)))
+            };
+            // values 0..16 are n[0] and n[1]
+            let lo8 = _mm256_add_epi32(n[0], n[1]);
+            let (lo_sum, sum) = (hsum(lo8), hsum(_mm256_add_epi32(lo8, _mm256_add_epi32(n[2], n[3]))));
             // every value is within -128..=127, so the saturating packs keep them; the packs work
             // within 128-bit halves, and the permute puts the 32 bytes back in order
             let w01 = _mm256_packs_epi32(n[0], n[1]);
@@ -153,6 +158,7 @@ impl Q8Row {
             self.d.push(d);
             self.s.push(d * sum as f32);
             self.sums.push(sum);
+            self.lo_sums.push(lo_sum);
         }
         self.finish();
     }
@@ -205,8 +211,8 @@ impl Q8Row {
             let id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(d, _mm512_setzero_ps()), _mm512_set1_ps(1.0), d);
             let mut ids = [0f32; GROUP];
             _mm512_storeu_ps(ids.as_mut_ptr(), id);
-            let mut n = [_mm512_setzero_ps(); GROUP];
-            for (ni, &b) in n.iter_mut().zip(&TRANSPOSED) {
+            let (mut n, mut nlo) = ([_mm512_setzero_ps(); GROUP], [_mm512_setzero_ps(); GROUP]);
+            for ((ni, nl), &b) in n.iter_mut().zip(&mut nlo).zip(&TRANSPOSED) {
                 let (v0, v1) = (_mm512_loadu_ps(p.add(b * QK8)), _mm512_loadu_ps(p.add(b * QK8 + 16)));
                 let idb = _mm512_set1_ps(ids[b]);
                 let (n0, n1) = (round(v0, idb), round(v1, idb));
@@ -214,15 +220,18 @@ impl Q8Row {
                 _mm_storeu_si128(q as *mut __m128i, _mm512_cvtepi32_epi8(n0));
                 _mm_storeu_si128(q.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(n1));
                 *ni = _mm512_castsi512_ps(_mm512_add_epi32(n0, n1));
+                *nl = _mm512_castsi512_ps(n0);
             }
             let sums = _mm512_castps_si512(transpose_reduce::<false>(n));
-            let (mut da, mut sa, mut ia) = ([0f32; GROUP], [0f32; GROUP], [0i32; GROUP]);
+            let (mut da, mut sa, mut ia, mut la) = ([0f32; GROUP], [0f32; GROUP], [0i32; GROUP], [0i32; GROUP]);
+            _mm512_storeu_si512(la.as_mut_ptr() as *mut _, _mm512_castps_si512(transpose_reduce::<false>(nlo)));
             _mm512_storeu_ps(da.as_mut_ptr(), d);
             _mm512_storeu_ps(sa.as_mut_ptr(), _mm512_mul_ps(d, _mm512_cvtepi32_ps(sums)));
             _mm512_storeu_si512(ia.as_mut_ptr() as *mut _, sums);
             self.d.extend_from_slice(&da);
             self.s.extend_from_slice(&sa);
             self.sums.extend_from_slice(&ia);
+            self.lo_sums.extend_from_slice(&la);
         }
         for b in whole..nb {
             let p = x.as_ptr().add(b * QK8);
@@ -240,6 +249,7 @@ impl Q8Row {
             self.d.push(d);
             self.s.push(d * sum as f32);
             self.sums.push(sum);
+            self.lo_sums.push(_mm512_reduce_add_epi32(n0));
         }
         self.finish();
     }
@@ -252,17 +262,17 @@ impl Q8Row {
         self.d.clear();
         self.s.clear();
         self.sums.clear();
+        self.lo_sums.clear();
         self.qs.reset_zeroed(padded * QK8);
     }
 
-    /// Pads the per-block values with zero blocks to whole groups, and sums each block's first half.
+    /// Pads the per-block values with zero blocks to whole groups.
     fn finish(&mut self) {
         let padded = self.blocks().div_ceil(GROUP) * GROUP;
         self.d.resize(padded, 0.0);
         self.s.resize(padded, 0.0);
         self.sums.resize(padded, 0);
-        self.lo_sums.clear();
-        self.lo_sums.extend((0..padded).map(|b| self.qs[act_index(b, 0)..act_index(b, 16)].iter().map(|&q| q as i32).sum::<i32>()));
+        self.lo_sums.resize(padded, 0);
     }
 
     #[inline(always)]
@@ -276,6 +286,7 @@ impl Q8Row {
             self.d.push(d);
             self.s.push(d * sum as f32);
             self.sums.push(sum);
+            self.lo_sums.push(q[..16].iter().map(|&v| v as i32).sum());
         }
         self.finish();
     }

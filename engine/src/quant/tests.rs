@@ -308,9 +308,14 @@ fn every_quantizer_build_gives_the_portable_bits() {
         // a block of subnormals only, and one all zeros
         x[..32.min(k)].iter_mut().enumerate().for_each(|(j, v)| *v = 1e-44 * (j as f32 - 9.0));
         let portable = Q8Row::quantize_portable(&x);
+        for (b, (&lo, &sum)) in portable.lo_sums.iter().zip(&portable.sums).enumerate() {
+            let half = |h: usize| (16 * h..16 * h + 16).map(|j| portable.value(b, j) as i32).sum::<i32>();
+            assert_eq!((lo, sum), (half(0), half(0) + half(1)), "portable block {b}'s sums, width {k}");
+        }
         for (build, simd) in quantizer_builds(&x) {
             assert_eq!(&simd.qs[..], &portable.qs[..], "{build} values, width {k}");
             assert_eq!(simd.sums, portable.sums, "{build} sums, width {k}");
+            assert_eq!(simd.lo_sums, portable.lo_sums, "{build} first halves' sums, width {k}");
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&simd.d), bits(&portable.d), "{build} scales, width {k}");
             assert_eq!(bits(&simd.s), bits(&portable.s), "{build} scaled sums, width {k}");
