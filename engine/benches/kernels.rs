@@ -3,6 +3,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use flotilla_engine::quant::dot::Q8Row;
 use flotilla_engine::quant::simd::supported;
 use flotilla_engine::quant::{quantize_rows, QWeight};
 
@@ -39,12 +40,13 @@ fn matmul(c: &mut Criterion) {
     }
 }
 
-fn float_path(c: &mut Criterion) {
-    // the formats without integer kernels (dequantized, then f32 dots), at ffn_down's shape, where a
-    // llama.cpp Q4_K_M file of SmolLM2-135M holds Q4_K and Q6_K (the other matrices' rows, 576 wide, fall
-    // back to Q5_0 and Q8_0)
+fn by_format(c: &mut Criterion) {
+    // the other formats through `QWeight::matmul` (activations quantized inside), at ffn_down's shape:
+    // a llama.cpp Q4_K_M file of SmolLM2-135M holds Q4_K and Q6_K there (its other matrices' rows, 576
+    // wide, fall back to Q5_0 and Q8_0); Q4_K runs on every level's kernel, Q6_K on the AVX2 kernel at
+    // the AVX-512 levels too, Q5_1 dequantized to f32
     let one = flotilla_engine::pool::Pool::new(1);
-    for (dtype, n, k) in [(GgmlDType::Q4K, 576, 1536), (GgmlDType::Q6K, 576, 1536)] {
+    for (dtype, n, k) in [(GgmlDType::Q4K, 576, 1536), (GgmlDType::Q6K, 576, 1536), (GgmlDType::Q5_1, 576, 1536)] {
         let w = weight(dtype, n, k);
         let mut g = c.benchmark_group(format!("matmul_{dtype:?}_{n}x{k}"));
         for m in [1usize, 32, 128] {
@@ -56,9 +58,28 @@ fn float_path(c: &mut Criterion) {
     }
 }
 
+fn quantize(c: &mut Criterion) {
+    // activation rows to 8-bit blocks, one row at a time on one thread (the build `Q8Row::quantize`
+    // picks for this CPU), at the model's two row widths
+    let mut g = c.benchmark_group("quantize");
+    for k in [576usize, 1536] {
+        let x: Vec<f32> = (0..32 * k).map(|i| ((i * 31 % 200) as f32 / 100.0) - 1.0).collect();
+        let mut row = Q8Row::default();
+        g.throughput(Throughput::Elements((32 * k) as u64));
+        g.bench_with_input(BenchmarkId::new("32_rows", k), &k, |b, _| {
+            b.iter(|| {
+                for x in x.chunks_exact(k) {
+                    row.quantize_into(std::hint::black_box(x));
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = matmul, float_path
+    targets = matmul, by_format, quantize
 }
 criterion_main!(benches);
