@@ -320,8 +320,12 @@ unsafe fn add<const R: usize>(a: [__m512; R], b: [__m512; R]) -> [__m512; R] {
 }
 
 /// `h[i] = acc[i] + acc[i + 8]` of `R` activation rows against the tile's 16 weight rows: lane
-/// accumulators `i` and `i + 8` over their blocks (not inlined: one copy per format, row count and source
-/// instead of eight keeps the code in the first-level caches).
+/// accumulators `i` and `i + 8` over their blocks. It carries the kernel's target features because
+/// `pass` calls it from a closure, which has none: as an `#[inline(always)]` function without them its
+/// intrinsics became calls (prefill 40x slower). The `#[inline(never)]` has no effect with rustc 1.95,
+/// which emits no LLVM `noinline` for a `#[target_feature]` function (seen in the LLVM IR of a small
+/// example): every copy is inlined into [`tile`], until a fifth format made the kernel large enough
+/// that LLVM kept 60 copies out of line, 6% slower (BENCHMARKS.md, 2026-12-05).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 #[inline(never)]
 unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: PassPtrs) -> [__m512; R] {
