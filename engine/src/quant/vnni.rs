@@ -324,8 +324,10 @@ unsafe fn add<const R: usize>(a: [__m512; R], b: [__m512; R]) -> [__m512; R] {
 /// `pass` calls it from a closure, which has none: as an `#[inline(always)]` function without them its
 /// intrinsics became calls (prefill 40x slower). The `#[inline(never)]` has no effect with rustc 1.95,
 /// which emits no LLVM `noinline` for a `#[target_feature]` function (seen in the LLVM IR of a small
-/// example): every copy is inlined into [`tile`], until a fifth format made the kernel large enough
-/// that LLVM kept 60 copies out of line, 6% slower (BENCHMARKS.md, 2026-12-05).
+/// example): LLVM inlines every copy into [`tile`]. With a fifth format (Q6K) it kept all 60 copies out
+/// of line, the other formats' too, even with the fifth format's kernel in a function of its own, and
+/// Q4_1 ran 6-20% slower; forcing them inline (written out, without the closure) made `tile` 1.1 MB
+/// and Q4_1's batched decode 40% slower (BENCHMARKS.md, 2026-12-05).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 #[inline(never)]
 unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: PassPtrs) -> [__m512; R] {
