@@ -26,7 +26,8 @@ use simd::IntFormat;
 /// Q8_0 block of the same scale and the bytes `q - 16`: the same values exactly, multiplied as Q8_0 is
 /// (against 8-bit activations, as llama.cpp multiplies Q5_0), at 34 bytes a block instead of 22.
 /// llama.cpp's K-quant mixes fall back to Q5_0 for rows whose width is not a multiple of 256 (most of
-/// SmolLM2-135M's matrices in a `Q4_K_M` file).
+/// SmolLM2-135M's matrices in a `Q4_K_M` file), and to Q5_1 in a `Q5_K_M` one; Q5_1 and Q5_K are held
+/// as [`IntFormat::Q5`].
 fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
     match dtype {
         GgmlDType::Q4_0 => Some(IntFormat::Q4_0),
@@ -34,6 +35,7 @@ fn int_format(dtype: GgmlDType) -> Option<IntFormat> {
         GgmlDType::Q8_0 | GgmlDType::Q5_0 => Some(IntFormat::Q8_0),
         GgmlDType::Q4K => Some(IntFormat::Q4K),
         GgmlDType::Q6K => Some(IntFormat::Q6K),
+        GgmlDType::Q5_1 | GgmlDType::Q5K => Some(IntFormat::Q5),
         _ => None,
     }
 }
@@ -58,6 +60,46 @@ fn q6_k_as_blocks(row: &[u8]) -> Vec<u8> {
                 let low = if quarter < 2 { byte & 0xF } else { byte >> 4 };
                 low | (((qh[l] >> (2 * quarter)) & 3) << 4)
             }));
+        }
+    }
+    out
+}
+
+/// A GGUF Q5_1 row as [`IntFormat::Q5`] blocks (f32 scale and minimum, the f16 ones exactly, then the 32
+/// 5-bit values one per byte): `scale * q + minimum` is Q5_1's `q * d + m` to the bit.
+fn q5_1_as_blocks(row: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.len() / 24 * 40);
+    for blk in row.chunks_exact(24) {
+        out.extend_from_slice(&dequant::f16_at(blk, 0).to_le_bytes());
+        out.extend_from_slice(&dequant::f16_at(blk, 2).to_le_bytes());
+        let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+        let qs = &blk[8..24];
+        // value j < 16: the low nibble of qs[j] and bit j of qh; j >= 16: the high nibble of qs[j - 16]
+        // and bit j
+        out.extend((0..32).map(|j| {
+            let low = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+            low | ((((qh >> j) & 1) as u8) << 4)
+        }));
+    }
+    out
+}
+
+/// A GGUF Q5_K row as [`IntFormat::Q5`] blocks of 32: sub-block `j` of a super-block has scale `d * sc_j`
+/// and minimum `-(dmin * m_j)` (exact in f32, as Q4_K's), so `scale * q + minimum` is Q5_K's
+/// `d * sc_j * q - dmin * m_j` to the bit.
+fn q5_k_as_blocks(row: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(row.len() / 176 * 8 * 40);
+    for sb in row.chunks_exact(176) {
+        let (d, dmin) = (dequant::f16_at(sb, 0), dequant::f16_at(sb, 2));
+        let (qh, ql) = (&sb[16..48], &sb[48..176]);
+        for j in 0..8 {
+            let (sc, m) = dequant::scale_min_k4(j, &sb[4..16]);
+            out.extend_from_slice(&(d * sc as f32).to_le_bytes());
+            out.extend_from_slice(&(-(dmin * m as f32)).to_le_bytes());
+            // sub-block j: the low (even j) or high (odd j) nibbles of the pair's 32 bytes, and bit j of
+            // each qh byte
+            let q = &ql[32 * (j / 2)..32 * (j / 2) + 32];
+            out.extend((0..32).map(|l| (if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 }) | (((qh[l] >> j) & 1) << 4)));
         }
     }
     out
@@ -144,7 +186,7 @@ impl QWeight {
         let held = int_format(dtype);
         let kernel = match (held, dtype) {
             (Some(f), _) => Kernel::Int(f),
-            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q5_1 | GgmlDType::Q5K) => Kernel::Dequant,
+            (None, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Kernel::Dequant,
             (None, other) => return Err(EngineError::UnsupportedTensorType { name: name.to_string(), dtype: format!("{other:?}") }),
         };
         let row_len = *dims.last().unwrap_or(&1);
@@ -165,6 +207,8 @@ impl QWeight {
                             GgmlDType::Q5_0 => pack::pack_row(f, &q5_0_as_q8_0(row), tile, n),
                             GgmlDType::Q4K => pack::pack_row(f, &q4_k_as_blocks(row), tile, n),
                             GgmlDType::Q6K => pack::pack_row(f, &q6_k_as_blocks(row), tile, n),
+                            GgmlDType::Q5_1 => pack::pack_row(f, &q5_1_as_blocks(row), tile, n),
+                            GgmlDType::Q5K => pack::pack_row(f, &q5_k_as_blocks(row), tile, n),
                             _ => pack::pack_row(f, row, tile, n),
                         }
                     }
@@ -230,6 +274,7 @@ impl QWeight {
                 IntFormat::Q8_0 => dequant::q8_0,
                 IntFormat::Q4K => dequant::q4_k_held,
                 IntFormat::Q6K => dequant::q6_k_held,
+                IntFormat::Q5 => dequant::q5_held,
             };
             let tile = &self.data.bytes()[r / pack::TILE * pack::TILE * self.row_bytes..][..pack::TILE * self.row_bytes];
             let nb = self.row_len / pack::QK;

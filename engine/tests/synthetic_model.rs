@@ -234,7 +234,7 @@ fn every_weight_format_runs_invariantly_and_matches_reference() {
         (GgmlDType::Q8_0, GgmlDType::Q8_0),
         (GgmlDType::Q4K, GgmlDType::Q6K),
         (GgmlDType::Q5K, GgmlDType::F16),
-        // Q5_0 runs as Q8_0 blocks (held at load), Q5_1 and Q6_K on the float path
+        // Q5_0 runs as Q8_0 blocks (held at load), Q5_1 as the Q5 blocks Q5_K is held in too
         (GgmlDType::Q5_0, GgmlDType::Q5_1),
         (GgmlDType::Q6K, GgmlDType::Q4_1),
         (GgmlDType::F32, GgmlDType::F32),

@@ -46,14 +46,16 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q8_0 => tiles_as(IntFormat::Q8_0, w, rb, n, acts, out),
         IntFormat::Q4K => tiles_as(IntFormat::Q4K, w, rb, n, acts, out),
         IntFormat::Q6K => tiles_as(IntFormat::Q6K, w, rb, n, acts, out),
+        IntFormat::Q5 => tiles_as(IntFormat::Q5, w, rb, n, acts, out),
     }
 }
 
 #[inline(always)]
 unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
     let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
-    // (Q6K: every row count through the passes; the prepared tiles hold one scale per block)
-    if m >= PREP_MIN_ROWS && f != IntFormat::Q6K {
+    // (Q6K and Q5: every row count through the passes; the prepared tiles hold one scale per block and
+    // nibbles or Q8_0's values)
+    if m >= PREP_MIN_ROWS && !matches!(f, IntFormat::Q6K | IntFormat::Q5) {
         return prepared::tiles(f, w, rb, n, acts, out);
     }
     let ahead = PREFETCH.max(tb);
@@ -196,7 +198,7 @@ impl Half {
                     *wk = _mm256_sign_epi8(x, x);
                 }
             }
-            IntFormat::Q6K => {
+            IntFormat::Q6K | IntFormat::Q5 => {
                 for (k, wk) in w.iter_mut().enumerate() {
                     *wk = _mm256_loadu_si256(v.add(64 * k) as *const __m256i);
                 }
@@ -209,7 +211,7 @@ impl Half {
     }
 }
 
-/// The 8 scales (or minimums) at `p`: f16, Q4K's and Q6K's f32.
+/// The 8 scales (or minimums) at `p`: f16, Q4K's, Q6K's and Q5's f32.
 #[inline(always)]
 unsafe fn scales8(f: IntFormat, p: *const u8) -> __m256 {
     if pack::scale_bytes(f) == 4 {
@@ -234,6 +236,17 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
                 s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(blk.w[k + 1], _mm256_set1_epi32(chunk(k + 1))));
             }
             _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
+        }
+        IntFormat::Q5 => {
+            // unsigned 5-bit weights: a chunk's pairs at most 2 * 31 * 128, four chunks' (31744) in i16,
+            // but not eight: the two sums of four widened apart
+            let mut s0 = _mm256_maddubs_epi16(blk.w[0], _mm256_set1_epi32(chunk(0)));
+            let mut s1 = _mm256_maddubs_epi16(blk.w[1], _mm256_set1_epi32(chunk(1)));
+            for k in (2..8).step_by(2) {
+                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(blk.w[k], _mm256_set1_epi32(chunk(k))));
+                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(blk.w[k + 1], _mm256_set1_epi32(chunk(k + 1))));
+            }
+            _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
         }
         IntFormat::Q8_0 => {
             let mut p = _mm256_setzero_si256();
@@ -313,7 +326,7 @@ mod prepared {
             IntFormat::Q4_0 => 10,
             IntFormat::Q4_1 | IntFormat::Q4K => 11,
             IntFormat::Q8_0 => 17,
-            IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
+            IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 take the pass kernel"),
         }
     }
 
@@ -370,7 +383,7 @@ mod prepared {
                             _mm256_store_si256(o.add(8 + k), x);
                         }
                     }
-                    IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
+                    IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 take the pass kernel"),
                 }
                 let half = 8 * pack::scale_bytes(f) * h;
                 let sc = o.add(scales(f)) as *mut f32;
@@ -571,7 +584,7 @@ mod prepared {
                         }
                     }
                 }
-                IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
+                IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 take the pass kernel"),
             }
             let da = _mm256_set1_ps(*d.add(b));
             let sa = if f.has_min() { _mm256_set1_ps(*s.add(b)) } else { _mm256_setzero_ps() };

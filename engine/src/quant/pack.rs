@@ -10,7 +10,8 @@
 //! - Q4_0 / Q4_1 / Q4K: 4 lines, the GGUF nibble bytes `qs[4c..4c+4]` (low nibbles are values `4c..4c+4`, high
 //!   nibbles values `16+4c..16+4c+4`);
 //! - Q8_0: 8 lines, values `4c..4c+4`; Q6K (GGUF Q6_K as blocks of 32, two f32 scales per block in
-//!   the scales' and minimums' places) the same with its 6-bit values unsigned.
+//!   the scales' and minimums' places) the same with its 6-bit values unsigned, and Q5 (GGUF Q5_1 and
+//!   Q5_K as blocks of 32, f32 scale and minimum) with its 5-bit values unsigned.
 //!
 //! A 512-bit register then holds one 4-value chunk of one block for the 16 rows, and one `dpbusd`
 //! against that chunk of an activation block broadcast to every lane adds 4 products to each of the 16
@@ -35,14 +36,14 @@ pub const QK: usize = 32;
 pub fn value_bytes(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => 16,
-        IntFormat::Q8_0 | IntFormat::Q6K => 32,
+        IntFormat::Q8_0 | IntFormat::Q6K | IntFormat::Q5 => 32,
     }
 }
 
-/// Bytes of one scale or minimum: f16, Q4K's and Q6K's f32.
+/// Bytes of one scale or minimum: f16, Q4K's, Q6K's and Q5's f32.
 #[inline(always)]
 pub fn scale_bytes(f: IntFormat) -> usize {
-    if matches!(f, IntFormat::Q4K | IntFormat::Q6K) {
+    if matches!(f, IntFormat::Q4K | IntFormat::Q6K | IntFormat::Q5) {
         4
     } else {
         2
@@ -55,7 +56,7 @@ fn gguf_values(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_1 => 4,
         IntFormat::Q4_0 | IntFormat::Q8_0 => 2,
-        IntFormat::Q4K | IntFormat::Q6K => 8,
+        IntFormat::Q4K | IntFormat::Q6K | IntFormat::Q5 => 8,
     }
 }
 
@@ -131,7 +132,7 @@ pub fn unpack_block(f: IntFormat, tile: &[u8], nb: usize, n: usize, b: usize, ou
 }
 
 /// Weight value `j` (0..32) of block `b` of row `n` in a tile, as stored: Q4 nibbles unsigned (0..15),
-/// Q8_0 signed, Q6K unsigned (0..63).
+/// Q8_0 signed, Q6K unsigned (0..63), Q5 unsigned (0..31).
 #[inline(always)]
 pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> i32 {
     let v = values_at(f, b);
@@ -141,7 +142,7 @@ pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> 
             (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32
         }
         IntFormat::Q8_0 => tile[v + j / 4 * 64 + 4 * n + j % 4] as i8 as i32,
-        IntFormat::Q6K => tile[v + j / 4 * 64 + 4 * n + j % 4] as i32,
+        IntFormat::Q6K | IntFormat::Q5 => tile[v + j / 4 * 64 + 4 * n + j % 4] as i32,
     }
 }
 

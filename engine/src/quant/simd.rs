@@ -47,12 +47,12 @@ pub fn detected() -> Level {
     })
 }
 
-/// The level a matmul of format `f` runs at for `level`: Q6K runs on the AVX2 kernel at the AVX-512
-/// levels too. The AMX kernel's scaling takes one scale per block; in the VNNI kernel a fifth format
-/// cost the default Q4_1 model 6% of its batched decode speed on the Zen 4 host (its `pair` function
-/// was no longer inlined; BENCHMARKS.md, 2026-12-05).
+/// The level a matmul of format `f` runs at for `level`: Q6K and Q5 run on the AVX2 kernel at the
+/// AVX-512 levels too. The AMX kernel's scaling takes one scale per block (Q6K); in the VNNI kernel a
+/// fifth format cost the default Q4_1 model 6-20% of its speed on the Zen 4 and Zen 5 hosts (its `pair`
+/// function was no longer inlined; BENCHMARKS.md, 2026-12-05).
 pub fn level_for(level: Level, f: IntFormat) -> Level {
-    if f == IntFormat::Q6K {
+    if matches!(f, IntFormat::Q6K | IntFormat::Q5) {
         level.min(Level::Avx2)
     } else {
         level
@@ -96,6 +96,10 @@ pub enum IntFormat {
     /// scales, `d * sc` of the block's two 16-value sub-blocks (exact in f32); a weight is `scale * (q -
     /// 32)`. The canonical term sums the halves: `(dlo*da)*plo + (dhi*da)*phi`.
     Q6K,
+    /// GGUF Q5_1 and Q5_K, held as blocks of 32 unsigned 5-bit values `q` (one per byte, as Q8_0's) with
+    /// an f32 scale and minimum (Q5_1's f16 pair; Q5_K's `d * sc` and `-(dmin * m)` of the sub-block,
+    /// exact in f32): a weight is `scale * q + minimum`, and the canonical sum is Q4_1's.
+    Q5,
 }
 
 impl IntFormat {
@@ -107,26 +111,27 @@ impl IntFormat {
             Self::Q8_0 => 34,
             Self::Q4K => 24,
             Self::Q6K => 40,
+            Self::Q5 => 40,
         }
     }
 
     /// Whether the values are 4-bit nibbles (else bytes).
     #[inline(always)]
     pub fn nibbles(self) -> bool {
-        !matches!(self, Self::Q8_0 | Self::Q6K)
+        !matches!(self, Self::Q8_0 | Self::Q6K | Self::Q5)
     }
 
-    /// Whether a block holds a second f32 or f16 per row after its scale: Q4_1's and Q4K's minimum, or
-    /// Q6K's second scale.
+    /// Whether a block holds a second f32 or f16 per row after its scale: Q4_1's, Q4K's and Q5's
+    /// minimum, or Q6K's second scale.
     #[inline(always)]
     pub fn two_scales(self) -> bool {
-        matches!(self, Self::Q4_1 | Self::Q4K | Self::Q6K)
+        matches!(self, Self::Q4_1 | Self::Q4K | Self::Q6K | Self::Q5)
     }
 
     /// Whether a block has a minimum (`w = d * q + m`), whose term `m * sa` the canonical sum adds.
     #[inline(always)]
     pub fn has_min(self) -> bool {
-        matches!(self, Self::Q4_1 | Self::Q4K)
+        matches!(self, Self::Q4_1 | Self::Q4K | Self::Q5)
     }
 }
 

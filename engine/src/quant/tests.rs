@@ -192,7 +192,7 @@ fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight 
     // Keep scales finite and moderate: f16 bytes of each block set to ~0.01..0.02.
     let ts = dtype.type_size();
     // (Q4_K: its super-block scale and minimum scale; the 6-bit sub-block ones stay random)
-    let n_scales = if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K) { 2 } else { 1 };
+    let n_scales = if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q5_1 | GgmlDType::Q5K) { 2 } else { 1 };
     for blk in data.chunks_exact_mut(ts) {
         if dtype == GgmlDType::Q6K {
             // its super-block scale is last; the 8-bit sub-block scales stay random
@@ -213,7 +213,8 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     use super::simd::{supported, Level};
     let levels = supported();
     eprintln!("kernel levels on this CPU: {levels:?}");
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_1, GgmlDType::Q5K]
+    {
         for &(k, n, m) in &[
             (32, 1, 1),
             (64, 7, 3),
@@ -348,13 +349,14 @@ fn quantizer_builds(x: &[f32]) -> Vec<(&'static str, Q8Row)> {
 /// alternating in sign, for enough rows to take every kernel's batched path (the AVX2 one adds a lane's
 /// products of offset activations in wrapping 16-bit integers, exact only while the true sum fits).
 #[test]
-fn extreme_q4_block_sums_are_bit_identical_to_scalar() {
+fn extreme_q4_and_q5_block_sums_are_bit_identical_to_scalar() {
     use super::simd::{supported, Level};
     let (n, k, m) = (40usize, 576usize, 16usize);
-    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1] {
+    // (Q5_1's values all 31, its fifth bits set too: the AVX2 kernel widens its sums of four chunks apart)
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_1] {
         let ts = dtype.type_size();
         let mut data = vec![0xFFu8; n * k / dtype.block_size() * ts];
-        let scales = if dtype == GgmlDType::Q4_1 { 2 } else { 1 };
+        let scales = if dtype == GgmlDType::Q4_0 { 1 } else { 2 };
         for blk in data.chunks_exact_mut(ts) {
             for i in 0..scales {
                 blk[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(0.0125).to_le_bytes());
@@ -414,7 +416,7 @@ fn avx2_dequantization_gives_the_portable_bits() {
         eprintln!("skipped: no AVX2");
         return;
     }
-    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q5_1, GgmlDType::Q5K] {
+    for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16] {
         let (_, q) = quantized(dtype, 1, 1024, 17);
         let bytes = q.data().unwrap().into_owned();
         let (mut want, mut got) = (vec![0f32; 1024], vec![0f32; 1024]);
@@ -434,6 +436,28 @@ fn q4_k_is_held_as_blocks_of_32_with_the_same_values() {
         sb[2..4].copy_from_slice(&half::f16::from_f32(-0.002 * (b as f32 + 0.5)).to_le_bytes());
     }
     assert_held_with_the_same_values(GgmlDType::Q4K, &row, dequant::q4_k);
+}
+
+#[test]
+fn q5_1_is_held_as_blocks_of_bytes_with_the_same_values() {
+    let mut row = random_bytes(24 * 9, 41);
+    for (b, blk) in row.chunks_exact_mut(24).enumerate() {
+        // finite scales and minimums of either sign; the nibbles and fifth bits stay random
+        blk[0..2].copy_from_slice(&half::f16::from_f32(0.01 * (b as f32 - 4.5)).to_le_bytes());
+        blk[2..4].copy_from_slice(&half::f16::from_f32(-0.3 * (b as f32 - 3.5)).to_le_bytes());
+    }
+    assert_held_with_the_same_values(GgmlDType::Q5_1, &row, dequant::q5_1);
+}
+
+#[test]
+fn q5_k_is_held_as_blocks_of_32_with_the_same_values() {
+    let mut row = random_bytes(176 * 3, 43);
+    for (b, sb) in row.chunks_exact_mut(176).enumerate() {
+        // finite super-block scales; the 6-bit sub-block scales, minimums, nibbles and fifth bits stay random
+        sb[0..2].copy_from_slice(&half::f16::from_f32(0.003 * (b as f32 + 1.0)).to_le_bytes());
+        sb[2..4].copy_from_slice(&half::f16::from_f32(-0.002 * (b as f32 + 0.5)).to_le_bytes());
+    }
+    assert_held_with_the_same_values(GgmlDType::Q5K, &row, dequant::q5_k);
 }
 
 #[test]

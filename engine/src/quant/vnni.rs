@@ -99,7 +99,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q4K => tiles_as::<Q4K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel (simd::level_for)"),
+        IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel (simd::level_for)"),
     }
 }
 
@@ -225,7 +225,7 @@ impl Source for Packed {
                     *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), _mm512_set1_epi8(-128));
                 }
             }
-            IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel"),
+            IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel"),
         }
         let dw = wtile::scales16(f, self.p.add(pack::scales_at(f, nb, b)));
         let mw = if f.has_min() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
@@ -378,7 +378,7 @@ unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32
         IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 3)),
         IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 7)),
         IntFormat::Q4_1 | IntFormat::Q4K => {}
-        IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel"),
+        IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel"),
     }
     let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(d)), _mm512_cvtepi32_ps(p));
     if f.has_min() {

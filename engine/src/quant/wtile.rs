@@ -195,7 +195,7 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
                     _mm512_store_si512(dst.add(b * 8 + k), _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), flip));
                 }
             }
-            IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel (simd::level_for)"),
+            IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel (simd::level_for)"),
         }
         _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::scales_at(f, nb, b))));
         if f.has_min() {
