@@ -53,9 +53,8 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
 #[inline(always)]
 unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
     let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
-    // (Q6K and Q5: every row count through the passes; the prepared tiles hold one scale per block and
-    // nibbles or Q8_0's values)
-    if m >= PREP_MIN_ROWS && !matches!(f, IntFormat::Q6K | IntFormat::Q5) {
+    // (Q6K: every row count through the passes; the prepared tiles hold one scale per block)
+    if m >= PREP_MIN_ROWS && f != IntFormat::Q6K {
         return prepared::tiles(f, w, rb, n, acts, out);
     }
     let ahead = PREFETCH.max(tb);
@@ -292,8 +291,8 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
 }
 
 /// The kernel for [`PREP_MIN_ROWS`] or more activation rows: each pair of tiles is first unpacked into
-/// a buffer (Q4 nibbles as bytes, Q8_0 magnitudes beside the signed values, scales and minimums as
-/// f32, [`prepared::prep`]); then, for one activation row at a time, each of its 4-value chunks is
+/// a buffer (Q4 nibbles as bytes, Q8_0 magnitudes beside the signed values, Q5 values as they are,
+/// scales and minimums as f32, [`prepared::prep`]); then, for one activation row at a time, each of its 4-value chunks is
 /// broadcast once and multiplied by the four half tiles' weights, read from the buffer as `maddubs`
 /// needs them. A row's lane accumulators per half tile are taken one lane after another (blocks `l`,
 /// `l + 16`, ... in order), so each stays in a register until its last block, in four groups of four
@@ -319,14 +318,15 @@ mod prepared {
     pub struct Y([u8; 32]);
 
     /// Lines per (block, half tile): the 8 value chunks (Q8_0: 8 magnitudes, then 8 signed), the
-    /// scales, (Q4_1) the minimums and (Q4 formats) the bias line ([`bias`]).
+    /// scales, (Q4_1, Q4K, Q5) the minimums and (Q4 formats) the bias line ([`bias`]).
     #[inline(always)]
     pub fn stride(f: IntFormat) -> usize {
         match f {
             IntFormat::Q4_0 => 10,
             IntFormat::Q4_1 | IntFormat::Q4K => 11,
             IntFormat::Q8_0 => 17,
-            IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 take the pass kernel"),
+            IntFormat::Q5 => 10,
+            IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
         }
     }
 
@@ -383,7 +383,12 @@ mod prepared {
                             _mm256_store_si256(o.add(8 + k), x);
                         }
                     }
-                    IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 take the pass kernel"),
+                    IntFormat::Q5 => {
+                        for k in 0..8 {
+                            _mm256_store_si256(o.add(k), _mm256_loadu_si256(v.add(64 * k) as *const __m256i));
+                        }
+                    }
+                    IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
                 }
                 let half = 8 * pack::scale_bytes(f) * h;
                 let sc = o.add(scales(f)) as *mut f32;
@@ -405,7 +410,7 @@ mod prepared {
         let dst = buf.as_mut_ptr();
         // Q4 formats: every row's activations offset by 128, `nb * 32` bytes a row ([`lane`])
         let mut flipped: Vec<Y> = Vec::new();
-        if f != IntFormat::Q8_0 {
+        if f.nibbles() {
             flipped.reserve_exact(acts.len() * nb);
             let top = _mm256_set1_epi8(i8::MIN);
             for x in acts {
@@ -584,7 +589,23 @@ mod prepared {
                         }
                     }
                 }
-                IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 take the pass kernel"),
+                IntFormat::Q5 => {
+                    // the unsigned 5-bit values are `maddubs`' first operand, the activations its
+                    // second: a lane's pairs at most 2 * 31 * 128, four chunks' (31744) in i16, the two
+                    // sums of four widened apart
+                    let mut q = [[_mm256_setzero_si256(); 2]; H];
+                    for k in 0..8 {
+                        let ak = _mm256_set1_epi32(chunk(k));
+                        for h in 0..H {
+                            let m = _mm256_maddubs_epi16(_mm256_load_si256(e[h].add(k)), ak);
+                            q[h][k / 4] = if k % 4 == 0 { m } else { _mm256_add_epi16(q[h][k / 4], m) };
+                        }
+                    }
+                    for (ph, qh) in p.iter_mut().zip(q) {
+                        *ph = _mm256_add_epi32(_mm256_madd_epi16(qh[0], ones), _mm256_madd_epi16(qh[1], ones));
+                    }
+                }
+                IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
             }
             let da = _mm256_set1_ps(*d.add(b));
             let sa = if f.has_min() { _mm256_set1_ps(*s.add(b)) } else { _mm256_setzero_ps() };
