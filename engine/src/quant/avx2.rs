@@ -292,9 +292,9 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
 
 /// The kernel for [`PREP_MIN_ROWS`] or more activation rows: each pair of tiles is first unpacked into
 /// a buffer (Q4 nibbles as bytes, Q8_0 magnitudes beside the signed values, Q5 values as they are,
-/// scales and minimums as f32, [`prepared::prep`]); then, for one activation row at a time, each of its 4-value chunks is
-/// broadcast once and multiplied by the four half tiles' weights, read from the buffer as `maddubs`
-/// needs them. A row's lane accumulators per half tile are taken one lane after another (blocks `l`,
+/// scales and minimums as f32, [`prepared::prep`]); then, for one activation row at a time, each of its
+/// 4-value chunks is broadcast once and multiplied by the four half tiles' weights, read from the buffer
+/// as `maddubs` needs them. A row's lane accumulators per half tile are taken one lane after another (blocks `l`,
 /// `l + 16`, ... in order), so each stays in a register until its last block, in four groups of four
 /// lanes that each give one term of the canonical reduction. Against [`pass`] this saves unpacking
 /// each block's nibbles once per pass, three of four broadcasts per term, and the accumulators' trips
