@@ -90,12 +90,9 @@ fn q5_1_as_blocks(row: &[u8]) -> Vec<u8> {
 fn q5_k_as_blocks(row: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(row.len() / 176 * 8 * 40);
     for sb in row.chunks_exact(176) {
-        let (d, dmin) = (dequant::f16_at(sb, 0), dequant::f16_at(sb, 2));
         let (qh, ql) = (&sb[16..48], &sb[48..176]);
         for j in 0..8 {
-            let (sc, m) = dequant::scale_min_k4(j, &sb[4..16]);
-            out.extend_from_slice(&(d * sc as f32).to_le_bytes());
-            out.extend_from_slice(&(-(dmin * m as f32)).to_le_bytes());
+            out.extend_from_slice(&k_scale_and_minimum(sb, j));
             // sub-block j: the low (even j) or high (odd j) nibbles of the pair's 32 bytes, and bit j of
             // each qh byte
             let q = &ql[32 * (j / 2)..32 * (j / 2) + 32];
@@ -112,17 +109,25 @@ fn q5_k_as_blocks(row: &[u8]) -> Vec<u8> {
 fn q4_k_as_blocks(row: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(row.len() / 144 * 8 * 24);
     for sb in row.chunks_exact(144) {
-        let (d, dmin) = (dequant::f16_at(sb, 0), dequant::f16_at(sb, 2));
         for j in 0..8 {
-            let (sc, m) = dequant::scale_min_k4(j, &sb[4..16]);
-            out.extend_from_slice(&(d * sc as f32).to_le_bytes());
-            out.extend_from_slice(&(-(dmin * m as f32)).to_le_bytes());
+            out.extend_from_slice(&k_scale_and_minimum(sb, j));
             // sub-block j is the low (even j) or high (odd j) nibbles of the pair's 32 bytes
             let q = &sb[16 + 32 * (j / 2)..16 + 32 * (j / 2) + 32];
             let v = |l: usize| if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
             out.extend((0..16).map(|l| v(l) | (v(l + 16) << 4)));
         }
     }
+    out
+}
+
+/// Sub-block `j`'s f32 scale `d * sc_j` and minimum `-(dmin * m_j)` of a Q4_K or Q5_K super-block `sb`
+/// (`d`, `dmin` and the 6-bit scales and minimums at the same places in both), little-endian.
+fn k_scale_and_minimum(sb: &[u8], j: usize) -> [u8; 8] {
+    let (d, dmin) = (dequant::f16_at(sb, 0), dequant::f16_at(sb, 2));
+    let (sc, m) = dequant::scale_min_k4(j, &sb[4..16]);
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&(d * sc as f32).to_le_bytes());
+    out[4..].copy_from_slice(&(-(dmin * m as f32)).to_le_bytes());
     out
 }
 

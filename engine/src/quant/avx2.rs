@@ -227,25 +227,20 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
     let a = x.qs.as_ptr().add(pack::act_index(b, 0));
     let chunk = |k: usize| (a.add(4 * k) as *const i32).read_unaligned();
     let mut p = match f {
-        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
+        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K | IntFormat::Q5 => {
             let mut s0 = _mm256_maddubs_epi16(blk.w[0], _mm256_set1_epi32(chunk(0)));
             let mut s1 = _mm256_maddubs_epi16(blk.w[1], _mm256_set1_epi32(chunk(1)));
             for k in (2..8).step_by(2) {
                 s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(blk.w[k], _mm256_set1_epi32(chunk(k))));
                 s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(blk.w[k + 1], _mm256_set1_epi32(chunk(k + 1))));
             }
-            _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
-        }
-        IntFormat::Q5 => {
-            // unsigned 5-bit weights: a chunk's pairs at most 2 * 31 * 128, four chunks' (31744) in i16,
-            // but not eight: the two sums of four widened apart
-            let mut s0 = _mm256_maddubs_epi16(blk.w[0], _mm256_set1_epi32(chunk(0)));
-            let mut s1 = _mm256_maddubs_epi16(blk.w[1], _mm256_set1_epi32(chunk(1)));
-            for k in (2..8).step_by(2) {
-                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(blk.w[k], _mm256_set1_epi32(chunk(k))));
-                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(blk.w[k + 1], _mm256_set1_epi32(chunk(k + 1))));
+            if f == IntFormat::Q5 {
+                // unsigned 5-bit weights: a chunk's pairs at most 2 * 31 * 128, four chunks' (31744) in
+                // i16 but not eight: the two sums of four widened apart
+                _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
+            } else {
+                _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
             }
-            _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones))
         }
         IntFormat::Q8_0 => {
             let mut p = _mm256_setzero_si256();

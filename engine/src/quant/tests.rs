@@ -351,8 +351,9 @@ fn quantizer_builds(x: &[f32]) -> Vec<(&'static str, Q8Row)> {
 #[test]
 fn extreme_q4_and_q5_block_sums_are_bit_identical_to_scalar() {
     use super::simd::{supported, Level};
-    let (n, k, m) = (40usize, 576usize, 16usize);
-    // (Q5_1's values all 31, its fifth bits set too: the AVX2 kernel widens its sums of four chunks apart)
+    let (n, k) = (40usize, 576usize);
+    // (Q5_1's values all 31, its fifth bits set too: the AVX2 kernels widen their sums of four chunks
+    // apart; 16 rows take the batched kernels, 2 the passes)
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_1] {
         let ts = dtype.type_size();
         let mut data = vec![0xFFu8; n * k / dtype.block_size() * ts];
@@ -363,24 +364,26 @@ fn extreme_q4_and_q5_block_sums_are_bit_identical_to_scalar() {
             }
         }
         let w = QWeight::new("extreme", dtype, vec![n, k], data).unwrap();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| match (i / k) % 4 {
-                0 => 1.0,
-                1 => -1.0,
-                2 => [1.0, -1.0][i % 2],
-                _ => [1.0, 1.0, -1.0, -1.0][i % 4],
-            })
-            .collect();
-        let rows = quantize_rows(&x, k);
-        assert!(rows[0].qs[..k].iter().all(|&q| q == 127) && rows[1].qs[..k].iter().all(|&q| q == -127));
-        let reference = w.matmul_q8_at(Level::Scalar, &rows);
-        for level in supported() {
-            let got = w.matmul_q8_at(level, &rows);
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{dtype:?} {level:?}"
-            );
+        for m in [2usize, 16] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| match (i / k) % 4 {
+                    0 => 1.0,
+                    1 => -1.0,
+                    2 => [1.0, -1.0][i % 2],
+                    _ => [1.0, 1.0, -1.0, -1.0][i % 4],
+                })
+                .collect();
+            let rows = quantize_rows(&x, k);
+            assert!(rows[0].qs[..k].iter().all(|&q| q == 127) && rows[1].qs[..k].iter().all(|&q| q == -127));
+            let reference = w.matmul_q8_at(Level::Scalar, &rows);
+            for level in supported() {
+                let got = w.matmul_q8_at(level, &rows);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{dtype:?} m={m} {level:?}"
+                );
+            }
         }
     }
 }
@@ -427,15 +430,21 @@ fn avx2_dequantization_gives_the_portable_bits() {
     }
 }
 
-#[test]
-fn q4_k_is_held_as_blocks_of_32_with_the_same_values() {
-    let mut row = random_bytes(144 * 3, 31);
-    for (b, sb) in row.chunks_exact_mut(144).enumerate() {
-        // finite super-block scales; the 6-bit sub-block scales, minimums and nibbles stay random
+/// Three random Q4_K or Q5_K super-blocks (`dtype`) with finite super-block scales `d` and `dmin`; their
+/// 6-bit sub-block scales, minimums, nibbles and (Q5_K) fifth bits stay random.
+fn k_quant_row(dtype: GgmlDType, seed: u64) -> Vec<u8> {
+    let ts = dtype.type_size();
+    let mut row = random_bytes(ts * 3, seed);
+    for (b, sb) in row.chunks_exact_mut(ts).enumerate() {
         sb[0..2].copy_from_slice(&half::f16::from_f32(0.003 * (b as f32 + 1.0)).to_le_bytes());
         sb[2..4].copy_from_slice(&half::f16::from_f32(-0.002 * (b as f32 + 0.5)).to_le_bytes());
     }
-    assert_held_with_the_same_values(GgmlDType::Q4K, &row, dequant::q4_k);
+    row
+}
+
+#[test]
+fn q4_k_is_held_as_blocks_of_32_with_the_same_values() {
+    assert_held_with_the_same_values(GgmlDType::Q4K, &k_quant_row(GgmlDType::Q4K, 31), dequant::q4_k);
 }
 
 #[test]
@@ -451,13 +460,7 @@ fn q5_1_is_held_as_blocks_of_bytes_with_the_same_values() {
 
 #[test]
 fn q5_k_is_held_as_blocks_of_32_with_the_same_values() {
-    let mut row = random_bytes(176 * 3, 43);
-    for (b, sb) in row.chunks_exact_mut(176).enumerate() {
-        // finite super-block scales; the 6-bit sub-block scales, minimums, nibbles and fifth bits stay random
-        sb[0..2].copy_from_slice(&half::f16::from_f32(0.003 * (b as f32 + 1.0)).to_le_bytes());
-        sb[2..4].copy_from_slice(&half::f16::from_f32(-0.002 * (b as f32 + 0.5)).to_le_bytes());
-    }
-    assert_held_with_the_same_values(GgmlDType::Q5K, &row, dequant::q5_k);
+    assert_held_with_the_same_values(GgmlDType::Q5K, &k_quant_row(GgmlDType::Q5K, 43), dequant::q5_k);
 }
 
 #[test]
