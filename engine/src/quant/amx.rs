@@ -13,7 +13,9 @@
 //!
 //! Tiles: `tmm0` the 16x16 `i32` products, `tmm1` 16 activation rows of one block (32 signed bytes
 //! each, in value order), `tmm2` one block of 16 weight rows (8 rows of 16 x 4 bytes: value `4k + j` of
-//! weight row `n` at `k * 64 + 4n + j`; Q4 weights as unsigned nibbles, Q8_0 as signed bytes). The
+//! weight row `n` at `k * 64 + 4n + j`; Q4 weights as unsigned nibbles, Q5's as unsigned bytes, Q8_0's as
+//! signed bytes). Q6K's two scales per block take two products of `K = 16` per block, one per 16-value
+//! half (its values less 32 as signed bytes), and its term sums the halves as the reference does. The
 //! instructions are written in `asm!` (the AMX intrinsics are not stable Rust); Linux hands out the tile
 //! state only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once by [`available`].
 
@@ -147,14 +149,16 @@ thread_local! {
 }
 
 /// The tile configuration (palette 1): products (tmm0, tmm3, tmm4, tmm5) 16 x 64 bytes, activations (tmm1,
-/// tmm6) 16 x 32, weights (tmm2, tmm7) 8 x 64.
+/// tmm6) 16 x 32, weights (tmm2, tmm7) 8 x 64; for the half blocks of Q6K (`halves`) activations 16 x 16
+/// and weights 4 x 64.
 #[repr(C, align(64))]
 struct Config([u8; 64]);
 
-fn config() -> Config {
+fn config(halves: bool) -> Config {
     let mut c = Config([0; 64]);
     c.0[0] = 1;
-    for (t, rows, colsb) in [(0usize, 16u8, 64u16), (3, 16, 64), (4, 16, 64), (5, 16, 64), (1, 16, 32), (6, 16, 32), (2, 8, 64), (7, 8, 64)] {
+    let (ka, kw) = if halves { (16, 4) } else { (32, 8) };
+    for (t, rows, colsb) in [(0usize, 16u8, 64u16), (3, 16, 64), (4, 16, 64), (5, 16, 64), (1, 16, ka), (6, 16, ka), (2, kw, 64), (7, kw, 64)] {
         c.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&colsb.to_le_bytes());
         c.0[48 + t] = rows;
     }
@@ -180,7 +184,8 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, tiles: &Tiles, o
     s.acc.resize(T * T, Line([0; 64]));
     s.order.clear();
     s.order.extend((0..GROUP.min(nb)).flat_map(|l| (l..nb).step_by(GROUP)));
-    let cfg = config();
+    let halves = f == IntFormat::Q6K;
+    let cfg = config(halves);
     asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
     for j0 in (0..n).step_by(T) {
         let nw = (n - j0).min(T);
@@ -192,7 +197,11 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, tiles: &Tiles, o
         for t in 0..tiles.m.div_ceil(T) {
             let mt = (tiles.m - t * T).min(T);
             let at = out.offset(t * T, j0);
-            tile_product(f, tiles, t, mt, nw, s, &mut pf, at);
+            if halves {
+                tile_product::<2>(f, tiles, t, mt, nw, s, &mut pf, at);
+            } else {
+                tile_product::<1>(f, tiles, t, mt, nw, s, &mut pf, at);
+            }
         }
     }
     asm!("tilerelease", options(nostack, nomem));
@@ -202,15 +211,17 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, tiles: &Tiles, o
 /// Blocks whose tile products are in flight together (tmm0, tmm3, tmm4, tmm5).
 const BATCH: usize = 4;
 
-/// Starts the tile products of the blocks `order[k0..k0 + BATCH]` (those there are): activation tile at
-/// `a`, weight tiles at `w`, each block's pair in tmm1/tmm2 or tmm6/tmm7 by turns, products into the four
-/// C tiles.
+/// Starts the tile products `k0..k0 + BATCH` (those there are) of the blocks in `order`, `U` per block
+/// (Q6K's two halves of 16 values: product `k` is half `k % U` of block `order[k / U]`): activation tile
+/// at `a`, weight tiles at `w`, each product's pair in tmm1/tmm2 or tmm6/tmm7 by turns, products into the
+/// four C tiles.
 #[inline(always)]
-unsafe fn issue(signed: bool, a: *const u8, w: *const u8, order: &[usize], k0: usize) {
+unsafe fn issue<const U: usize>(signed: bool, a: *const u8, w: *const u8, order: &[usize], k0: usize) {
     macro_rules! product {
         ($k:literal, $c:literal, $ta:literal, $tb:literal) => {
-            if let Some(&b) = order.get(k0 + $k) {
-                let (pa, pw) = (a.add(b * T * QK), w.add(b * 512));
+            if let Some(&b) = order.get((k0 + $k) / U) {
+                let h = (k0 + $k) % U;
+                let (pa, pw) = (a.add(b * T * QK + h * QK / U), w.add(b * 512 + h * 512 / U));
                 asm!(
                     concat!("tilezero ", $c),
                     concat!("tileloadd ", $ta, ", [{a} + {sa}*1]"),
@@ -232,13 +243,12 @@ unsafe fn issue(signed: bool, a: *const u8, w: *const u8, order: &[usize], k0: u
     product!(3, "tmm5", "tmm6", "tmm7");
 }
 
-/// Stores the products of the blocks at `b0..b0 + BATCH` in the issue order (those below `nb`) to `c`,
-/// 1 KiB each.
+/// Stores the products `k0..k0 + BATCH` in the issue order (those below `n`) to `c`, 1 KiB each.
 #[inline(always)]
-unsafe fn store(c: *mut u8, b0: usize, nb: usize) {
+unsafe fn store(c: *mut u8, k0: usize, n: usize) {
     macro_rules! put {
         ($k:literal, $c:literal) => {
-            if b0 + $k < nb {
+            if k0 + $k < n {
                 asm!(concat!("tilestored [{c} + {s}*1], ", $c), c = in(reg) c.add($k * 1024), s = in(reg) 64usize, options(nostack));
             }
         };
@@ -250,12 +260,13 @@ unsafe fn store(c: *mut u8, b0: usize, nb: usize) {
 }
 
 /// The results of activation tile `t` (`mt` valid rows) against the prepared weight tile (`nw` valid
-/// rows), into `out` (row 0, weight row 0 of the tile). The products of the next blocks run on the tile
-/// unit while the vector units scale the previous ones. Blocks go in lane order (`s.order`), so the 16
-/// rows' accumulators of one lane stay in registers over all its blocks.
+/// rows), into `out` (row 0, weight row 0 of the tile), with `U` tile products per block (2: Q6K's
+/// halves). The products of the next blocks run on the tile unit while the vector units scale the
+/// previous ones. Blocks go in lane order (`s.order`), so the 16 rows' accumulators of one lane stay in
+/// registers over all its blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usize, s: &mut Scratch, pf: &mut Prefetch, out: Out) {
+unsafe fn tile_product<const U: usize>(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usize, s: &mut Scratch, pf: &mut Prefetch, out: Out) {
     let nb = tiles.nb;
     let a = (tiles.values.as_ptr() as *const u8).add(t * nb * T * QK);
     let (d, sa, sums) = (tiles.d.as_ptr().add(t * nb * T), tiles.s.as_ptr().add(t * nb * T), tiles.sums.as_ptr().add(t * nb * T));
@@ -263,25 +274,28 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
     let wt = s.wt.w.as_ptr() as *const u8;
     let lanes = s.acc.as_mut_ptr() as *mut __m512;
     let order = &s.order[..nb];
-    let signed = f == IntFormat::Q8_0;
+    // Q6K's weights were taken less 32 (signed), as Q8_0's
+    let signed = matches!(f, IntFormat::Q8_0 | IntFormat::Q6K);
     // rows past `mt` hold zeros (their results are not stored), so every loop runs all 16 rows
     let mut acc = [_mm512_setzero_ps(); T];
     let mut lane = order.first().map_or(0, |b| b % GROUP);
-    // batch i is stored while batch i + 1 is issued, and scaled one step later (its stores have landed)
-    let batches = nb.div_ceil(BATCH);
-    issue(signed, a, wt, order, 0);
+    // batch i is stored while batch i + 1 is issued, and scaled one step later (its stores have landed);
+    // a batch holds whole blocks (`BATCH` is a multiple of `U`)
+    let products = nb * U;
+    let batches = products.div_ceil(BATCH);
+    issue::<U>(signed, a, wt, order, 0);
     for i in 0..=batches {
         if i < batches {
-            store(c.add((i % 2) * BATCH * 1024), i * BATCH, nb);
+            store(c.add((i % 2) * BATCH * 1024), i * BATCH, products);
             if i + 1 < batches {
-                issue(signed, a, wt, order, (i + 1) * BATCH);
+                issue::<U>(signed, a, wt, order, (i + 1) * BATCH);
             }
         }
         if i == 0 {
             continue;
         }
-        let (k0, buf) = ((i - 1) * BATCH, c.add(((i - 1) % 2) * BATCH * 1024));
-        for (k, &b) in order[k0..(k0 + BATCH).min(nb)].iter().enumerate() {
+        let (k0, buf) = ((i - 1) * BATCH / U, c.add(((i - 1) % 2) * BATCH * 1024));
+        for (k, &b) in order[k0..(k0 + BATCH / U).min(nb)].iter().enumerate() {
             if b % GROUP != lane {
                 // the lane's last block is done: its accumulators, from 0.0 as in the reference
                 for (r, v) in acc.iter_mut().enumerate() {
@@ -291,10 +305,21 @@ unsafe fn tile_product(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usi
                 lane = b % GROUP;
             }
             pf.some();
-            let cb = buf.add(k * 1024);
+            let cb = buf.add(k * U * 1024);
             let dw = _mm512_load_ps(s.wt.scales(b));
             let mw = _mm512_load_ps(s.wt.minimums(b));
             let at = b * T;
+            if U == 2 {
+                // Q6K: `(dlo*da)*plo + (dhi*da)*phi`, the halves' scales in the scales' and minimums' places
+                for (r, v) in acc.iter_mut().enumerate() {
+                    let plo = _mm512_load_si512(cb.add(r * 64) as *const __m512i);
+                    let phi = _mm512_load_si512(cb.add(1024 + r * 64) as *const __m512i);
+                    let da = _mm512_set1_ps(*d.add(at + r));
+                    let tlo = _mm512_mul_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(plo));
+                    *v = _mm512_add_ps(*v, _mm512_add_ps(tlo, _mm512_mul_ps(_mm512_mul_ps(mw, da), _mm512_cvtepi32_ps(phi))));
+                }
+                continue;
+            }
             for (r, v) in acc.iter_mut().enumerate() {
                 let mut p = _mm512_load_si512(cb.add(r * 64) as *const __m512i);
                 if f == IntFormat::Q4_0 {

@@ -47,15 +47,15 @@ pub fn detected() -> Level {
     })
 }
 
-/// The level a matmul of format `f` runs at for `level`: Q6K and Q5 run on the AVX2 kernel at the
-/// AVX-512 levels too. The AMX kernel's scaling takes one scale per block (Q6K); in the VNNI kernel a
-/// fifth format cost the default Q4_1 model 6-20% of its speed on the Zen 4 and Zen 5 hosts (its `pair`
-/// function was no longer inlined; BENCHMARKS.md, 2026-12-05).
-pub fn level_for(level: Level, f: IntFormat) -> Level {
-    if matches!(f, IntFormat::Q6K | IntFormat::Q5) {
-        level.min(Level::Avx2)
-    } else {
-        level
+/// The level a matmul of format `f` with `rows` activation rows runs at for `level`: Q6K and Q5 run on
+/// the AVX2 kernel at the AVX-512 levels, but on the AMX kernel for [`AMX_MIN_ROWS`] or more rows. In the
+/// VNNI kernel a fifth format cost the default Q4_1 model 6-20% of its speed on the Zen 4 and Zen 5
+/// hosts (its `pair` function was no longer inlined; BENCHMARKS.md, 2026-12-05).
+pub fn level_for(level: Level, f: IntFormat, rows: usize) -> Level {
+    match f {
+        IntFormat::Q6K | IntFormat::Q5 if level == Level::Avx512Amx && rows >= AMX_MIN_ROWS => level,
+        IntFormat::Q6K | IntFormat::Q5 => level.min(Level::Avx2),
+        _ => level,
     }
 }
 
@@ -230,10 +230,10 @@ impl<'a> Acts<'a> {
 ///
 /// # Safety
 /// `w` holds `n.div_ceil(16)` whole tiles; `out` covers `n` columns of `acts.rows.len()` rows that only
-/// this call writes; `acts` was made for `level`. The kernel is `level_for(level, f)`'s: a group of
-/// matrices with one input shares one `acts` whatever their formats.
+/// this call writes; `acts` was made for `level`. The kernel is `level_for(level, f, rows)`'s: a group
+/// of matrices with one input shares one `acts` whatever their formats.
 pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, n: usize, acts: &Acts, out: Out) {
-    let level = level_for(level, f);
+    let level = level_for(level, f, acts.rows.len());
     #[cfg(target_arch = "x86_64")]
     if let (Level::Avx512Amx, Some(t)) = (level, &acts.tiles) {
         return super::amx::tile(f, w, row_bytes, n, t, out);

@@ -3,9 +3,9 @@
 //! kernels share.
 //!
 //! Block `b` is 8 lines of 64 bytes: line `k` holds value chunk `k` (values `4k..4k+4`) of the 16 rows,
-//! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q8_0 as signed bytes or, for `dpbusd`,
-//! offset by 128); its scales and (Q4_1) minimums are 16 f32 lanes, row `n` in lane `n`. The zero rows
-//! that pad a matrix's last tile have zero scales.
+//! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q5's (AMX only) as unsigned bytes, Q8_0's
+//! as signed bytes or, for `dpbusd`, offset by 128); its scales and (Q4_1, Q4K, Q5) minimums are 16 f32
+//! lanes, row `n` in lane `n`. The zero rows that pad a matrix's last tile have zero scales.
 
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
@@ -152,13 +152,13 @@ impl Prefetch {
     }
 }
 
-/// The 16 scales (or minimums) at `p`: f16, Q4K's f32.
+/// The 16 scales (or minimums) at `p`: f16, Q4K's and Q5's f32.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and F16C; `p` points at 16 of them.
 #[inline(always)]
 pub unsafe fn scales16(f: IntFormat, p: *const u8) -> __m512 {
-    if f == IntFormat::Q4K {
+    if pack::scale_bytes(f) == 4 {
         _mm512_loadu_ps(p as *const f32)
     } else {
         _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
@@ -177,7 +177,7 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
     s.dw.resize(nb, Line([0; 64]));
     s.mw.resize(nb, Line([0; 64]));
     let low = _mm512_set1_epi8(0x0F);
-    let flip = _mm512_set1_epi8(if unsigned_q8 { -128 } else { 0 });
+    let flip = _mm512_set1_epi8(if unsigned_q8 && f == IntFormat::Q8_0 { -128 } else { 0 });
     let dst = s.w.as_mut_ptr() as *mut __m512i;
     let p = tile.as_ptr();
     for b in 0..nb {
@@ -190,15 +190,21 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
                     _mm512_store_si512(dst.add(b * 8 + 4 + c), _mm512_and_si512(_mm512_srli_epi16::<4>(x), low));
                 }
             }
-            IntFormat::Q8_0 => {
+            IntFormat::Q8_0 | IntFormat::Q5 => {
                 for k in 0..8 {
                     _mm512_store_si512(dst.add(b * 8 + k), _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), flip));
                 }
             }
-            IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel (simd::level_for)"),
+            IntFormat::Q6K => {
+                // as signed bytes, less 32
+                let off = _mm512_set1_epi8(32);
+                for k in 0..8 {
+                    _mm512_store_si512(dst.add(b * 8 + k), _mm512_sub_epi8(_mm512_loadu_si512(v.add(k) as *const _), off));
+                }
+            }
         }
         _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::scales_at(f, nb, b))));
-        if f.has_min() {
+        if f.two_scales() {
             _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::minimums_at(f, nb, b))));
         }
     }
@@ -214,9 +220,13 @@ mod tests {
             eprintln!("skipped: no AVX-512");
             return;
         }
-        for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0, IntFormat::Q4K] {
+        for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0, IntFormat::Q4K, IntFormat::Q5, IntFormat::Q6K] {
             for nb in [1, 2, 3, 16, 17, 18, 33, 48] {
-                let tile = crate::quant::tests::random_bytes(T * nb * f.block_bytes(), 7 + nb as u64);
+                let mut tile = crate::quant::tests::random_bytes(T * nb * f.block_bytes(), 7 + nb as u64);
+                if f == IntFormat::Q6K {
+                    // 6-bit values, as a held tile has
+                    tile[..T * nb * pack::value_bytes(f)].iter_mut().for_each(|v| *v &= 63);
+                }
                 for unsigned_q8 in [false, true] {
                     let mut t = WeightTile::default();
                     // SAFETY: the CPU has the features (checked above), `tile` is one tile
@@ -228,14 +238,19 @@ mod tests {
                         for n in 0..T {
                             for j in 0..32 {
                                 let want = pack::weight_value(f, &tile, n, b, j);
-                                let want = if f == IntFormat::Q8_0 && unsigned_q8 { want + 128 } else { want };
+                                let want = match f {
+                                    IntFormat::Q8_0 if unsigned_q8 => want + 128,
+                                    IntFormat::Q6K => want - 32,
+                                    _ => want,
+                                };
                                 let got = t.w[b * 8 + j / 4].0[4 * n + j % 4];
-                                let got = if f == IntFormat::Q8_0 && !unsigned_q8 { got as i8 as i32 } else { got as i32 };
+                                let signed = (f == IntFormat::Q8_0 && !unsigned_q8) || f == IntFormat::Q6K;
+                                let got = if signed { got as i8 as i32 } else { got as i32 };
                                 assert_eq!(got, want, "{f:?} nb={nb} block {b} row {n} value {j}");
                             }
                             let s = pack::scale(f, &tile, pack::scales_at(f, nb, b), n);
                             assert_eq!(floats(&t.dw, b)[n], s.to_bits(), "{f:?} nb={nb} block {b} row {n} scale");
-                            if f.has_min() {
+                            if f.two_scales() {
                                 let m = pack::scale(f, &tile, pack::minimums_at(f, nb, b), n);
                                 assert_eq!(floats(&t.mw, b)[n], m.to_bits(), "{f:?} minimum");
                             }
