@@ -65,10 +65,25 @@ fn q6_k_as_blocks(row: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The 20 value bytes of an [`IntFormat::Q5`] block holding the 5-bit values `q`: 16 bytes of their low
+/// nibbles as in Q4_1 (byte `i`: value `i` low, value `16 + i` high), then 4 bytes of their fifth bits
+/// (byte `i`, bit `c`: value `4c + i`), so that each 4-value chunk of nibbles (values `4c..4c + 4` and
+/// `16 + 4c..`) finds its fifth bits at one bit position of the same 4 bytes ([`pack::weight_value`]).
+fn q5_values(q: &[u8; 32]) -> [u8; 20] {
+    let mut out = [0u8; 20];
+    for i in 0..16 {
+        out[i] = (q[i] & 0xF) | (q[16 + i] << 4);
+    }
+    for (j, &v) in q.iter().enumerate() {
+        out[16 + j % 4] |= (v >> 4) << (j / 4);
+    }
+    out
+}
+
 /// A GGUF Q5_1 row as [`IntFormat::Q5`] blocks (f32 scale and minimum, the f16 ones exactly, then the 32
-/// 5-bit values one per byte): `scale * q + minimum` is Q5_1's `q * d + m` to the bit.
+/// 5-bit values, [`q5_values`]): `scale * q + minimum` is Q5_1's `q * d + m` to the bit.
 fn q5_1_as_blocks(row: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(row.len() / 24 * 40);
+    let mut out = Vec::with_capacity(row.len() / 24 * 28);
     for blk in row.chunks_exact(24) {
         out.extend_from_slice(&dequant::f16_at(blk, 0).to_le_bytes());
         out.extend_from_slice(&dequant::f16_at(blk, 2).to_le_bytes());
@@ -76,10 +91,11 @@ fn q5_1_as_blocks(row: &[u8]) -> Vec<u8> {
         let qs = &blk[8..24];
         // value j < 16: the low nibble of qs[j] and bit j of qh; j >= 16: the high nibble of qs[j - 16]
         // and bit j
-        out.extend((0..32).map(|j| {
+        let q = std::array::from_fn(|j| {
             let low = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
             low | ((((qh >> j) & 1) as u8) << 4)
-        }));
+        });
+        out.extend_from_slice(&q5_values(&q));
     }
     out
 }
@@ -88,7 +104,7 @@ fn q5_1_as_blocks(row: &[u8]) -> Vec<u8> {
 /// and minimum `-(dmin * m_j)` (exact in f32, as Q4_K's), so `scale * q + minimum` is Q5_K's
 /// `d * sc_j * q - dmin * m_j` to the bit.
 fn q5_k_as_blocks(row: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(row.len() / 176 * 8 * 40);
+    let mut out = Vec::with_capacity(row.len() / 176 * 8 * 28);
     for sb in row.chunks_exact(176) {
         let (qh, ql) = (&sb[16..48], &sb[48..176]);
         for j in 0..8 {
@@ -96,7 +112,8 @@ fn q5_k_as_blocks(row: &[u8]) -> Vec<u8> {
             // sub-block j: the low (even j) or high (odd j) nibbles of the pair's 32 bytes, and bit j of
             // each qh byte
             let q = &ql[32 * (j / 2)..32 * (j / 2) + 32];
-            out.extend((0..32).map(|l| (if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 }) | (((qh[l] >> j) & 1) << 4)));
+            let q = std::array::from_fn(|l| (if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 }) | (((qh[l] >> j) & 1) << 4));
+            out.extend_from_slice(&q5_values(&q));
         }
     }
     out

@@ -41,21 +41,26 @@ const PREP_MIN_ROWS: usize = 12;
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
     match f {
-        IntFormat::Q4_0 => tiles_as(IntFormat::Q4_0, w, rb, n, acts, out),
-        IntFormat::Q4_1 => tiles_as(IntFormat::Q4_1, w, rb, n, acts, out),
-        IntFormat::Q8_0 => tiles_as(IntFormat::Q8_0, w, rb, n, acts, out),
-        IntFormat::Q4K => tiles_as(IntFormat::Q4K, w, rb, n, acts, out),
-        IntFormat::Q6K => tiles_as(IntFormat::Q6K, w, rb, n, acts, out),
-        IntFormat::Q5 => tiles_as(IntFormat::Q5, w, rb, n, acts, out),
+        IntFormat::Q4_0 => tiles_as::<{ IntFormat::Q4_0 as u8 }>(w, rb, n, acts, out),
+        IntFormat::Q4_1 => tiles_as::<{ IntFormat::Q4_1 as u8 }>(w, rb, n, acts, out),
+        IntFormat::Q8_0 => tiles_as::<{ IntFormat::Q8_0 as u8 }>(w, rb, n, acts, out),
+        IntFormat::Q4K => tiles_as::<{ IntFormat::Q4K as u8 }>(w, rb, n, acts, out),
+        IntFormat::Q6K => tiles_as::<{ IntFormat::Q6K as u8 }>(w, rb, n, acts, out),
+        IntFormat::Q5 => tiles_as::<{ IntFormat::Q5 as u8 }>(w, rb, n, acts, out),
     }
 }
 
+/// The kernel for format `F` (`IntFormat as u8`). The format is a const parameter here and in
+/// [`prepared`], not an argument: with it an argument, once the prepared tiles unpacked Q5's fifth bits
+/// LLVM compiled the prepared kernel once for all formats, testing the format at run time in every
+/// term (`avx2::tile` grew from 212 to 370 KB, and `Q5_K_M` prefill on the AVX2 level was 7% slower).
 #[inline(always)]
-unsafe fn tiles_as(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+    let f = IntFormat::from_id(F);
     let (nb, m, tb) = (rb / f.block_bytes(), acts.len(), TILE * rb);
     // (Q6K: every row count through the passes; the prepared tiles hold one scale per block)
     if m >= PREP_MIN_ROWS && f != IntFormat::Q6K {
-        return prepared::tiles(f, w, rb, n, acts, out);
+        return prepared::tiles::<F>(w, rb, n, acts, out);
     }
     let ahead = PREFETCH.max(tb);
     // the first weights, which no earlier tile prefetched
@@ -197,17 +202,45 @@ impl Half {
                     *wk = _mm256_sign_epi8(x, x);
                 }
             }
-            IntFormat::Q6K | IntFormat::Q5 => {
+            IntFormat::Q6K => {
                 for (k, wk) in w.iter_mut().enumerate() {
                     *wk = _mm256_loadu_si256(v.add(64 * k) as *const __m256i);
                 }
             }
+            IntFormat::Q5 => w = q5_chunks(v),
         }
         let half = 8 * pack::scale_bytes(f) * self.h;
         let dw = scales8(f, self.p.add(pack::scales_at(f, nb, b) + half));
         let mw = if f.two_scales() { scales8(f, self.p.add(pack::minimums_at(f, nb, b) + half)) } else { _mm256_setzero_ps() };
         Block { w, signs: v, dw, mw }
     }
+}
+
+/// The 8 value chunks of half a tile's Q5 block whose lines start at `v`: the nibbles with their fifth
+/// bits at bit 4 ([`pack`]'s Q5 lines; 16-bit shifts move no bit from one byte to bit 4 of another).
+#[inline(always)]
+unsafe fn q5_chunks(v: *const u8) -> [__m256i; 8] {
+    let (low, five) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+    // (macros and a loop, not closures: a closure does not inherit the target features)
+    let mut x = [_mm256_setzero_si256(); 5];
+    for (k, xk) in x.iter_mut().enumerate() {
+        *xk = _mm256_loadu_si256(v.add(64 * k) as *const __m256i);
+    }
+    macro_rules! put {
+        ($nibbles:expr, $bits:expr) => {
+            _mm256_or_si256(_mm256_and_si256($nibbles, low), _mm256_and_si256($bits, five))
+        };
+    }
+    [
+        put!(x[0], _mm256_slli_epi16::<4>(x[4])),
+        put!(x[1], _mm256_slli_epi16::<3>(x[4])),
+        put!(x[2], _mm256_slli_epi16::<2>(x[4])),
+        put!(x[3], _mm256_slli_epi16::<1>(x[4])),
+        put!(_mm256_srli_epi16::<4>(x[0]), x[4]),
+        put!(_mm256_srli_epi16::<4>(x[1]), _mm256_srli_epi16::<1>(x[4])),
+        put!(_mm256_srli_epi16::<4>(x[2]), _mm256_srli_epi16::<2>(x[4])),
+        put!(_mm256_srli_epi16::<4>(x[3]), _mm256_srli_epi16::<3>(x[4])),
+    ]
 }
 
 /// The 8 scales (or minimums) at `p`: f16, Q4K's, Q6K's and Q5's f32.
@@ -286,7 +319,7 @@ unsafe fn term(f: IntFormat, blk: &Block, x: &Q8Row, b: usize) -> __m256 {
 }
 
 /// The kernel for [`PREP_MIN_ROWS`] or more activation rows: each pair of tiles is first unpacked into
-/// a buffer (Q4 nibbles as bytes, Q8_0 magnitudes beside the signed values, Q5 values as they are,
+/// a buffer (Q4 nibbles as bytes, Q8_0 magnitudes beside the signed values, Q5 nibbles and fifth bits as bytes,
 /// scales and minimums as f32, [`prepared::prep`]); then, for one activation row at a time, each of its
 /// 4-value chunks is broadcast once and multiplied by the four half tiles' weights, read from the buffer
 /// as `maddubs` needs them. A row's lane accumulators per half tile are taken one lane after another (blocks `l`,
@@ -350,7 +383,8 @@ mod prepared {
     /// Unpacks one packed tile (rows of `nb` blocks) into `dst`: entry `(b, h)` at line `(2b + h) *
     /// stride(f)`.
     #[inline(always)]
-    pub unsafe fn prep(f: IntFormat, tile: *const u8, nb: usize, dst: *mut Y) {
+    pub unsafe fn prep<const F: u8>(tile: *const u8, nb: usize, dst: *mut Y) {
+        let f = IntFormat::from_id(F);
         let low = _mm256_set1_epi8(0x0F);
         let st = stride(f);
         for b in 0..nb {
@@ -379,8 +413,8 @@ mod prepared {
                         }
                     }
                     IntFormat::Q5 => {
-                        for k in 0..8 {
-                            _mm256_store_si256(o.add(k), _mm256_loadu_si256(v.add(64 * k) as *const __m256i));
+                        for (k, wk) in q5_chunks(v).into_iter().enumerate() {
+                            _mm256_store_si256(o.add(k), wk);
                         }
                     }
                     IntFormat::Q6K => unreachable!("Q6K takes the pass kernel"),
@@ -397,7 +431,8 @@ mod prepared {
 
     /// As [`super::tiles_as`], through prepared pairs of tiles.
     #[inline(always)]
-    pub unsafe fn tiles(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+    pub unsafe fn tiles<const F: u8>(w: &[u8], rb: usize, n: usize, acts: &[Q8Row], out: Out) {
+        let f = IntFormat::from_id(F);
         let (nb, tb) = (rb / f.block_bytes(), TILE * rb);
         let per_tile = 2 * nb * stride(f);
         let mut buf: Vec<Y> = Vec::with_capacity(2 * per_tile);
@@ -425,7 +460,7 @@ mod prepared {
             let pair = (tiles - t).min(2);
             let j0 = t * TILE;
             for i in 0..pair {
-                prep(f, w.as_ptr().add((t + i) * tb), nb, dst.add(i * per_tile));
+                prep::<F>(w.as_ptr().add((t + i) * tb), nb, dst.add(i * per_tile));
             }
             // the next pair's weights, a few lines per activation row
             let next = &w[((t + pair) * tb).min(w.len())..((t + pair + 2) * tb).min(w.len())];
@@ -435,9 +470,9 @@ mod prepared {
             let half = |h: usize| dst.add((h / 2) * per_tile + (h % 2) * stride(f)) as *const Y;
             let at = out.offset(0, j0);
             if pair == 2 {
-                rows::<4>(f, [half(0), half(1), half(2), half(3)], nb, acts, flip, &mut part, at, [keep(0), keep(1), keep(2), keep(3)], &pf);
+                rows::<F, 4>([half(0), half(1), half(2), half(3)], nb, acts, flip, &mut part, at, [keep(0), keep(1), keep(2), keep(3)], &pf);
             } else {
-                rows::<2>(f, [half(0), half(1)], nb, acts, flip, &mut part, at, [keep(0), keep(1)], &pf);
+                rows::<F, 2>([half(0), half(1)], nb, acts, flip, &mut part, at, [keep(0), keep(1)], &pf);
             }
             t += pair;
         }
@@ -466,8 +501,7 @@ mod prepared {
     /// null, row `r`'s values are read from `flip + r * nb * 32` (the Q4 formats' offset activations).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn rows<const H: usize>(
-        f: IntFormat,
+    unsafe fn rows<const F: u8, const H: usize>(
         halves: [*const Y; H],
         nb: usize,
         acts: &[Q8Row],
@@ -477,18 +511,19 @@ mod prepared {
         keep: [Keep; H],
         pf: &wtile::Prefetch,
     ) {
+        let f = IntFormat::from_id(F);
         let qs = |r: usize| if flip.is_null() { acts[r].qs.as_ptr() } else { flip.add(r * nb * 32) };
         if nb * H * stride(f) * 32 <= ROW_ORDER_MAX_BYTES {
             // the half tiles fit the cache: one row's four groups after another
             for (r, x) in acts.iter().enumerate() {
                 for g in 0..GROUPS.len() {
-                    group::<H>(f, &halves, nb, g, x, qs(r), &mut part[r], out.offset(r, 0), &keep, pf);
+                    group::<F, H>(&halves, nb, g, x, qs(r), &mut part[r], out.offset(r, 0), &keep, pf);
                 }
             }
         } else {
             for g in 0..GROUPS.len() {
                 for (r, x) in acts.iter().enumerate() {
-                    group::<H>(f, &halves, nb, g, x, qs(r), &mut part[r], out.offset(r, 0), &keep, pf);
+                    group::<F, H>(&halves, nb, g, x, qs(r), &mut part[r], out.offset(r, 0), &keep, pf);
                 }
             }
         }
@@ -498,8 +533,7 @@ mod prepared {
     /// `out.row(0)`).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn group<const H: usize>(
-        f: IntFormat,
+    unsafe fn group<const F: u8, const H: usize>(
         halves: &[*const Y; H],
         nb: usize,
         g: usize,
@@ -514,9 +548,9 @@ mod prepared {
         let lanes = GROUPS[g];
         let x = (qs, x.d.as_ptr(), x.s.as_ptr(), x.sums.as_ptr());
         // lanes i, i + 8, i + 4, i + 12: h_i + h_(i+4)
-        let (a0, a1) = (lane::<H>(f, halves, nb, lanes[0], x), lane::<H>(f, halves, nb, lanes[1], x));
+        let (a0, a1) = (lane::<F, H>(halves, nb, lanes[0], x), lane::<F, H>(halves, nb, lanes[1], x));
         let hi: [__m256; H] = std::array::from_fn(|h| _mm256_add_ps(a0[h], a1[h]));
-        let (a2, a3) = (lane::<H>(f, halves, nb, lanes[2], x), lane::<H>(f, halves, nb, lanes[3], x));
+        let (a2, a3) = (lane::<F, H>(halves, nb, lanes[2], x), lane::<F, H>(halves, nb, lanes[3], x));
         for h in 0..H {
             let t = _mm256_add_ps(hi[h], _mm256_add_ps(a2[h], a3[h]));
             match g {
@@ -534,13 +568,13 @@ mod prepared {
     /// Lane `l`'s accumulators (blocks `l`, `l + 16`, ... in order) of one activation row (its values,
     /// offset by 128 for the Q4 formats, its scales, scaled sums and sums) for `H` prepared half tiles.
     #[inline(always)]
-    unsafe fn lane<const H: usize>(
-        f: IntFormat,
+    unsafe fn lane<const F: u8, const H: usize>(
         halves: &[*const Y; H],
         nb: usize,
         l: usize,
         (qs, d, s, sums): (*const i8, *const f32, *const f32, *const i32),
     ) -> [__m256; H] {
+        let f = IntFormat::from_id(F);
         let (step, sc) = (2 * stride(f), scales(f));
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); H];

@@ -119,12 +119,14 @@ pub(crate) fn q6_k_held(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// A Q5_1 or Q5_K block of 32 as held (`super::IntFormat::Q5`): f32 scale and minimum, then 32 unsigned
-/// 5-bit values.
+/// A Q5_1 or Q5_K block of 32 as held (`super::IntFormat::Q5`): f32 scale and minimum, 16 bytes of low
+/// nibbles as in Q4_1, then 4 bytes of fifth bits (byte `j % 4`, bit `j / 4` for value `j`).
 pub(crate) fn q5_held(b: &[u8], y: &mut [f32]) {
     let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let m = f32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    for (v, &q) in y[..32].iter_mut().zip(&b[8..40]) {
+    for (j, v) in y[..32].iter_mut().enumerate() {
+        let low = if j < 16 { b[8 + j] & 0xF } else { b[8 + j - 16] >> 4 };
+        let q = low | (((b[24 + j % 4] >> (j / 4)) & 1) << 4);
         *v = q as f32 * d + m;
     }
 }

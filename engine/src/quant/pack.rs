@@ -10,8 +10,11 @@
 //! - Q4_0 / Q4_1 / Q4K: 4 lines, the GGUF nibble bytes `qs[4c..4c+4]` (low nibbles are values `4c..4c+4`, high
 //!   nibbles values `16+4c..16+4c+4`);
 //! - Q8_0: 8 lines, values `4c..4c+4`; Q6K (GGUF Q6_K as blocks of 32, two f32 scales per block in
-//!   the scales' and minimums' places) the same with its 6-bit values unsigned, and Q5 (GGUF Q5_1 and
-//!   Q5_K as blocks of 32, f32 scale and minimum) with its 5-bit values unsigned.
+//!   the scales' and minimums' places) the same with its 6-bit values unsigned;
+//! - Q5 (GGUF Q5_1 and Q5_K as blocks of 32, f32 scale and minimum): 4 lines of low nibbles as Q4's,
+//!   then a line of fifth bits: bit `c` of row `n`'s byte `4n + i` is the fifth bit of value `4c + i`
+//!   (so shifting that line by `4 - c` bits, or `c - 4` the other way, puts chunk `c`'s fifth bits at
+//!   bit 4 of its bytes).
 //!
 //! A 512-bit register then holds one 4-value chunk of one block for the 16 rows, and one `dpbusd`
 //! against that chunk of an activation block broadcast to every lane adds 4 products to each of the 16
@@ -36,7 +39,8 @@ pub const QK: usize = 32;
 pub fn value_bytes(f: IntFormat) -> usize {
     match f {
         IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => 16,
-        IntFormat::Q8_0 | IntFormat::Q6K | IntFormat::Q5 => 32,
+        IntFormat::Q5 => 20,
+        IntFormat::Q8_0 | IntFormat::Q6K => 32,
     }
 }
 
@@ -132,7 +136,7 @@ pub fn unpack_block(f: IntFormat, tile: &[u8], nb: usize, n: usize, b: usize, ou
 }
 
 /// Weight value `j` (0..32) of block `b` of row `n` in a tile, as stored: Q4 nibbles unsigned (0..15),
-/// Q8_0 signed, Q6K unsigned (0..63), Q5 unsigned (0..31).
+/// Q8_0 signed, Q6K unsigned (0..63), Q5 unsigned (0..31, its nibble and fifth bit).
 #[inline(always)]
 pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> i32 {
     let v = values_at(f, b);
@@ -142,7 +146,12 @@ pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> 
             (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32
         }
         IntFormat::Q8_0 => tile[v + j / 4 * 64 + 4 * n + j % 4] as i8 as i32,
-        IntFormat::Q6K | IntFormat::Q5 => tile[v + j / 4 * 64 + 4 * n + j % 4] as i32,
+        IntFormat::Q5 => {
+            let byte = tile[v + (j % 16) / 4 * 64 + 4 * n + j % 4];
+            let low = if j < 16 { byte & 0x0F } else { byte >> 4 };
+            (low | (((tile[v + 4 * 64 + 4 * n + j % 4] >> (j / 4)) & 1) << 4)) as i32
+        }
+        IntFormat::Q6K => tile[v + j / 4 * 64 + 4 * n + j % 4] as i32,
     }
 }
 

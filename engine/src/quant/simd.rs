@@ -85,6 +85,7 @@ fn best_supported() -> Level {
 
 /// Weight formats with integer kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum IntFormat {
     Q4_0,
     Q4_1,
@@ -96,13 +97,29 @@ pub enum IntFormat {
     /// scales, `d * sc` of the block's two 16-value sub-blocks (exact in f32); a weight is `scale * (q -
     /// 32)`. The canonical term sums the halves: `(dlo*da)*plo + (dhi*da)*phi`.
     Q6K,
-    /// GGUF Q5_1 and Q5_K, held as blocks of 32 unsigned 5-bit values `q` (one per byte, as Q8_0's) with
-    /// an f32 scale and minimum (Q5_1's f16 pair; Q5_K's `d * sc` and `-(dmin * m)` of the sub-block,
-    /// exact in f32): a weight is `scale * q + minimum`, and the canonical sum is Q4_1's.
+    /// GGUF Q5_1 and Q5_K, held as blocks of 32 unsigned 5-bit values `q` (their low nibbles as Q4_1's,
+    /// then 4 bytes of fifth bits, [`super::pack`]) with an f32 scale and minimum (Q5_1's f16 pair;
+    /// Q5_K's `d * sc` and `-(dmin * m)` of the sub-block, exact in f32): a weight is `scale * q +
+    /// minimum`, and the canonical sum is Q4_1's.
     Q5,
 }
 
 impl IntFormat {
+    /// The format `f as u8` was taken from: a kernel generic over `const F: u8` has its format as a
+    /// constant in each copy.
+    #[inline(always)]
+    pub const fn from_id(id: u8) -> Self {
+        match id {
+            0 => Self::Q4_0,
+            1 => Self::Q4_1,
+            2 => Self::Q8_0,
+            3 => Self::Q4K,
+            4 => Self::Q6K,
+            5 => Self::Q5,
+            _ => panic!("not an IntFormat"),
+        }
+    }
+
     /// Bytes per 32-element block (as held: Q4K's scale and minimum as f32).
     pub fn block_bytes(self) -> usize {
         match self {
@@ -111,7 +128,7 @@ impl IntFormat {
             Self::Q8_0 => 34,
             Self::Q4K => 24,
             Self::Q6K => 40,
-            Self::Q5 => 40,
+            Self::Q5 => 28,
         }
     }
 

@@ -177,7 +177,7 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
     s.dw.resize(nb, Line([0; 64]));
     s.mw.resize(nb, Line([0; 64]));
     let low = _mm512_set1_epi8(0x0F);
-    let flip = _mm512_set1_epi8(if unsigned_q8 && f == IntFormat::Q8_0 { -128 } else { 0 });
+    let flip = _mm512_set1_epi8(if unsigned_q8 { -128 } else { 0 });
     let dst = s.w.as_mut_ptr() as *mut __m512i;
     let p = tile.as_ptr();
     for b in 0..nb {
@@ -190,7 +190,30 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
                     _mm512_store_si512(dst.add(b * 8 + 4 + c), _mm512_and_si512(_mm512_srli_epi16::<4>(x), low));
                 }
             }
-            IntFormat::Q8_0 | IntFormat::Q5 => {
+            IntFormat::Q5 => {
+                // the nibbles with their fifth bits at bit 4 (`pack`'s Q5 lines)
+                let five = _mm512_set1_epi8(0x10);
+                let bits = _mm512_loadu_si512(v.add(4) as *const _);
+                macro_rules! put {
+                    ($k:expr, $nibbles:expr, $bits:expr) => {
+                        _mm512_store_si512(dst.add(b * 8 + $k), _mm512_or_si512(_mm512_and_si512($nibbles, low), _mm512_and_si512($bits, five)))
+                    };
+                }
+                macro_rules! x {
+                    ($c:expr) => {
+                        _mm512_loadu_si512(v.add($c) as *const _)
+                    };
+                }
+                put!(0, x!(0), _mm512_slli_epi16::<4>(bits));
+                put!(1, x!(1), _mm512_slli_epi16::<3>(bits));
+                put!(2, x!(2), _mm512_slli_epi16::<2>(bits));
+                put!(3, x!(3), _mm512_slli_epi16::<1>(bits));
+                put!(4, _mm512_srli_epi16::<4>(x!(0)), bits);
+                put!(5, _mm512_srli_epi16::<4>(x!(1)), _mm512_srli_epi16::<1>(bits));
+                put!(6, _mm512_srli_epi16::<4>(x!(2)), _mm512_srli_epi16::<2>(bits));
+                put!(7, _mm512_srli_epi16::<4>(x!(3)), _mm512_srli_epi16::<3>(bits));
+            }
+            IntFormat::Q8_0 => {
                 for k in 0..8 {
                     _mm512_store_si512(dst.add(b * 8 + k), _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), flip));
                 }
