@@ -103,20 +103,11 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
     }
 }
 
-/// The formats as const parameters (the kernels are compiled once per format).
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
-const Q4K: u8 = 3;
-
-const fn format(code: u8) -> IntFormat {
-    match code {
-        Q4_0 => IntFormat::Q4_0,
-        Q4_1 => IntFormat::Q4_1,
-        Q4K => IntFormat::Q4K,
-        _ => IntFormat::Q8_0,
-    }
-}
+/// The formats as const parameters (the kernels are compiled once per format; [`IntFormat::from_id`]).
+const Q4_0: u8 = IntFormat::Q4_0 as u8;
+const Q4_1: u8 = IntFormat::Q4_1 as u8;
+const Q8_0: u8 = IntFormat::Q8_0 as u8;
+const Q4K: u8 = IntFormat::Q4K as u8;
 
 /// The activation rows of a call: the first one (all there is for decode), how many, and their pass
 /// layout when there are several.
@@ -129,7 +120,7 @@ struct Rows<'a> {
 
 #[inline(always)]
 unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: Rows, out: Out) {
-    let f = format(F);
+    let f = IntFormat::from_id(F);
     let (nb, m, tb) = (rb / f.block_bytes(), acts.m, TILE * rb);
     if n == 0 || m == 0 {
         return;
@@ -259,7 +250,12 @@ impl Source for Prepped<'_> {
 #[inline(always)]
 unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts: PassPtrs, out: Out, keep: __mmask16) {
     // h[i] = acc[i] + acc[i + 8], then ((h0 + h4) + (h2 + h6)) + ((h1 + h5) + (h3 + h7))
-    let h: [[__m512; R]; 8] = std::array::from_fn(|i| pair::<F, R, S>(src, nb, i, acts));
+    // (a loop, not `array::from_fn`: a closure would not inherit the target features, and `pair` would
+    // need its own)
+    let mut h = [[_mm512_setzero_ps(); R]; 8];
+    for (i, hi) in h.iter_mut().enumerate() {
+        *hi = pair::<F, R, S>(src, nb, i, acts);
+    }
     let v = add::<R>(add::<R>(add::<R>(h[0], h[4]), add::<R>(h[2], h[6])), add::<R>(add::<R>(h[1], h[5]), add::<R>(h[3], h[7])));
     for (r, v) in v.iter().enumerate() {
         _mm512_mask_storeu_ps(out.row(r), keep, *v);
@@ -270,7 +266,7 @@ unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts:
 /// independent of the others until the reduction: the most work in flight while the weights stream).
 #[inline(always)]
 unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out, keep: __mmask16) {
-    let f = format(F);
+    let f = IntFormat::from_id(F);
     let mut acc = [_mm512_setzero_ps(); GROUP];
     for g0 in (0..nb).step_by(GROUP) {
         macro_rules! block {
@@ -320,16 +316,12 @@ unsafe fn add<const R: usize>(a: [__m512; R], b: [__m512; R]) -> [__m512; R] {
 }
 
 /// `h[i] = acc[i] + acc[i + 8]` of `R` activation rows against the tile's 16 weight rows: lane
-/// accumulators `i` and `i + 8` over their blocks. It carries the kernel's target features because
-/// `pass` calls it from a closure, which has none: as an `#[inline(always)]` function without them its
-/// intrinsics became calls (prefill 40x slower). The `#[inline(never)]` has no effect with rustc 1.95,
-/// which emits no LLVM `noinline` for a `#[target_feature]` function (seen in the LLVM IR of a small
-/// example): LLVM inlines every copy into [`tile`]. With a fifth format (Q6K) it kept all 60 copies out
-/// of line, the other formats' too, even with the fifth format's kernel in a function of its own, and
-/// Q4_1 ran 6-20% slower; forcing them inline (written out, without the closure) made `tile` 1.1 MB
-/// and Q4_1's batched decode 40% slower (BENCHMARKS.md, 2026-12-05).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
-#[inline(never)]
+/// accumulators `i` and `i + 8` over their blocks. Inlined once into the loop of [`pass`] that takes
+/// the eight pairs. Before, `pass` called it from a closure, so it carried the kernel's target features
+/// (an `#[inline(always)]` function without them had its intrinsics become calls there) and LLVM chose
+/// whether to inline it: unrelated changes (a fifth format; Q5's unpacking in the AVX2 kernel) left all
+/// its copies out of line, and Q4_1 ran 6-20% slower on the VNNI level (BENCHMARKS.md, 2026-12-05).
+#[inline(always)]
 unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: usize, acts: PassPtrs) -> [__m512; R] {
     add::<R>(lane::<F, R, S>(src, nb, i, acts), lane::<F, R, S>(src, nb, i + 8, acts))
 }
@@ -337,7 +329,7 @@ unsafe fn pair<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, i: us
 /// Lane accumulator `l` of `R` activation rows against the tile's 16 weight rows.
 #[inline(always)]
 unsafe fn lane<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, l: usize, acts: PassPtrs) -> [__m512; R] {
-    let f = format(F);
+    let f = IntFormat::from_id(F);
     let mut acc = [_mm512_setzero_ps(); R];
     // every row written out (a loop over the rows is not always unrolled, and then the accumulators
     // live in memory)
