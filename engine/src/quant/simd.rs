@@ -47,14 +47,13 @@ pub fn detected() -> Level {
     })
 }
 
-/// The level a matmul of format `f` with `rows` activation rows runs at for `level`: Q6K and Q5 run on
-/// the AVX2 kernel at the AVX-512 levels, but on the AMX kernel for [`AMX_MIN_ROWS`] or more rows. In the
-/// VNNI kernel a fifth format cost the default Q4_1 model 6-20% of its speed on the Zen 4 and Zen 5
-/// hosts (its `pair` function was no longer inlined; BENCHMARKS.md, 2026-12-05).
+/// The level a matmul of format `f` with `rows` activation rows runs at for `level`: Q6K runs on the
+/// AVX2 kernel at the AVX-512 levels (the VNNI kernel's terms take one integer sum per block, its two
+/// halves would need two), but on the AMX kernel for [`AMX_MIN_ROWS`] or more rows.
 pub fn level_for(level: Level, f: IntFormat, rows: usize) -> Level {
     match f {
-        IntFormat::Q6K | IntFormat::Q5 if level == Level::Avx512Amx && rows >= AMX_MIN_ROWS => level,
-        IntFormat::Q6K | IntFormat::Q5 => level.min(Level::Avx2),
+        IntFormat::Q6K if level == Level::Avx512Amx && rows >= AMX_MIN_ROWS => level,
+        IntFormat::Q6K => level.min(Level::Avx2),
         _ => level,
     }
 }

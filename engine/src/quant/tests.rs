@@ -475,8 +475,8 @@ fn q6_k_is_held_as_blocks_of_32_with_the_same_values() {
 
 #[test]
 fn matrices_of_mixed_formats_sharing_an_input_give_each_ones_bits() {
-    // a layer's fused matmuls (q, k, v; gate, up) may mix formats, Q6K and Q5 (Q5_1, Q5_K) among them,
-    // which run on the AVX2 kernel where the others take the AVX-512 ones (AMX takes all six at 16 rows)
+    // a layer's fused matmuls (q, k, v; gate, up) may mix formats, Q6K among them, which runs on the AVX2
+    // kernel where the others take the AVX-512 one (AMX takes all six at 16 rows)
     let k = 512;
     let ws: Vec<QWeight> =
         [(GgmlDType::Q4K, 40), (GgmlDType::Q6K, 24), (GgmlDType::Q4_1, 17), (GgmlDType::Q5_1, 20), (GgmlDType::Q8_0, 16), (GgmlDType::Q5K, 18)]

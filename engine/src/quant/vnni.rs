@@ -99,7 +99,8 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q4K => tiles_as::<Q4K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel (simd::level_for)"),
+        IntFormat::Q5 => tiles_as::<Q5>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
+        IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel (simd::level_for)"),
     }
 }
 
@@ -108,6 +109,7 @@ const Q4_0: u8 = IntFormat::Q4_0 as u8;
 const Q4_1: u8 = IntFormat::Q4_1 as u8;
 const Q8_0: u8 = IntFormat::Q8_0 as u8;
 const Q4K: u8 = IntFormat::Q4K as u8;
+const Q5: u8 = IntFormat::Q5 as u8;
 
 /// The activation rows of a call: the first one (all there is for decode), how many, and their pass
 /// layout when there are several.
@@ -186,7 +188,8 @@ trait Source {
     unsafe fn block(&self, f: IntFormat, b: usize) -> Block;
 }
 
-/// The packed tile itself: nibbles unpacked (Q8_0 values offset by 128) on every read.
+/// The packed tile itself: nibbles (and Q5's fifth bits) unpacked, Q8_0 values offset by 128, on every
+/// read.
 struct Packed {
     p: *const u8,
     nb: usize,
@@ -216,7 +219,8 @@ impl Source for Packed {
                     *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), _mm512_set1_epi8(-128));
                 }
             }
-            IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel"),
+            IntFormat::Q5 => w = wtile::q5_chunks(v),
+            IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel"),
         }
         let dw = wtile::scales16(f, self.p.add(pack::scales_at(f, nb, b)));
         let mw = if f.has_min() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
@@ -369,8 +373,8 @@ unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32
     match f {
         IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 3)),
         IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 7)),
-        IntFormat::Q4_1 | IntFormat::Q4K => {}
-        IntFormat::Q6K | IntFormat::Q5 => unreachable!("Q6K and Q5 run on the AVX2 kernel"),
+        IntFormat::Q4_1 | IntFormat::Q4K | IntFormat::Q5 => {}
+        IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel"),
     }
     let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(d)), _mm512_cvtepi32_ps(p));
     if f.has_min() {

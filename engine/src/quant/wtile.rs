@@ -165,6 +165,38 @@ pub unsafe fn scales16(f: IntFormat, p: *const u8) -> __m512 {
     }
 }
 
+/// The 8 value chunks of a Q5 block whose lines start at `v`: the nibbles with their fifth bits at bit 4
+/// ([`pack`]'s Q5 lines; 16-bit shifts move no bit from one byte to bit 4 of another).
+///
+/// # Safety
+/// The CPU has AVX-512 F and BW; `v` points at the block's 5 lines.
+#[inline(always)]
+pub unsafe fn q5_chunks(v: *const __m512i) -> [__m512i; 8] {
+    let (low, five) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x10));
+    let bits = _mm512_loadu_si512(v.add(4) as *const _);
+    // (macros, not closures: a closure does not inherit the target features)
+    macro_rules! put {
+        ($nibbles:expr, $bits:expr) => {
+            _mm512_or_si512(_mm512_and_si512($nibbles, low), _mm512_and_si512($bits, five))
+        };
+    }
+    macro_rules! x {
+        ($c:expr) => {
+            _mm512_loadu_si512(v.add($c) as *const _)
+        };
+    }
+    [
+        put!(x!(0), _mm512_slli_epi16::<4>(bits)),
+        put!(x!(1), _mm512_slli_epi16::<3>(bits)),
+        put!(x!(2), _mm512_slli_epi16::<2>(bits)),
+        put!(x!(3), _mm512_slli_epi16::<1>(bits)),
+        put!(_mm512_srli_epi16::<4>(x!(0)), bits),
+        put!(_mm512_srli_epi16::<4>(x!(1)), _mm512_srli_epi16::<1>(bits)),
+        put!(_mm512_srli_epi16::<4>(x!(2)), _mm512_srli_epi16::<2>(bits)),
+        put!(_mm512_srli_epi16::<4>(x!(3)), _mm512_srli_epi16::<3>(bits)),
+    ]
+}
+
 /// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`; Q8_0 values offset
 /// by 128 (unsigned) when `unsigned_q8`.
 ///
@@ -191,27 +223,9 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
                 }
             }
             IntFormat::Q5 => {
-                // the nibbles with their fifth bits at bit 4 (`pack`'s Q5 lines)
-                let five = _mm512_set1_epi8(0x10);
-                let bits = _mm512_loadu_si512(v.add(4) as *const _);
-                macro_rules! put {
-                    ($k:expr, $nibbles:expr, $bits:expr) => {
-                        _mm512_store_si512(dst.add(b * 8 + $k), _mm512_or_si512(_mm512_and_si512($nibbles, low), _mm512_and_si512($bits, five)))
-                    };
+                for (k, wk) in q5_chunks(v).into_iter().enumerate() {
+                    _mm512_store_si512(dst.add(b * 8 + k), wk);
                 }
-                macro_rules! x {
-                    ($c:expr) => {
-                        _mm512_loadu_si512(v.add($c) as *const _)
-                    };
-                }
-                put!(0, x!(0), _mm512_slli_epi16::<4>(bits));
-                put!(1, x!(1), _mm512_slli_epi16::<3>(bits));
-                put!(2, x!(2), _mm512_slli_epi16::<2>(bits));
-                put!(3, x!(3), _mm512_slli_epi16::<1>(bits));
-                put!(4, _mm512_srli_epi16::<4>(x!(0)), bits);
-                put!(5, _mm512_srli_epi16::<4>(x!(1)), _mm512_srli_epi16::<1>(bits));
-                put!(6, _mm512_srli_epi16::<4>(x!(2)), _mm512_srli_epi16::<2>(bits));
-                put!(7, _mm512_srli_epi16::<4>(x!(3)), _mm512_srli_epi16::<3>(bits));
             }
             IntFormat::Q8_0 => {
                 for k in 0..8 {
