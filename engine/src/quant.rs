@@ -416,7 +416,6 @@ impl QWeight {
             panic!("{} ({:?}) does not take 8-bit activations", self.name, self.dtype);
         };
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
-        let level = simd::level_for(level, f, rows.len());
         let acts = simd::Acts::new(level, rows);
         // SAFETY: as promised by `columns`; `acts` was made for `level`
         columns(self.rows, rows.len(), out, |cols, out| unsafe {

@@ -47,17 +47,6 @@ pub fn detected() -> Level {
     })
 }
 
-/// The level a matmul of format `f` with `rows` activation rows runs at for `level`: Q6K runs on the
-/// AVX2 kernel at the AVX-512 levels (the VNNI kernel's terms take one integer sum per block, its two
-/// halves would need two), but on the AMX kernel for [`AMX_MIN_ROWS`] or more rows.
-pub fn level_for(level: Level, f: IntFormat, rows: usize) -> Level {
-    match f {
-        IntFormat::Q6K if level == Level::Avx512Amx && rows >= AMX_MIN_ROWS => level,
-        IntFormat::Q6K => level.min(Level::Avx2),
-        _ => level,
-    }
-}
-
 /// Every level this CPU can run (for tests).
 pub fn supported() -> Vec<Level> {
     [Level::Scalar, Level::Avx2, Level::Avx512Vnni, Level::Avx512Amx].into_iter().filter(|&l| l <= best_supported()).collect()
@@ -246,10 +235,9 @@ impl<'a> Acts<'a> {
 ///
 /// # Safety
 /// `w` holds `n.div_ceil(16)` whole tiles; `out` covers `n` columns of `acts.rows.len()` rows that only
-/// this call writes; `acts` was made for `level`. The kernel is `level_for(level, f, rows)`'s: a group
-/// of matrices with one input shares one `acts` whatever their formats.
+/// this call writes; `acts` was made for `level` (a group of matrices with one input shares one `acts`
+/// whatever their formats).
 pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, n: usize, acts: &Acts, out: Out) {
-    let level = level_for(level, f, acts.rows.len());
     #[cfg(target_arch = "x86_64")]
     if let (Level::Avx512Amx, Some(t)) = (level, &acts.tiles) {
         return super::amx::tile(f, w, row_bytes, n, t, out);

@@ -38,18 +38,20 @@ thread_local! {
 
 /// Activation rows laid out for the passes, once per matmul: pass `p` holds rows `p * ROWS..` (at most
 /// [`ROWS`]) block after block, each block's rows side by side (values `[b][r][32]`, then `d`, `s` and
-/// `sums` as `[b][r]`), so a pass reaches every row from one base at fixed offsets.
+/// `sums` and `lo_sums` as `[b][r]`), so a pass reaches every row from one base at fixed offsets.
 pub struct PassRows {
     qs: AlignedBytes,
     d: Vec<f32>,
     s: Vec<f32>,
     sums: Vec<i32>,
+    lo_sums: Vec<i32>,
 }
 
 impl PassRows {
     pub fn new(rows: &[Q8Row]) -> Self {
         let (nb, m) = (rows.first().map_or(0, Q8Row::blocks), rows.len());
-        let mut p = PassRows { qs: AlignedBytes::default(), d: vec![0.0; m * nb], s: vec![0.0; m * nb], sums: vec![0; m * nb] };
+        let mut p =
+            PassRows { qs: AlignedBytes::default(), d: vec![0.0; m * nb], s: vec![0.0; m * nb], sums: vec![0; m * nb], lo_sums: vec![0; m * nb] };
         p.qs.reset_zeroed(m * nb * QK);
         for (i, row) in rows.iter().enumerate() {
             let (p0, r) = (i / ROWS * ROWS, i % ROWS);
@@ -57,7 +59,7 @@ impl PassRows {
             for b in 0..nb {
                 let at = p0 * nb + b * n + r;
                 p.qs[at * QK..(at + 1) * QK].copy_from_slice(&row.qs[pack::act_index(b, 0)..pack::act_index(b + 1, 0)]);
-                (p.d[at], p.s[at], p.sums[at]) = (row.d[b], row.s[b], row.sums[b]);
+                (p.d[at], p.s[at], p.sums[at], p.lo_sums[at]) = (row.d[b], row.s[b], row.sums[b], row.lo_sums[b]);
             }
         }
         p
@@ -66,17 +68,25 @@ impl PassRows {
     /// The pass starting at row `r0` of rows with `nb` blocks.
     fn pass(&self, r0: usize, nb: usize) -> PassPtrs {
         let at = r0 * nb;
-        PassPtrs { qs: self.qs[at * QK..].as_ptr(), d: self.d[at..].as_ptr(), s: self.s[at..].as_ptr(), sums: self.sums[at..].as_ptr() }
+        PassPtrs {
+            qs: self.qs[at * QK..].as_ptr(),
+            d: self.d[at..].as_ptr(),
+            s: self.s[at..].as_ptr(),
+            sums: self.sums[at..].as_ptr(),
+            lo_sums: self.lo_sums[at..].as_ptr(),
+        }
     }
 }
 
-/// One pass's rows in [`PassRows`]: its first values, scales, scaled sums and integer sums.
+/// One pass's rows in [`PassRows`]: its first values, scales, scaled sums and integer sums (of the blocks
+/// and of their first halves).
 #[derive(Clone, Copy)]
 struct PassPtrs {
     qs: *const i8,
     d: *const f32,
     s: *const f32,
     sums: *const i32,
+    lo_sums: *const i32,
 }
 
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
@@ -100,7 +110,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
         IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q4K => tiles_as::<Q4K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
         IntFormat::Q5 => tiles_as::<Q5>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel (simd::level_for)"),
+        IntFormat::Q6K => tiles_as::<Q6K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
     }
 }
 
@@ -110,6 +120,7 @@ const Q4_1: u8 = IntFormat::Q4_1 as u8;
 const Q8_0: u8 = IntFormat::Q8_0 as u8;
 const Q4K: u8 = IntFormat::Q4K as u8;
 const Q5: u8 = IntFormat::Q5 as u8;
+const Q6K: u8 = IntFormat::Q6K as u8;
 
 /// The activation rows of a call: the first one (all there is for decode), how many, and their pass
 /// layout when there are several.
@@ -220,10 +231,14 @@ impl Source for Packed {
                 }
             }
             IntFormat::Q5 => w = wtile::q5_chunks(v),
-            IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel"),
+            IntFormat::Q6K => {
+                for (k, wk) in w.iter_mut().enumerate() {
+                    *wk = _mm512_loadu_si512(v.add(k) as *const _);
+                }
+            }
         }
         let dw = wtile::scales16(f, self.p.add(pack::scales_at(f, nb, b)));
-        let mw = if f.has_min() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
+        let mw = if f.two_scales() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
         Block { w, dw, mw }
     }
 }
@@ -244,7 +259,7 @@ impl Source for Prepped<'_> {
             *wk = _mm512_load_si512(v.add(k));
         }
         let dw = _mm512_load_ps(self.t.scales(b));
-        let mw = if f.has_min() { _mm512_load_ps(self.t.minimums(b)) } else { _mm512_setzero_ps() };
+        let mw = if f.two_scales() { _mm512_load_ps(self.t.minimums(b)) } else { _mm512_setzero_ps() };
         Block { w, dw, mw }
     }
 }
@@ -277,7 +292,7 @@ unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out
             ($l:literal) => {
                 if g0 + $l < nb {
                     let b = g0 + $l;
-                    let t = term(f, &src.block(f, b), x.qs.as_ptr().add(pack::act_index(b, 0)), x.d[b], x.s[b], x.sums[b]);
+                    let t = term(f, &src.block(f, b), x.qs.as_ptr().add(pack::act_index(b, 0)), x.d[b], x.s[b], x.sums[b], x.lo_sums[b]);
                     acc[$l] = _mm512_add_ps(acc[$l], t);
                 }
             };
@@ -342,7 +357,7 @@ unsafe fn lane<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, l: us
             $(
                 if $r < R {
                     let at = $b * R + $r;
-                    let t = term(f, $blk, acts.qs.add(at * QK), *acts.d.add(at), *acts.s.add(at), *acts.sums.add(at));
+                    let t = term(f, $blk, acts.qs.add(at * QK), *acts.d.add(at), *acts.s.add(at), *acts.sums.add(at), *acts.lo_sums.add(at));
                     acc[$r] = _mm512_add_ps(acc[$r], t);
                 }
             )*
@@ -359,9 +374,27 @@ unsafe fn lane<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, l: us
 }
 
 /// A block's canonical term for the tile's 16 weight rows and one activation row: its values at `a`,
-/// its scale `d`, scaled sum `s` and integer sum `sum`.
+/// its scale `d`, scaled sum `s` and integer sum `sum` (`lo` of its first 16 values).
 #[inline(always)]
-unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32) -> __m512 {
+unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32, lo: i32) -> __m512 {
+    if f == IntFormat::Q6K {
+        // unsigned 6-bit weights, each half's sum on its own (chunks 0..4 are values 0..16), less 32 x
+        // its activations' sum; the halves' scales in the scales' and minimums' places (a macro, not a
+        // closure: a closure does not inherit the target features)
+        macro_rules! half {
+            ($k0:literal) => {{
+                let i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[$k0], chunk(a, $k0));
+                let i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[$k0 + 1], chunk(a, $k0 + 1));
+                let i0 = _mm512_dpbusd_epi32(i0, blk.w[$k0 + 2], chunk(a, $k0 + 2));
+                _mm512_add_epi32(i0, _mm512_dpbusd_epi32(i1, blk.w[$k0 + 3], chunk(a, $k0 + 3)))
+            }};
+        }
+        let plo = _mm512_sub_epi32(half!(0), _mm512_set1_epi32(lo << 5));
+        let phi = _mm512_sub_epi32(half!(4), _mm512_set1_epi32((sum - lo) << 5));
+        let da = _mm512_set1_ps(d);
+        let tlo = _mm512_mul_ps(_mm512_mul_ps(blk.dw, da), _mm512_cvtepi32_ps(plo));
+        return _mm512_add_ps(tlo, _mm512_mul_ps(_mm512_mul_ps(blk.mw, da), _mm512_cvtepi32_ps(phi)));
+    }
     let mut i0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[0], chunk(a, 0));
     let mut i1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), blk.w[1], chunk(a, 1));
     for k in (2..8).step_by(2) {
@@ -374,7 +407,7 @@ unsafe fn term(f: IntFormat, blk: &Block, a: *const i8, d: f32, s: f32, sum: i32
         IntFormat::Q4_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 3)),
         IntFormat::Q8_0 => p = _mm512_sub_epi32(p, _mm512_set1_epi32(sum << 7)),
         IntFormat::Q4_1 | IntFormat::Q4K | IntFormat::Q5 => {}
-        IntFormat::Q6K => unreachable!("Q6K runs on the AVX2 kernel"),
+        IntFormat::Q6K => unreachable!("Q6K's term is above"),
     }
     let term = _mm512_mul_ps(_mm512_mul_ps(blk.dw, _mm512_set1_ps(d)), _mm512_cvtepi32_ps(p));
     if f.has_min() {

@@ -197,19 +197,20 @@ pub unsafe fn q5_chunks(v: *const __m512i) -> [__m512i; 8] {
     ]
 }
 
-/// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`; Q8_0 values offset
-/// by 128 (unsigned) when `unsigned_q8`.
+/// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`. With `unsigned`
+/// (`dpbusd`'s operand) Q8_0 values are offset by 128 and Q6K's kept as they are; without, Q8_0 values
+/// are kept and Q6K's less 32 (signed, for `tdpbssd`).
 ///
 /// # Safety
 /// The CPU has AVX-512 (F, BW) and F16C; `tile` is one whole tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &mut WeightTile) {
+pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned: bool, s: &mut WeightTile) {
     debug_assert_eq!(tile.len(), T * nb * f.block_bytes());
     s.w.resize(nb * 8, Line([0; 64]));
     s.dw.resize(nb, Line([0; 64]));
     s.mw.resize(nb, Line([0; 64]));
     let low = _mm512_set1_epi8(0x0F);
-    let flip = _mm512_set1_epi8(if unsigned_q8 { -128 } else { 0 });
+    let flip = _mm512_set1_epi8(if unsigned { -128 } else { 0 });
     let dst = s.w.as_mut_ptr() as *mut __m512i;
     let p = tile.as_ptr();
     for b in 0..nb {
@@ -233,8 +234,7 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned_q8: bool, s: &
                 }
             }
             IntFormat::Q6K => {
-                // as signed bytes, less 32
-                let off = _mm512_set1_epi8(32);
+                let off = _mm512_set1_epi8(if unsigned { 0 } else { 32 });
                 for k in 0..8 {
                     _mm512_store_si512(dst.add(b * 8 + k), _mm512_sub_epi8(_mm512_loadu_si512(v.add(k) as *const _), off));
                 }
@@ -264,10 +264,10 @@ mod tests {
                     // 6-bit values, as a held tile has
                     tile[..T * nb * pack::value_bytes(f)].iter_mut().for_each(|v| *v &= 63);
                 }
-                for unsigned_q8 in [false, true] {
+                for unsigned in [false, true] {
                     let mut t = WeightTile::default();
                     // SAFETY: the CPU has the features (checked above), `tile` is one tile
-                    unsafe { prep(f, &tile, nb, unsigned_q8, &mut t) };
+                    unsafe { prep(f, &tile, nb, unsigned, &mut t) };
                     let floats = |v: &[Line], b: usize| {
                         v[b].0.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).to_bits()).collect::<Vec<_>>()
                     };
@@ -276,12 +276,12 @@ mod tests {
                             for j in 0..32 {
                                 let want = pack::weight_value(f, &tile, n, b, j);
                                 let want = match f {
-                                    IntFormat::Q8_0 if unsigned_q8 => want + 128,
-                                    IntFormat::Q6K => want - 32,
+                                    IntFormat::Q8_0 if unsigned => want + 128,
+                                    IntFormat::Q6K if !unsigned => want - 32,
                                     _ => want,
                                 };
                                 let got = t.w[b * 8 + j / 4].0[4 * n + j % 4];
-                                let signed = (f == IntFormat::Q8_0 && !unsigned_q8) || f == IntFormat::Q6K;
+                                let signed = matches!(f, IntFormat::Q8_0 | IntFormat::Q6K) && !unsigned;
                                 let got = if signed { got as i8 as i32 } else { got as i32 };
                                 assert_eq!(got, want, "{f:?} nb={nb} block {b} row {n} value {j}");
                             }
