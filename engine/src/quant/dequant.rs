@@ -125,9 +125,7 @@ pub(crate) fn q5_held(b: &[u8], y: &mut [f32]) {
     let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     let m = f32::from_le_bytes([b[4], b[5], b[6], b[7]]);
     for (j, v) in y[..32].iter_mut().enumerate() {
-        let low = if j < 16 { b[8 + j] & 0xF } else { b[8 + j - 16] >> 4 };
-        let q = low | (((b[24 + j % 4] >> (j / 4)) & 1) << 4);
-        *v = q as f32 * d + m;
+        *v = super::pack::q5_value(b[8 + j % 16], b[24 + j % 4], j) as f32 * d + m;
     }
 }
 

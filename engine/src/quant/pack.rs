@@ -146,13 +146,17 @@ pub fn weight_value(f: IntFormat, tile: &[u8], n: usize, b: usize, j: usize) -> 
             (if j < 16 { byte & 0x0F } else { byte >> 4 }) as i32
         }
         IntFormat::Q8_0 => tile[v + j / 4 * 64 + 4 * n + j % 4] as i8 as i32,
-        IntFormat::Q5 => {
-            let byte = tile[v + (j % 16) / 4 * 64 + 4 * n + j % 4];
-            let low = if j < 16 { byte & 0x0F } else { byte >> 4 };
-            (low | (((tile[v + 4 * 64 + 4 * n + j % 4] >> (j / 4)) & 1) << 4)) as i32
-        }
+        IntFormat::Q5 => q5_value(tile[v + (j % 16) / 4 * 64 + 4 * n + j % 4], tile[v + 4 * 64 + 4 * n + j % 4], j) as i32,
         IntFormat::Q6K => tile[v + j / 4 * 64 + 4 * n + j % 4] as i32,
     }
+}
+
+/// Q5 value `j` (0..32) from the byte of nibbles holding it (its low nibble for `j < 16`, else its high
+/// one) and the byte of fifth bits holding its own (bit `j / 4`).
+#[inline(always)]
+pub fn q5_value(nibbles: u8, fifth_bits: u8, j: usize) -> u8 {
+    let low = if j < 16 { nibbles & 0x0F } else { nibbles >> 4 };
+    low | (((fifth_bits >> (j / 4)) & 1) << 4)
 }
 
 /// Position of value `j` (0..32) of block `b` in an activation row.

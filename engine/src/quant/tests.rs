@@ -475,8 +475,8 @@ fn q6_k_is_held_as_blocks_of_32_with_the_same_values() {
 
 #[test]
 fn matrices_of_mixed_formats_sharing_an_input_give_each_ones_bits() {
-    // a layer's fused matmuls (q, k, v; gate, up) may mix formats, Q6K among them, which runs on the AVX2
-    // kernel where the others take the AVX-512 one (AMX takes all six at 16 rows)
+    // a layer's fused matmuls (q, k, v; gate, up) may mix formats (llama.cpp's K-quant mixes do), and
+    // one call multiplies them all against one layout of the rows
     let k = 512;
     let ws: Vec<QWeight> =
         [(GgmlDType::Q4K, 40), (GgmlDType::Q6K, 24), (GgmlDType::Q4_1, 17), (GgmlDType::Q5_1, 20), (GgmlDType::Q8_0, 16), (GgmlDType::Q5K, 18)]
@@ -494,5 +494,14 @@ fn matrices_of_mixed_formats_sharing_an_input_give_each_ones_bits() {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(got), bits(&want), "{:?} m={m}", w.dtype);
         }
+    }
+}
+
+#[test]
+fn every_int_format_comes_back_from_its_id() {
+    // the SIMD kernels are generic over `const F: u8` and take their format back with `from_id`
+    use super::simd::IntFormat;
+    for f in [IntFormat::Q4_0, IntFormat::Q4_1, IntFormat::Q8_0, IntFormat::Q4K, IntFormat::Q6K, IntFormat::Q5] {
+        assert_eq!(IntFormat::from_id(f as u8), f);
     }
 }

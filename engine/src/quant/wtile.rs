@@ -3,9 +3,10 @@
 //! kernels share.
 //!
 //! Block `b` is 8 lines of 64 bytes: line `k` holds value chunk `k` (values `4k..4k+4`) of the 16 rows,
-//! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q5's (AMX only) as unsigned bytes, Q8_0's
-//! as signed bytes or, for `dpbusd`, offset by 128); its scales and (Q4_1, Q4K, Q5) minimums are 16 f32
-//! lanes, row `n` in lane `n`. The zero rows that pad a matrix's last tile have zero scales.
+//! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q5's as unsigned bytes, Q8_0's and Q6K's
+//! as signed bytes or, for `dpbusd`, unsigned: [`prep`]); its scales and (Q4_1, Q4K, Q5) minimums or
+//! (Q6K) second scales are 16 f32 lanes, row `n` in lane `n`. The zero rows that pad a matrix's last tile
+//! have zero scales.
 
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
@@ -152,7 +153,7 @@ impl Prefetch {
     }
 }
 
-/// The 16 scales (or minimums) at `p`: f16, Q4K's and Q5's f32.
+/// The 16 scales (or minimums) at `p`: f16, Q4K's, Q5's and Q6K's f32.
 ///
 /// # Safety
 /// The CPU has AVX-512 F and F16C; `p` points at 16 of them.
