@@ -43,8 +43,8 @@ fn matmul(c: &mut Criterion) {
 fn by_format(c: &mut Criterion) {
     // the other formats through `QWeight::matmul` (activations quantized inside), at ffn_down's shape:
     // a llama.cpp Q4_K_M file of SmolLM2-135M holds Q4_K and Q6_K there (its other matrices' rows, 576
-    // wide, fall back to Q5_0 and Q8_0); Q4_K runs on every level's kernel, Q6_K and Q5_1 (held as Q5)
-    // on the AVX2 kernel at the AVX-512 levels too
+    // wide, fall back to Q5_0 and Q8_0), and a Q5_K_M file Q5_1 (held as Q5); every level has a kernel
+    // for each of them
     let one = flotilla_engine::pool::Pool::new(1);
     for (dtype, n, k) in [(GgmlDType::Q4K, 576, 1536), (GgmlDType::Q6K, 576, 1536), (GgmlDType::Q5_1, 576, 1536)] {
         let w = weight(dtype, n, k);
