@@ -89,7 +89,9 @@ thread_local! {
 /// of SmolLM2 multiplies about 10,000 (tile, row) pairs between two layers' attention, so 8 lines each
 /// cover a layer's caches (2-4 MB at 50-80 positions) with room to spare. On the Zen 4 VM (one thread),
 /// 48 lines per 6-row pass did as well as 64 and better than 32; 256 at once between tiles, or
-/// `prefetcht0`, did no better. (Not in the AMX kernel: not measured on an AMX host.)
+/// `prefetcht0`, did no better. Not in the AMX kernel: on an Emerald Rapids AMX host (300 MB of L3, which
+/// holds the caches anyway), the same 8 lines per weight tile and activation row made 32-sequence batched
+/// decode 6% slower (BENCHMARKS.md, 2026-12-05).
 const AHEAD_LINES: usize = 8;
 
 /// Replaces this thread's queue of memory to prefetch during batched matmuls with `ranges` (start and
