@@ -268,14 +268,23 @@ impl Source for Prepped<'_> {
 /// `out.row(r)`, the lanes in `keep`.
 #[inline(always)]
 unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts: PassPtrs, out: Out, keep: __mmask16) {
-    // h[i] = acc[i] + acc[i + 8], then ((h0 + h4) + (h2 + h6)) + ((h1 + h5) + (h3 + h7))
-    // (a loop, not `array::from_fn`: a closure would not inherit the target features, and `pair` would
-    // need its own)
-    let mut h = [[_mm512_setzero_ps(); R]; 8];
-    for (i, hi) in h.iter_mut().enumerate() {
-        *hi = pair::<F, R, S>(src, nb, i, acts);
+    // h[i] = acc[i] + acc[i + 8], then ((h0 + h4) + (h2 + h6)) + ((h1 + h5) + (h3 + h7)), the pairs
+    // taken in that order so each sum is formed as soon as its two terms are: three partial sums live
+    // instead of all eight pairs (48 registers at 6 rows, kept on the stack and zeroed there by a
+    // `memset` for every pass: 6.7% of a batched step on Zen 4). A loop, not eight copies of `pair`
+    // (nor `array::from_fn`: a closure would not inherit the target features).
+    let zero = [_mm512_setzero_ps(); R];
+    let (mut first, mut half, mut left) = (zero, zero, zero);
+    let mut v = zero;
+    for (k, i) in [0, 4, 2, 6, 1, 5, 3, 7].into_iter().enumerate() {
+        let h = pair::<F, R, S>(src, nb, i, acts);
+        match k {
+            0 | 2 | 4 | 6 => first = h,
+            1 | 5 => half = add::<R>(first, h),
+            3 => left = add::<R>(half, add::<R>(first, h)),
+            _ => v = add::<R>(left, add::<R>(half, add::<R>(first, h))),
+        }
     }
-    let v = add::<R>(add::<R>(add::<R>(h[0], h[4]), add::<R>(h[2], h[6])), add::<R>(add::<R>(h[1], h[5]), add::<R>(h[3], h[7])));
     for (r, v) in v.iter().enumerate() {
         _mm512_mask_storeu_ps(out.row(r), keep, *v);
     }
