@@ -14,7 +14,10 @@
 //! Tiles: `tmm0` the 16x16 `i32` products, `tmm1` 16 activation rows of one block (32 signed bytes
 //! each, in value order), `tmm2` one block of 16 weight rows (8 rows of 16 x 4 bytes: value `4k + j` of
 //! weight row `n` at `k * 64 + 4n + j`; Q4 weights as unsigned nibbles, Q5's as unsigned bytes, Q8_0's as
-//! signed bytes). Q6K's two scales per block take two products of `K = 16` per block, one per 16-value
+//! signed bytes). That is [`super::pack`]'s layout of Q8_0 values, so Q8_0 tiles are loaded from the
+//! packed weights as they are; the other formats' values are unpacked once per weight tile
+//! ([`wtile::prep`]). Every format's scales and minimums are read from the packed tile (unpacking them
+//! too cost 2 of the 10 stores per block). Q6K's two scales per block take two products of `K = 16` per block, one per 16-value
 //! half (its values less 32 as signed bytes), and its term sums the halves as the reference does. The
 //! instructions are written in `asm!` (the AMX intrinsics are not stable Rust); Linux hands out the tile
 //! state only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once by [`available`].
@@ -25,7 +28,7 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use super::dot::Q8Row;
-use super::pack::{act_index, GROUP, QK};
+use super::pack::{self, act_index, GROUP, QK};
 use super::simd::{IntFormat, Out};
 use super::wtile::{self, Line, Prefetch, WeightTile, T};
 
@@ -193,14 +196,26 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, tiles: &Tiles, o
         // lines per block (all at once would stall on the fill buffers)
         let next = &w[((j0 + T) * rb).min(w.len())..((j0 + 2 * T) * rb).min(w.len())];
         let mut pf = Prefetch::new(next, nb * tiles.m.div_ceil(T));
-        wtile::prep(f, &w[j0 * rb..(j0 + T) * rb], nb, false, &mut s.wt);
+        let tile = &w[j0 * rb..(j0 + T) * rb];
+        // Q8_0's packed values are already the weight tiles' layout, signed; the other formats' are
+        // unpacked (the scales are read from the packed tile by every format)
+        let values = if f == IntFormat::Q8_0 {
+            tile.as_ptr()
+        } else {
+            wtile::prep(f, tile, nb, false, false, &mut s.wt);
+            s.wt.w.as_ptr() as *const u8
+        };
         for t in 0..tiles.m.div_ceil(T) {
             let mt = (tiles.m - t * T).min(T);
             let at = out.offset(t * T, j0);
-            if halves {
-                tile_product::<2>(f, tiles, t, mt, nw, s, &mut pf, at);
-            } else {
-                tile_product::<1>(f, tiles, t, mt, nw, s, &mut pf, at);
+            // (Q6K, and only Q6K, takes two products per block)
+            match f {
+                IntFormat::Q4_0 => tile_product::<1, { IntFormat::Q4_0 as u8 }>(tiles, t, mt, nw, values, tile.as_ptr(), s, &mut pf, at),
+                IntFormat::Q4_1 => tile_product::<1, { IntFormat::Q4_1 as u8 }>(tiles, t, mt, nw, values, tile.as_ptr(), s, &mut pf, at),
+                IntFormat::Q8_0 => tile_product::<1, { IntFormat::Q8_0 as u8 }>(tiles, t, mt, nw, values, tile.as_ptr(), s, &mut pf, at),
+                IntFormat::Q4K => tile_product::<1, { IntFormat::Q4K as u8 }>(tiles, t, mt, nw, values, tile.as_ptr(), s, &mut pf, at),
+                IntFormat::Q5 => tile_product::<1, { IntFormat::Q5 as u8 }>(tiles, t, mt, nw, values, tile.as_ptr(), s, &mut pf, at),
+                IntFormat::Q6K => tile_product::<2, { IntFormat::Q6K as u8 }>(tiles, t, mt, nw, values, tile.as_ptr(), s, &mut pf, at),
             }
         }
     }
@@ -259,19 +274,31 @@ unsafe fn store(c: *mut u8, k0: usize, n: usize) {
     put!(3, "tmm5");
 }
 
-/// The results of activation tile `t` (`mt` valid rows) against the prepared weight tile (`nw` valid
-/// rows), into `out` (row 0, weight row 0 of the tile), with `U` tile products per block (2: Q6K's
-/// halves). The products of the next blocks run on the tile unit while the vector units scale the
+/// The results of activation tile `t` (`mt` valid rows) against a weight tile (`nw` valid rows; its
+/// values laid out for the tile loads at `wt`, the packed tile with its scales at `tile`), into `out`
+/// (row 0, weight row 0 of the tile), with `U` tile products per block (2: Q6K's halves). The format
+/// `F` (`IntFormat as u8`) is a const parameter: as an argument, LLVM compiled one scaling loop for all
+/// formats, with a jump on the format in every block and its 16 accumulators spilled to the stack. The products of the next blocks run on the tile unit while the vector units scale the
 /// previous ones. Blocks go in lane order (`s.order`), so the 16 rows' accumulators of one lane stay in
 /// registers over all its blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_product<const U: usize>(f: IntFormat, tiles: &Tiles, t: usize, mt: usize, nw: usize, s: &mut Scratch, pf: &mut Prefetch, out: Out) {
+unsafe fn tile_product<const U: usize, const F: u8>(
+    tiles: &Tiles,
+    t: usize,
+    mt: usize,
+    nw: usize,
+    wt: *const u8,
+    tile: *const u8,
+    s: &mut Scratch,
+    pf: &mut Prefetch,
+    out: Out,
+) {
+    let f = IntFormat::from_id(F);
     let nb = tiles.nb;
     let a = (tiles.values.as_ptr() as *const u8).add(t * nb * T * QK);
     let (d, sa, sums) = (tiles.d.as_ptr().add(t * nb * T), tiles.s.as_ptr().add(t * nb * T), tiles.sums.as_ptr().add(t * nb * T));
     let c = s.c.as_mut_ptr() as *mut u8;
-    let wt = s.wt.w.as_ptr() as *const u8;
     let lanes = s.acc.as_mut_ptr() as *mut __m512;
     let order = &s.order[..nb];
     // Q6K's weights were taken less 32 (signed), as Q8_0's
@@ -306,8 +333,8 @@ unsafe fn tile_product<const U: usize>(f: IntFormat, tiles: &Tiles, t: usize, mt
             }
             pf.some();
             let cb = buf.add(k * U * 1024);
-            let dw = _mm512_load_ps(s.wt.scales(b));
-            let mw = _mm512_load_ps(s.wt.minimums(b));
+            let dw = wtile::scales16(f, tile.add(pack::scales_at(f, nb, b)));
+            let mw = if f.two_scales() { wtile::scales16(f, tile.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
             let at = b * T;
             if U == 2 {
                 // Q6K: `(dlo*da)*plo + (dhi*da)*phi`, the halves' scales in the scales' and minimums' places

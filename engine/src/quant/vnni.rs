@@ -153,7 +153,7 @@ unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: Rows, out: 
     for j0 in (0..n).step_by(TILE) {
         let t = j0 / TILE;
         let next = &w[((t + 1) * tb).min(w.len())..((t + 2) * tb).min(w.len())];
-        wtile::prep(f, &w[t * tb..(t + 1) * tb], nb, true, &mut wt);
+        wtile::prep(f, &w[t * tb..(t + 1) * tb], nb, true, true, &mut wt);
         // the next tile a few lines per block read, over every pass
         let pf = Prefetch::new(next, nb * m.div_ceil(ROWS));
         rows::<F, Prepped>(&Prepped { t: &wt, pf }, nb, acts, out, j0, n);

@@ -200,14 +200,14 @@ pub unsafe fn q5_chunks(v: *const __m512i) -> [__m512i; 8] {
     ]
 }
 
-/// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`. With `unsigned`
-/// (`dpbusd`'s operand) Q8_0 values are offset by 128 and Q6K's kept as they are; without, Q8_0 values
-/// are kept and Q6K's less 32 (signed, for `tdpbssd`).
+/// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`, the scales and
+/// minimums too with `scales`. With `unsigned` (`dpbusd`'s operand) Q8_0 values are offset by 128 and
+/// Q6K's kept as they are; without, Q8_0 values are kept and Q6K's less 32 (signed, for `tdpbssd`).
 ///
 /// # Safety
 /// The CPU has AVX-512 (F, BW) and F16C; `tile` is one whole tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned: bool, s: &mut WeightTile) {
+pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned: bool, scales: bool, s: &mut WeightTile) {
     debug_assert_eq!(tile.len(), T * nb * f.block_bytes());
     s.w.resize(nb * 8, Line([0; 64]));
     s.dw.resize(nb, Line([0; 64]));
@@ -243,6 +243,9 @@ pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned: bool, s: &mut
                 }
             }
         }
+        if !scales {
+            continue;
+        }
         _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::scales_at(f, nb, b))));
         if f.two_scales() {
             _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::minimums_at(f, nb, b))));
@@ -270,7 +273,7 @@ mod tests {
                 for unsigned in [false, true] {
                     let mut t = WeightTile::default();
                     // SAFETY: the CPU has the features (checked above), `tile` is one tile
-                    unsafe { prep(f, &tile, nb, unsigned, &mut t) };
+                    unsafe { prep(f, &tile, nb, unsigned, true, &mut t) };
                     let floats = |v: &[Line], b: usize| {
                         v[b].0.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).to_bits()).collect::<Vec<_>>()
                     };
