@@ -17,10 +17,11 @@
 //! signed bytes). That is [`super::pack`]'s layout of Q8_0 values, so Q8_0 tiles are loaded from the
 //! packed weights as they are; the other formats' values are unpacked once per weight tile
 //! ([`wtile::prep`]). Every format's scales and minimums are read from the packed tile (unpacking them
-//! too cost 2 of the 10 stores per block). Q6K's two scales per block take two products of `K = 16` per block, one per 16-value
-//! half (its values less 32 as signed bytes), and its term sums the halves as the reference does. The
-//! instructions are written in `asm!` (the AMX intrinsics are not stable Rust); Linux hands out the tile
-//! state only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once by [`available`].
+//! too took 2 of a Q4 block's 10 stores). Q6K's two scales per block take two products of `K = 16` per
+//! block, one per 16-value half (its values less 32 as signed bytes), and its term sums the halves as
+//! the reference does. The instructions are written in `asm!` (the AMX intrinsics are not stable Rust);
+//! Linux hands out the tile state only after `arch_prctl(ARCH_REQ_XCOMP_PERM)`, asked once by
+//! [`available`].
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -278,8 +279,9 @@ unsafe fn store(c: *mut u8, k0: usize, n: usize) {
 /// values laid out for the tile loads at `wt`, the packed tile with its scales at `tile`), into `out`
 /// (row 0, weight row 0 of the tile), with `U` tile products per block (2: Q6K's halves). The format
 /// `F` (`IntFormat as u8`) is a const parameter: as an argument, LLVM compiled one scaling loop for all
-/// formats, with a jump on the format in every block and its 16 accumulators spilled to the stack. The products of the next blocks run on the tile unit while the vector units scale the
-/// previous ones. Blocks go in lane order (`s.order`), so the 16 rows' accumulators of one lane stay in
+/// formats, with a jump on the format in every block and its 16 accumulators spilled to the stack.
+/// The products of the next blocks run on the tile unit while the vector units scale the previous
+/// ones. Blocks go in lane order (`s.order`), so the 16 rows' accumulators of one lane stay in
 /// registers over all its blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 #[allow(clippy::too_many_arguments)]
