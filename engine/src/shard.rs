@@ -535,7 +535,7 @@ struct SharedInput<'a> {
     x: &'a [f32],
     rows: usize,
     width: usize,
-    q8: std::cell::OnceCell<Vec<crate::quant::dot::Q8Row>>,
+    q8: std::cell::OnceCell<crate::quant::Q8Rows>,
 }
 
 impl<'a> SharedInput<'a> {

@@ -259,10 +259,15 @@ impl Q8Row {
         debug_assert_eq!(len % QK8, 0);
         let padded = (len / QK8).div_ceil(GROUP) * GROUP;
         self.len = len;
-        self.d.clear();
-        self.s.clear();
-        self.sums.clear();
-        self.lo_sums.clear();
+        // (room for the padded blocks at once: no growing as the blocks are pushed)
+        for v in [&mut self.d, &mut self.s] {
+            v.clear();
+            v.reserve(padded);
+        }
+        for v in [&mut self.sums, &mut self.lo_sums] {
+            v.clear();
+            v.reserve(padded);
+        }
         self.qs.reset_zeroed(padded * QK8);
     }
 

@@ -230,6 +230,15 @@ impl<'a> Acts<'a> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Drop for Acts<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.passes.take() {
+            p.recycle();
+        }
+    }
+}
+
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`row_bytes` per row,
 /// format `f`) and every activation row.
 ///

@@ -19,7 +19,7 @@
 //! ([`super::wtile`]) that every pass over the rows reads.
 
 use std::arch::x86_64::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use super::dot::{AlignedBytes, Q8Row};
 use super::pack::{self, GROUP, QK, TILE};
@@ -34,6 +34,7 @@ pub const PREP_ROWS: usize = 8;
 
 thread_local! {
     static SCRATCH: RefCell<WeightTile> = RefCell::new(WeightTile::default());
+    static SPARE_PASSES: Cell<Option<PassRows>> = const { Cell::new(None) };
 }
 
 /// Activation rows laid out for the passes, once per matmul: pass `p` holds rows `p * ROWS..` (at most
@@ -50,8 +51,22 @@ pub struct PassRows {
 impl PassRows {
     pub fn new(rows: &[Q8Row]) -> Self {
         let (nb, m) = (rows.first().map_or(0, Q8Row::blocks), rows.len());
-        let mut p =
-            PassRows { qs: AlignedBytes::default(), d: vec![0.0; m * nb], s: vec![0.0; m * nb], sums: vec![0; m * nb], lo_sums: vec![0; m * nb] };
+        // this thread's buffers of the last call, if it gave them back (every value is written below)
+        let mut p = SPARE_PASSES.try_with(|c| c.take()).ok().flatten().unwrap_or_else(|| PassRows {
+            qs: AlignedBytes::default(),
+            d: Vec::new(),
+            s: Vec::new(),
+            sums: Vec::new(),
+            lo_sums: Vec::new(),
+        });
+        for v in [&mut p.d, &mut p.s] {
+            v.clear();
+            v.resize(m * nb, 0.0);
+        }
+        for v in [&mut p.sums, &mut p.lo_sums] {
+            v.clear();
+            v.resize(m * nb, 0);
+        }
         p.qs.reset_zeroed(m * nb * QK);
         for (i, row) in rows.iter().enumerate() {
             let (p0, r) = (i / ROWS * ROWS, i % ROWS);
@@ -63,6 +78,12 @@ impl PassRows {
             }
         }
         p
+    }
+
+    /// Keeps these buffers for this thread's next [`PassRows::new`] (a batched decode step lays out
+    /// rows for every matmul).
+    pub fn recycle(self) {
+        let _ = SPARE_PASSES.try_with(|c| c.set(Some(self)));
     }
 
     /// The pass starting at row `r0` of rows with `nb` blocks.
