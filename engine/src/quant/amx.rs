@@ -25,7 +25,7 @@
 
 use std::arch::asm;
 use std::arch::x86_64::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
 use super::dot::Q8Row;
@@ -82,14 +82,25 @@ impl Tiles {
     pub fn new(rows: &[Q8Row]) -> Self {
         let nb = rows.first().map_or(0, Q8Row::blocks);
         let tiles = rows.len().div_ceil(T);
-        let mut t = Tiles {
-            nb,
-            m: rows.len(),
-            values: vec![Line([0; 64]); tiles * nb * T / 2],
-            d: vec![0.0; tiles * nb * T],
-            s: vec![0.0; tiles * nb * T],
-            sums: vec![0; tiles * nb * T],
-        };
+        // this thread's buffers of the last call, if it gave them back, zeroed as new ones are (rows past
+        // the end stay zero)
+        let mut t = SPARE_TILES.try_with(|c| c.take()).ok().flatten().unwrap_or_else(|| Tiles {
+            nb: 0,
+            m: 0,
+            values: Vec::new(),
+            d: Vec::new(),
+            s: Vec::new(),
+            sums: Vec::new(),
+        });
+        (t.nb, t.m) = (nb, rows.len());
+        t.values.clear();
+        t.values.resize(tiles * nb * T / 2, Line([0; 64]));
+        for v in [&mut t.d, &mut t.s] {
+            v.clear();
+            v.resize(tiles * nb * T, 0.0);
+        }
+        t.sums.clear();
+        t.sums.resize(tiles * nb * T, 0);
         let per_tile = nb * T;
         let mut parts: Vec<TilePart> = t
             .values
@@ -112,6 +123,12 @@ impl Tiles {
             }
         });
         t
+    }
+
+    /// Keeps these buffers for this thread's next [`Tiles::new`] (a batched step lays out rows for every
+    /// matmul).
+    pub fn recycle(self) {
+        let _ = SPARE_TILES.try_with(|c| c.set(Some(self)));
     }
 }
 
@@ -150,6 +167,7 @@ impl Default for Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static SPARE_TILES: Cell<Option<Tiles>> = const { Cell::new(None) };
 }
 
 /// The tile configuration (palette 1): products (tmm0, tmm3, tmm4, tmm5) 16 x 64 bytes, activations (tmm1,

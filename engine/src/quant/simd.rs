@@ -236,6 +236,9 @@ impl Drop for Acts<'_> {
         if let Some(p) = self.passes.take() {
             p.recycle();
         }
+        if let Some(t) = self.tiles.take() {
+            t.recycle();
+        }
     }
 }
 
