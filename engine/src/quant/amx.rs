@@ -65,6 +65,7 @@ pub fn available() -> bool {
 /// Activation rows laid out for the tile loads: per tile of 16 rows and per block, the 16 rows' 32 values
 /// in value order (rows past the end are zeros), and each row's scale, scaled sum and integer sum of
 /// that block side by side.
+#[derive(Default)]
 pub struct Tiles {
     nb: usize,
     m: usize,
@@ -84,14 +85,7 @@ impl Tiles {
         let tiles = rows.len().div_ceil(T);
         // this thread's buffers of the last call, if it gave them back, zeroed as new ones are (rows past
         // the end stay zero)
-        let mut t = SPARE_TILES.try_with(|c| c.take()).ok().flatten().unwrap_or_else(|| Tiles {
-            nb: 0,
-            m: 0,
-            values: Vec::new(),
-            d: Vec::new(),
-            s: Vec::new(),
-            sums: Vec::new(),
-        });
+        let mut t = SPARE_TILES.try_with(|c| c.take()).ok().flatten().unwrap_or_default();
         (t.nb, t.m) = (nb, rows.len());
         t.values.clear();
         t.values.resize(tiles * nb * T / 2, Line([0; 64]));

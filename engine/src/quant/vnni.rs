@@ -40,6 +40,7 @@ thread_local! {
 /// Activation rows laid out for the passes, once per matmul: pass `p` holds rows `p * ROWS..` (at most
 /// [`ROWS`]) block after block, each block's rows side by side (values `[b][r][32]`, then `d`, `s` and
 /// `sums` and `lo_sums` as `[b][r]`), so a pass reaches every row from one base at fixed offsets.
+#[derive(Default)]
 pub struct PassRows {
     qs: AlignedBytes,
     d: Vec<f32>,
@@ -52,13 +53,7 @@ impl PassRows {
     pub fn new(rows: &[Q8Row]) -> Self {
         let (nb, m) = (rows.first().map_or(0, Q8Row::blocks), rows.len());
         // this thread's buffers of the last call, if it gave them back (every value is written below)
-        let mut p = SPARE_PASSES.try_with(|c| c.take()).ok().flatten().unwrap_or_else(|| PassRows {
-            qs: AlignedBytes::default(),
-            d: Vec::new(),
-            s: Vec::new(),
-            sums: Vec::new(),
-            lo_sums: Vec::new(),
-        });
+        let mut p = SPARE_PASSES.try_with(|c| c.take()).ok().flatten().unwrap_or_default();
         for v in [&mut p.d, &mut p.s] {
             v.clear();
             v.resize(m * nb, 0.0);
