@@ -187,6 +187,11 @@ pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 /// Raw blocks with every byte random (including Q8_0's -128 and extreme scales), so SIMD paths meet
 /// values a quantizer would never produce.
 fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight {
+    QWeight::new("raw", dtype, vec![rows, cols], raw_bytes(dtype, rows, cols, seed)).unwrap()
+}
+
+/// [`raw_weight`]'s bytes.
+fn raw_bytes(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let bytes = rows * cols / dtype.block_size() * dtype.type_size();
     let mut data = random_bytes(bytes, seed);
     // Keep scales finite and moderate: f16 bytes of each block set to ~0.01..0.02.
@@ -205,7 +210,51 @@ fn raw_weight(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> QWeight 
             blk[2 * i..2 * i + 2].copy_from_slice(&v.to_le_bytes());
         }
     }
-    QWeight::new("raw", dtype, vec![rows, cols], data).unwrap()
+    data
+}
+
+/// A row of zeros times weights whose scales (and minimums) are all negative: every block's term is
+/// -0.0 (`(dw * 0.0) * 0` with `dw < 0`), and the reference's lanes, which start from 0.0, sum them to
+/// +0.0. The kernels give the same bits, whatever sign of zero they carry on the way.
+#[test]
+fn zero_outputs_have_the_references_sign() {
+    use super::simd::{supported, Level};
+    let n = 40;
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_1, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for k in [576usize, 1536] {
+            if k % dtype.block_size() != 0 {
+                continue; // (K-quants: rows of 256-value super-blocks)
+            }
+            let mut data = raw_bytes(dtype, n, k, 5);
+            // the sign bit of each block's f16 scales (Q4_K: its super-block scale and minimum scale; Q6_K:
+            // its super-block scale, last)
+            let ts = dtype.type_size();
+            let signs: &[usize] = match dtype {
+                GgmlDType::Q6K => &[209],
+                GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q5_1 => &[1, 3],
+                _ => &[1],
+            };
+            for blk in data.chunks_exact_mut(ts) {
+                signs.iter().for_each(|&i| blk[i] |= 0x80);
+            }
+            let w = QWeight::new("negative", dtype, vec![n, k], data).unwrap();
+            for m in [1usize, 17, 32] {
+                let mut x = random(m * k, 9);
+                x[..k].fill(0.0);
+                let rows = quantize_rows(&x, k);
+                let reference = w.matmul_q8_at(Level::Scalar, &rows);
+                assert!(reference[..n].iter().all(|v| v.to_bits() == 0), "{dtype:?}: the reference sums to +0.0");
+                for level in supported() {
+                    let got = w.matmul_q8_at(level, &rows);
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{dtype:?} k={k} m={m} {level:?}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
