@@ -213,12 +213,23 @@ fn raw_bytes(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// `w · rows` at every kernel level this CPU has, bit for bit against the scalar reference (`what` names
+/// the case); returns the reference.
+fn assert_every_level_gives_scalar_bits(w: &QWeight, rows: &[dot::Q8Row], what: &str) -> Vec<f32> {
+    use super::simd::{supported, Level};
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let reference = w.matmul_q8_at(Level::Scalar, rows);
+    for level in supported() {
+        assert_eq!(bits(&w.matmul_q8_at(level, rows)), bits(&reference), "{what} {level:?}");
+    }
+    reference
+}
+
 /// A row of zeros times weights whose scales (and minimums) are all negative: every block's term is
 /// -0.0 (`(dw * 0.0) * 0` with `dw < 0`), and the reference's lanes, which start from 0.0, sum them to
 /// +0.0. The kernels give the same bits, whatever sign of zero they carry on the way.
 #[test]
 fn zero_outputs_have_the_references_sign() {
-    use super::simd::{supported, Level};
     let n = 40;
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_1, GgmlDType::Q4K, GgmlDType::Q6K] {
         for k in [576usize, 1536] {
@@ -241,17 +252,8 @@ fn zero_outputs_have_the_references_sign() {
             for m in [1usize, 17, 32] {
                 let mut x = random(m * k, 9);
                 x[..k].fill(0.0);
-                let rows = quantize_rows(&x, k);
-                let reference = w.matmul_q8_at(Level::Scalar, &rows);
+                let reference = assert_every_level_gives_scalar_bits(&w, &quantize_rows(&x, k), &format!("{dtype:?} k={k} m={m}"));
                 assert!(reference[..n].iter().all(|v| v.to_bits() == 0), "{dtype:?}: the reference sums to +0.0");
-                for level in supported() {
-                    let got = w.matmul_q8_at(level, &rows);
-                    assert_eq!(
-                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        "{dtype:?} k={k} m={m} {level:?}"
-                    );
-                }
             }
         }
     }
@@ -259,7 +261,7 @@ fn zero_outputs_have_the_references_sign() {
 
 #[test]
 fn every_simd_level_is_bit_identical_to_scalar() {
-    use super::simd::{supported, Level};
+    use super::simd::supported;
     let levels = supported();
     eprintln!("kernel levels on this CPU: {levels:?}");
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_1, GgmlDType::Q5K]
@@ -303,15 +305,7 @@ fn every_simd_level_is_bit_identical_to_scalar() {
                     x[40] = 1000.0; // an outlier block
                 }
                 let rows = quantize_rows(&x, k);
-                let reference = w.matmul_q8_at(Level::Scalar, &rows);
-                for &level in &levels {
-                    let got = w.matmul_q8_at(level, &rows);
-                    assert_eq!(
-                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                        "{dtype:?} k={k} n={n} m={m} {level:?}"
-                    );
-                }
+                let reference = assert_every_level_gives_scalar_bits(&w, &rows, &format!("{dtype:?} k={k} n={n} m={m}"));
                 // and each row alone gives the same bits as in the batch
                 for i in 0..m {
                     let one = w.matmul_q8(&rows[i..i + 1]);
@@ -399,7 +393,6 @@ fn quantizer_builds(x: &[f32]) -> Vec<(&'static str, Q8Row)> {
 /// products of offset activations in wrapping 16-bit integers, exact only while the true sum fits).
 #[test]
 fn extreme_q4_and_q5_block_sums_are_bit_identical_to_scalar() {
-    use super::simd::{supported, Level};
     let (n, k) = (40usize, 576usize);
     // (Q5_1's values all 31, its fifth bits set too: the AVX2 kernels widen their sums of four chunks
     // apart; 16 rows take the batched kernels, 2 the passes)
@@ -424,15 +417,7 @@ fn extreme_q4_and_q5_block_sums_are_bit_identical_to_scalar() {
                 .collect();
             let rows = quantize_rows(&x, k);
             assert!(rows[0].qs[..k].iter().all(|&q| q == 127) && rows[1].qs[..k].iter().all(|&q| q == -127));
-            let reference = w.matmul_q8_at(Level::Scalar, &rows);
-            for level in supported() {
-                let got = w.matmul_q8_at(level, &rows);
-                assert_eq!(
-                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    "{dtype:?} m={m} {level:?}"
-                );
-            }
+            assert_every_level_gives_scalar_bits(&w, &rows, &format!("{dtype:?} m={m}"));
         }
     }
 }
