@@ -85,16 +85,12 @@ impl Tiles {
         let tiles = rows.len().div_ceil(T);
         // this thread's buffers of the last call, if it gave them back, zeroed as new ones are (rows past
         // the end stay zero)
-        let mut t = SPARE_TILES.try_with(|c| c.take()).ok().flatten().unwrap_or_default();
+        let mut t = wtile::take_spare(&SPARE_TILES);
         (t.nb, t.m) = (nb, rows.len());
-        t.values.clear();
-        t.values.resize(tiles * nb * T / 2, Line([0; 64]));
-        for v in [&mut t.d, &mut t.s] {
-            v.clear();
-            v.resize(tiles * nb * T, 0.0);
-        }
-        t.sums.clear();
-        t.sums.resize(tiles * nb * T, 0);
+        wtile::refill(&mut t.values, tiles * nb * T / 2, Line([0; 64]));
+        wtile::refill(&mut t.d, tiles * nb * T, 0.0);
+        wtile::refill(&mut t.s, tiles * nb * T, 0.0);
+        wtile::refill(&mut t.sums, tiles * nb * T, 0);
         let per_tile = nb * T;
         let mut parts: Vec<TilePart> = t
             .values
@@ -122,7 +118,7 @@ impl Tiles {
     /// Keeps these buffers for this thread's next [`Tiles::new`] (a batched step lays out rows for every
     /// matmul).
     pub fn recycle(self) {
-        let _ = SPARE_TILES.try_with(|c| c.set(Some(self)));
+        wtile::keep_spare(&SPARE_TILES, self);
     }
 }
 

@@ -53,15 +53,11 @@ impl PassRows {
     pub fn new(rows: &[Q8Row]) -> Self {
         let (nb, m) = (rows.first().map_or(0, Q8Row::blocks), rows.len());
         // this thread's buffers of the last call, if it gave them back (every value is written below)
-        let mut p = SPARE_PASSES.try_with(|c| c.take()).ok().flatten().unwrap_or_default();
-        for v in [&mut p.d, &mut p.s] {
-            v.clear();
-            v.resize(m * nb, 0.0);
-        }
-        for v in [&mut p.sums, &mut p.lo_sums] {
-            v.clear();
-            v.resize(m * nb, 0);
-        }
+        let mut p = wtile::take_spare(&SPARE_PASSES);
+        wtile::refill(&mut p.d, m * nb, 0.0);
+        wtile::refill(&mut p.s, m * nb, 0.0);
+        wtile::refill(&mut p.sums, m * nb, 0);
+        wtile::refill(&mut p.lo_sums, m * nb, 0);
         p.qs.reset_zeroed(m * nb * QK);
         for (i, row) in rows.iter().enumerate() {
             let (p0, r) = (i / ROWS * ROWS, i % ROWS);
@@ -78,7 +74,7 @@ impl PassRows {
     /// Keeps these buffers for this thread's next [`PassRows::new`] (a batched decode step lays out
     /// rows for every matmul).
     pub fn recycle(self) {
-        let _ = SPARE_PASSES.try_with(|c| c.set(Some(self)));
+        wtile::keep_spare(&SPARE_PASSES, self);
     }
 
     /// The pass starting at row `r0` of rows with `nb` blocks.

@@ -10,6 +10,7 @@
 
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
+use std::thread::LocalKey;
 
 use super::pack;
 use super::simd::IntFormat;
@@ -49,6 +50,24 @@ impl WeightTile {
     pub fn minimums(&self, b: usize) -> *const f32 {
         self.mw.as_ptr().wrapping_add(b) as *const f32
     }
+}
+
+/// This thread's spare buffers of one kind (the last ones its matmuls gave back with [`keep_spare`]), or
+/// new ones: a batched step lays out its activation rows again for every matmul.
+pub fn take_spare<T: Default + 'static>(slot: &'static LocalKey<Cell<Option<T>>>) -> T {
+    // (a thread being torn down has no slot left, and gets new ones)
+    slot.try_with(Cell::take).ok().flatten().unwrap_or_default()
+}
+
+/// Keeps `spare` for this thread's next [`take_spare`] of its kind.
+pub fn keep_spare<T: 'static>(slot: &'static LocalKey<Cell<Option<T>>>, spare: T) {
+    let _ = slot.try_with(|c| c.set(Some(spare)));
+}
+
+/// `v` as `len` copies of `x`, in the buffer it has.
+pub fn refill<T: Clone>(v: &mut Vec<T>, len: usize, x: T) {
+    v.clear();
+    v.resize(len, x);
 }
 
 /// How far ahead of the tile being multiplied the streaming kernels ([`super::vnni`], [`super::avx2`])
