@@ -13,7 +13,18 @@
 //! share of the speed from the regions of one part per thread ([`Pool::for_each_part`]: part `i` runs on
 //! thread `i`, and each part's size over the time it took is that thread's speed), and [`shares`] hands
 //! those shares to the callers that cut their work ([`cut`]). Which rows or columns a thread computes
-//! never changes what they are.
+//! never changes what they are. Regions of different kinds (the matmul shapes) can keep shares of their
+//! own ([`Pool::for_each_part_of`]).
+//!
+//! A region costs the cache lines that move between cores: the submitter opens an epoch in `state`, a
+//! worker joins it by setting its bit there, runs its part (or claims tasks), and sets its bit in `done`;
+//! the submitter, done with its own part, closes the epoch and runs the parts of the workers that had not
+//! joined. About 0.6 us for an empty region of two parts on the 2-vCPU VMs, against 1.4-1.6 us with a
+//! claim flag and a pending count per region.
+//!
+//! A worker done with its work in a region is idle until the next one, while the submitter does the
+//! serial steps between them. [`fetch_after`] gives it memory to bring into its cache meanwhile (its
+//! part of the next matmul's weights), which it stops asking for as soon as the next region opens.
 
 use std::cell::{RefCell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -28,30 +39,73 @@ const SPIN: Duration = Duration::from_micros(200);
 /// Weight of one region's measurement in a thread's learnt share of the speed.
 const LEARN: f64 = 0.125;
 
-const CLOSED: u64 = 1 << 31;
+/// Compute threads a pool has at most (the submitter and 47 workers): one bit per worker in `state`.
+pub const MAX_THREADS: usize = 48;
+const EPOCH_SHIFT: u32 = 48;
+const CLOSED: u64 = 1 << 47;
 const JOINED: u64 = CLOSED - 1;
 
 type Job = *const (dyn Fn(usize) + Sync);
 
-struct Inner {
-    threads: usize,
-    /// `epoch << 32 | closed << 31 | workers in the current region`
-    state: AtomicU64,
-    /// The region's task function; valid while its epoch is open or has workers joined.
+/// A value on a cache line of its own: the lines that one thread writes and another reads in every
+/// region are what a region costs (a line moves between cores in about 60 ns on the 2-vCPU VMs).
+#[repr(align(64))]
+struct Line<T>(T);
+
+impl<T> std::ops::Deref for Line<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Most kinds of regions whose shares a pool learns apart (the matmul shapes of a model: five for
+/// SmolLM2); regions of further kinds teach nothing.
+const MAX_KINDS: usize = 64;
+
+/// Most memory ranges a thread is given to fetch after its part.
+pub const MAX_FETCH: usize = 4;
+
+/// Memory ranges (start, bytes) for a worker to fetch after its part of a region.
+#[derive(Clone, Copy, Default)]
+struct Fetch {
+    n: usize,
+    ranges: [(usize, usize); MAX_FETCH],
+}
+
+/// What a region runs, written by its submitter before it opens the region's epoch.
+struct Region {
+    /// The task function; valid while its epoch is open or has workers joined.
     job: UnsafeCell<Option<Job>>,
     tasks: AtomicUsize,
-    next: AtomicUsize,
     /// The region's task `i` is thread `i`'s part ([`Pool::for_each_part`]).
     parts: AtomicBool,
-    /// Per part: claimed, by which thread, and how long it took (ns).
-    claimed: Box<[AtomicBool]>,
-    ran_on: Box<[AtomicUsize]>,
-    took: Box<[AtomicU64]>,
+}
+
+struct Inner {
+    threads: usize,
+    /// `epoch << 48 | closed << 47 | the workers that joined the current region (bit me - 1 for worker
+    /// me)`
+    state: Line<AtomicU64>,
+    /// The workers that have finished their work in the current region (same bits).
+    done: Line<AtomicU64>,
+    region: Line<Region>,
+    /// The next unclaimed task of a region of tasks.
+    next: Line<AtomicUsize>,
+    /// Per part: how long it took (ns), written by the thread that ran it.
+    took: Box<[Line<AtomicU64>]>,
+    /// Per thread: memory to fetch into its cache once its part of the region is done, until the next
+    /// region opens ([`Pool::for_each_part_fetching`]); written by the submitter before it opens the
+    /// region, read by the worker after joining it.
+    fetch: Box<[Line<UnsafeCell<Fetch>>]>,
+    /// Whether a worker's `fetch` may hold ranges (written by the holder of `submit`).
+    fetching: AtomicBool,
     /// Each thread's learnt share of the pool's speed (sums to 1).
     shares: Mutex<Vec<f64>>,
+    /// Shares learnt for kinds of regions apart ([`Pool::for_each_part_of`]), by kind.
+    kinds: Mutex<Vec<(u64, Vec<f64>)>>,
     /// Whether the parts regions update `shares` ([`Pool::with_fixed_shares`] pools keep theirs).
     learn: bool,
-    pending: AtomicUsize,
     panicked: AtomicBool,
     /// One region at a time; a second submitter runs its region alone.
     submit: Mutex<()>,
@@ -61,8 +115,8 @@ struct Inner {
     shutdown: AtomicBool,
 }
 
-// SAFETY: `job` is written only by the holder of `submit` while no worker can read it (no open epoch
-// and no joined worker), and read by workers only after joining an open epoch (Acquire on `state`).
+// SAFETY: `region.job` is written only by the holder of `submit` while no worker can read it (no open
+// epoch and no joined worker), and read by workers only after joining an open epoch (Acquire on `state`).
 unsafe impl Sync for Inner {}
 unsafe impl Send for Inner {}
 
@@ -81,7 +135,7 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     /// A pool of `threads` compute threads (at least one): `threads - 1` workers plus the caller.
     pub fn new(threads: usize) -> Arc<Pool> {
-        let threads = threads.max(1);
+        let threads = threads.clamp(1, MAX_THREADS);
         Self::build(vec![1.0 / threads as f64; threads], true)
     }
 
@@ -89,6 +143,7 @@ impl Pool {
     /// being learnt: for tests of uneven splits, and for machines whose cores are known to differ.
     pub fn with_fixed_shares(shares: &[f64]) -> Arc<Pool> {
         assert!(!shares.is_empty() && shares.iter().all(|s| s.is_finite() && *s > 0.0), "shares must be positive: {shares:?}");
+        assert!(shares.len() <= MAX_THREADS, "{} threads; a pool has at most {MAX_THREADS}", shares.len());
         let sum: f64 = shares.iter().sum();
         Self::build(shares.iter().map(|s| s / sum).collect(), false)
     }
@@ -97,17 +152,16 @@ impl Pool {
         let threads = shares.len();
         let inner = Arc::new(Inner {
             threads,
-            state: AtomicU64::new(0),
-            job: UnsafeCell::new(None),
-            tasks: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
-            parts: AtomicBool::new(false),
-            claimed: (0..threads).map(|_| AtomicBool::new(false)).collect(),
-            ran_on: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
-            took: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            state: Line(AtomicU64::new(0)),
+            done: Line(AtomicU64::new(0)),
+            region: Line(Region { job: UnsafeCell::new(None), tasks: AtomicUsize::new(0), parts: AtomicBool::new(false) }),
+            next: Line(AtomicUsize::new(0)),
+            took: (0..threads).map(|_| Line(AtomicU64::new(0))).collect(),
+            fetch: (0..threads).map(|_| Line(UnsafeCell::new(Fetch::default()))).collect(),
+            fetching: AtomicBool::new(false),
+            kinds: Mutex::new(Vec::new()),
             shares: Mutex::new(shares),
             learn,
-            pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             submit: Mutex::new(()),
             sleepers: AtomicUsize::new(0),
@@ -153,38 +207,75 @@ impl Pool {
     }
 
     /// `f(i)` for each of `sizes.len()` parts (at most one per thread), part `i` on thread `i` unless
-    /// that thread is late (parked) and another gets to it first; returns when all have run. `sizes[i]` is
+    /// that thread is late (parked): the submitter runs the parts of the workers that had not joined the
+    /// region when it finished its own; returns when all have run. `sizes[i]` is
     /// part `i`'s amount of work in any unit: when every part ran on its own thread, each thread's size
     /// over its time updates its share of the speed ([`Pool::shares`]).
     pub fn for_each_part(&self, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) {
+        self.for_each_part_of(0, sizes, f)
+    }
+
+    /// The shares learnt for regions of kind `kind` ([`Pool::for_each_part_of`]); those of the pool
+    /// ([`Pool::shares`]) for kind 0 or a kind not seen yet.
+    pub fn shares_of(&self, kind: u64) -> Vec<f64> {
+        if kind != 0 {
+            let kinds = self.inner.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, s)) = kinds.iter().find(|(k, _)| *k == kind) {
+                return s.clone();
+            }
+        }
+        self.shares()
+    }
+
+    /// [`Pool::for_each_part`] learning into the shares of kind `kind` (0: the pool's): regions whose
+    /// threads' speeds differ in their own way (a worker that fetched its part ahead) keep shares apart.
+    pub fn for_each_part_of(&self, kind: u64, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) {
         let n = sizes.len();
         assert!(n <= self.inner.threads, "{n} parts for {} threads", self.inner.threads);
         if !self.region(n, true, f) || n != self.inner.threads || !self.inner.learn {
             return;
         }
         let inner = &*self.inner;
-        let mut rates = Vec::with_capacity(n);
+        let mut rates = [0f64; MAX_THREADS];
         for (i, &size) in sizes.iter().enumerate() {
             let ns = inner.took[i].load(Relaxed);
-            if size == 0 || ns == 0 || inner.ran_on[i].load(Relaxed) != i {
+            if size == 0 || ns == 0 {
                 return;
             }
-            rates.push(size as f64 / ns as f64);
+            rates[i] = size as f64 / ns as f64;
         }
+        let rates = &rates[..n];
         let total: f64 = rates.iter().sum();
-        let mut shares = inner.shares.lock().unwrap_or_else(|e| e.into_inner());
-        for (s, r) in shares.iter_mut().zip(&rates) {
+        let mut global;
+        let mut kinds;
+        let shares: &mut Vec<f64> = if kind == 0 {
+            global = inner.shares.lock().unwrap_or_else(|e| e.into_inner());
+            &mut global
+        } else {
+            kinds = inner.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            let at = match kinds.iter().position(|(k, _)| *k == kind) {
+                Some(at) => at,
+                None if kinds.len() < MAX_KINDS => {
+                    kinds.push((kind, self.shares()));
+                    kinds.len() - 1
+                }
+                None => return,
+            };
+            &mut kinds[at].1
+        };
+        for (s, r) in shares.iter_mut().zip(rates) {
             *s += LEARN * (r / total - *s);
         }
         // every thread keeps at least half an even share, so a slow spell cannot starve it of the work
         // that would show it has recovered
         let least = 0.5 / n as f64;
-        let mut floored = vec![false; n];
+        let mut floored = [false; MAX_THREADS];
+        let floored = &mut floored[..n];
         loop {
             let sum: f64 = shares.iter().sum();
             shares.iter_mut().for_each(|s| *s /= sum);
             let mut changed = false;
-            for (s, f) in shares.iter_mut().zip(&mut floored) {
+            for (s, f) in shares.iter_mut().zip(floored.iter_mut()) {
                 if *s < least {
                     (*s, *f, changed) = (least, true, true);
                 }
@@ -193,13 +284,15 @@ impl Pool {
                 break;
             }
             // the floored shares stay at the floor; the others fill the rest
-            let rest: f64 = shares.iter().zip(&floored).filter(|(_, f)| !**f).map(|(s, _)| s).sum();
+            let rest: f64 = shares.iter().zip(floored.iter()).filter(|(_, f)| !**f).map(|(s, _)| s).sum();
             let room = 1.0 - least * floored.iter().filter(|f| **f).count() as f64;
-            shares.iter_mut().zip(&floored).filter(|(_, f)| !**f).for_each(|(s, _)| *s *= room / rest);
+            shares.iter_mut().zip(floored.iter()).filter(|(_, f)| !**f).for_each(|(s, _)| *s *= room / rest);
         }
     }
 
-    /// Runs the region; `false` when it ran on this thread alone (one thread, one task, or a busy pool).
+    /// Runs the region; `true` when it ran on the pool with every part (of a parts region) on its own
+    /// thread, `false` when it ran on this thread alone (one thread, one task, or a busy pool) or a late
+    /// worker's part ran here.
     fn region(&self, tasks: usize, parts: bool, f: &(dyn Fn(usize) + Sync)) -> bool {
         let inner = &*self.inner;
         if inner.threads == 1 || tasks <= 1 {
@@ -213,16 +306,25 @@ impl Pool {
         // SAFETY: the lifetime is erased only until this function returns, and it returns only after the
         // epoch is closed and every worker that joined it has left.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f) };
-        unsafe { *inner.job.get() = Some(job) };
-        inner.tasks.store(tasks, Relaxed);
-        inner.next.store(0, Relaxed);
-        inner.parts.store(parts, Relaxed);
-        if parts {
-            inner.claimed[..tasks].iter().for_each(|c| c.store(false, Relaxed));
+        unsafe { *inner.region.job.get() = Some(job) };
+        FETCH.with(|fetch| {
+            let fetch = fetch.borrow();
+            if !fetch.is_empty() || inner.fetching.load(Relaxed) {
+                inner.fetching.store(!fetch.is_empty(), Relaxed);
+                for (i, slot) in inner.fetch.iter().enumerate().skip(1) {
+                    // SAFETY: as `job`
+                    unsafe { *slot.get() = fetch.get(i).copied().unwrap_or_default() };
+                }
+            }
+        });
+        inner.region.tasks.store(tasks, Relaxed);
+        inner.region.parts.store(parts, Relaxed);
+        if !parts {
+            inner.next.store(0, Relaxed);
         }
-        inner.pending.store(tasks, Relaxed);
-        let epoch = (inner.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
-        inner.state.store(epoch << 32, SeqCst);
+        inner.done.store(0, Relaxed);
+        let epoch = (inner.state.load(Relaxed) >> EPOCH_SHIFT).wrapping_add(1) & 0xFFFF;
+        inner.state.store(epoch << EPOCH_SHIFT, SeqCst);
         if inner.sleepers.load(SeqCst) > 0 {
             let _l = inner.lock.lock().unwrap_or_else(|e| e.into_inner());
             inner.wake.notify_all();
@@ -230,22 +332,30 @@ impl Pool {
         // the submitter runs tasks too: a region started inside one of them runs there alone, as on a worker
         let outer = IN_TASK.with(|w| w.replace(true));
         let mine = catch_unwind(AssertUnwindSafe(|| run_tasks(inner, f, 0)));
+        // Close the region: no worker joins it from now on. A joined worker runs its own part (or claims
+        // tasks until none are left); the parts of the workers that had not joined run here.
+        let joined = inner.state.fetch_or(CLOSED, AcqRel) & JOINED;
+        let mut own = true;
+        if parts {
+            for i in (1..tasks).filter(|i| joined & (1 << (i - 1)) == 0) {
+                own = false;
+                if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
+                    inner.panicked.store(true, Relaxed);
+                }
+            }
+        }
         IN_TASK.with(|w| w.set(outer));
-        while inner.pending.load(Acquire) != 0 {
+        while inner.done.load(Acquire) & joined != joined {
             std::hint::spin_loop();
         }
-        inner.state.fetch_or(CLOSED, AcqRel);
-        while inner.state.load(Acquire) & JOINED != 0 {
-            std::hint::spin_loop();
-        }
-        unsafe { *inner.job.get() = None };
+        unsafe { *inner.region.job.get() = None };
         if let Err(p) = mine {
             resume_unwind(p);
         }
         if inner.panicked.swap(false, Relaxed) {
             panic!("a compute task panicked");
         }
-        true
+        own
     }
 }
 
@@ -262,23 +372,17 @@ impl Drop for Pool {
     }
 }
 
-/// Claims and runs tasks until none are left; `me` is this thread's index in the pool (0: the submitter).
+/// Runs this thread's part of a parts region (part `me`, timed), or claims and runs tasks until none are
+/// left; `me` is this thread's index in the pool (0: the submitter).
 fn run_tasks(inner: &Inner, f: &(dyn Fn(usize) + Sync), me: usize) {
-    let tasks = inner.tasks.load(Relaxed);
-    if inner.parts.load(Relaxed) {
-        // this thread's own part first, then any part still unclaimed
-        for i in std::iter::once(me).chain(0..tasks).filter(|&i| i < tasks) {
-            if inner.claimed[i].swap(true, AcqRel) {
-                continue;
-            }
+    let tasks = inner.region.tasks.load(Relaxed);
+    if inner.region.parts.load(Relaxed) {
+        if me < tasks {
             let started = Instant::now();
-            let r = catch_unwind(AssertUnwindSafe(|| f(i)));
-            inner.took[i].store(started.elapsed().as_nanos() as u64, Relaxed);
-            inner.ran_on[i].store(me, Relaxed);
-            if r.is_err() {
+            if catch_unwind(AssertUnwindSafe(|| f(me))).is_err() {
                 inner.panicked.store(true, Relaxed);
             }
-            inner.pending.fetch_sub(1, Release);
+            inner.took[me].store(started.elapsed().as_nanos() as u64, Relaxed);
         }
         return;
     }
@@ -287,16 +391,15 @@ fn run_tasks(inner: &Inner, f: &(dyn Fn(usize) + Sync), me: usize) {
         if i >= tasks {
             return;
         }
-        let r = catch_unwind(AssertUnwindSafe(|| f(i)));
-        if r.is_err() {
+        if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
             inner.panicked.store(true, Relaxed);
         }
-        inner.pending.fetch_sub(1, Release);
     }
 }
 
 fn worker(inner: &Inner, me: usize) {
     IN_TASK.with(|w| w.set(true));
+    let bit = 1u64 << (me - 1);
     let mut seen = 0u64;
     loop {
         // wait for a new epoch: spin, then park
@@ -304,14 +407,14 @@ fn worker(inner: &Inner, me: usize) {
         let mut spins = 0u32;
         let s = loop {
             let s = inner.state.load(Acquire);
-            if s >> 32 != seen || inner.shutdown.load(Relaxed) {
+            if s >> EPOCH_SHIFT != seen || inner.shutdown.load(Relaxed) {
                 break s;
             }
             spins += 1;
             if spins.is_multiple_of(256) && started.elapsed() > SPIN {
                 let mut l = inner.lock.lock().unwrap_or_else(|e| e.into_inner());
                 inner.sleepers.fetch_add(1, SeqCst);
-                while inner.state.load(SeqCst) >> 32 == seen && !inner.shutdown.load(SeqCst) {
+                while inner.state.load(SeqCst) >> EPOCH_SHIFT == seen && !inner.shutdown.load(SeqCst) {
                     l = inner.wake.wait(l).unwrap_or_else(|e| e.into_inner());
                 }
                 inner.sleepers.fetch_sub(1, SeqCst);
@@ -324,26 +427,48 @@ fn worker(inner: &Inner, me: usize) {
         if inner.shutdown.load(Relaxed) {
             return;
         }
-        seen = s >> 32;
+        seen = s >> EPOCH_SHIFT;
         // join the region unless it is already closed
         let mut cur = s;
         let joined = loop {
-            if cur >> 32 != seen || cur & CLOSED != 0 {
+            if cur >> EPOCH_SHIFT != seen || cur & CLOSED != 0 {
                 break false;
             }
-            match inner.state.compare_exchange_weak(cur, cur + 1, AcqRel, Acquire) {
+            match inner.state.compare_exchange_weak(cur, cur | bit, AcqRel, Acquire) {
                 Ok(_) => break true,
                 Err(now) => cur = now,
             }
         };
         if joined {
-            // SAFETY: joined an open epoch, so the submitter keeps the job alive until this worker leaves.
-            if let Some(job) = unsafe { *inner.job.get() } {
+            // SAFETY: joined an open epoch, so the submitter keeps the job alive until this worker leaves,
+            // and writes no `fetch` meanwhile.
+            let fetch = unsafe { *inner.fetch[me].get() };
+            if let Some(job) = unsafe { *inner.region.job.get() } {
                 run_tasks(inner, unsafe { &*job }, me);
             }
-            inner.state.fetch_sub(1, Release);
+            inner.done.fetch_or(bit, Release);
+            fetch_until_next(inner, &fetch, seen);
         }
     }
+}
+
+/// Asks for the lines of `fetch` to come into this core's second-level cache, until a region after
+/// `epoch` opens or the pool shuts down.
+fn fetch_until_next(inner: &Inner, fetch: &Fetch, epoch: u64) {
+    #[cfg(target_arch = "x86_64")]
+    for &(start, len) in &fetch.ranges[..fetch.n] {
+        for chunk in (0..len).step_by(1024) {
+            if inner.state.load(Relaxed) >> EPOCH_SHIFT != epoch || inner.shutdown.load(Relaxed) {
+                return;
+            }
+            for off in (chunk..(chunk + 1024).min(len)).step_by(64) {
+                // SAFETY: a prefetch reads nothing the program sees and never faults
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>((start + off) as *const i8) };
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (inner, fetch, epoch);
 }
 
 thread_local! {
@@ -351,6 +476,8 @@ thread_local! {
     /// Set on pool workers, and on a submitter while it runs tasks: a region started inside a task runs on
     /// that thread alone.
     static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// What the workers fetch after their work in this thread's regions ([`fetch_after`]).
+    static FETCH: RefCell<Vec<Fetch>> = const { RefCell::new(Vec::new()) };
 }
 
 static GLOBAL: OnceLock<Arc<Pool>> = OnceLock::new();
@@ -420,6 +547,42 @@ pub fn for_each_part(sizes: &[usize], f: impl Fn(usize) + Sync) {
         return (0..sizes.len()).for_each(f);
     }
     current().for_each_part(sizes, &f)
+}
+
+/// From now on, in the regions this thread submits, worker `i` fetches the memory ranges `ranges[i]`
+/// (start, bytes; at most [`MAX_FETCH`] each) into its second-level cache once its work in the region is
+/// done, until the next region opens; until the next call (an empty `ranges` stops it). The submitter's
+/// serial work between regions leaves the workers idle, and memory they will read in a later region
+/// (their part of the next matrix) can come in meanwhile. A hint only: the memory is never read, and a
+/// range need not stay valid.
+pub fn fetch_after(ranges: &[Vec<(*const u8, usize)>]) {
+    FETCH.with(|f| {
+        let mut f = f.borrow_mut();
+        f.clear();
+        f.extend(ranges.iter().map(|r| {
+            let mut to = Fetch { n: r.len().min(MAX_FETCH), ..Fetch::default() };
+            for (d, &(p, len)) in to.ranges.iter_mut().zip(r) {
+                *d = (p as usize, len);
+            }
+            to
+        }));
+    });
+}
+
+/// [`for_each_part`] learning into the shares of kind `kind` ([`Pool::for_each_part_of`]).
+pub fn for_each_part_of(kind: u64, sizes: &[usize], f: impl Fn(usize) + Sync) {
+    if IN_TASK.with(|w| w.get()) {
+        return (0..sizes.len()).for_each(f);
+    }
+    current().for_each_part_of(kind, sizes, &f)
+}
+
+/// The current pool's shares for regions of kind `kind` ([`Pool::shares_of`]; `[1.0]` inside a task).
+pub fn shares_of(kind: u64) -> Vec<f64> {
+    if IN_TASK.with(|w| w.get()) {
+        return vec![1.0];
+    }
+    current().shares_of(kind)
 }
 
 /// [`for_each_part`] over items, `sizes[i]` the work in `items[i]`.
@@ -511,6 +674,14 @@ mod tests {
                     hits[i].fetch_add(1, Relaxed);
                 });
                 assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "round {round}");
+                // parts: a worker that joins late, or after its part ran elsewhere, runs nothing twice
+                let parts = 1 + round % 3;
+                let hits: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
+                for_each_part(&vec![1; parts], |i| {
+                    hits[i].fetch_add(1, Relaxed);
+                    (0..round % 50).for_each(|_| std::hint::spin_loop());
+                });
+                assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "round {round}, {parts} parts");
             }
             assert_eq!(map(10, |i| i * i), (0..10).map(|i| i * i).collect::<Vec<_>>());
             // every row exactly once, whatever the split
@@ -580,6 +751,62 @@ mod tests {
             pool.for_each_part(&[10, 10], &|i| spin(Duration::from_micros(if i == 0 { 5 } else { 200 })));
         }
         assert!(pool.shares()[1] >= 0.25 - 1e-9, "{:?}", pool.shares());
+    }
+
+    #[test]
+    fn shares_of_a_kind_are_learnt_apart() {
+        let pool = Pool::new(2);
+        let spin = |d: Duration| {
+            let t = Instant::now();
+            while t.elapsed() < d {
+                std::hint::spin_loop();
+            }
+        };
+        let mut rounds = 0;
+        while pool.shares_of(7)[0] < 0.65 && rounds < 5000 {
+            pool.for_each_part_of(7, &[10, 10], &|i| spin(Duration::from_micros(if i == 0 { 20 } else { 60 })));
+            rounds += 1;
+        }
+        assert!(pool.shares_of(7)[0] >= 0.65, "kind 7's shares {:?} after {rounds} regions", pool.shares_of(7));
+        assert_eq!(pool.shares(), vec![0.5, 0.5], "the pool's own shares learn nothing from kind 7");
+        assert_eq!(pool.shares_of(8), pool.shares(), "an unseen kind starts from the pool's shares");
+    }
+
+    #[test]
+    fn workers_fetch_until_the_next_region_opens() {
+        let pool = Pool::new(2);
+        let buf = vec![1u8; 1 << 16];
+        pool.install(|| {
+            // a range far larger than any memory (never read, so never faulting): a worker still fetching
+            // it would never join another region
+            fetch_after(&[Vec::new(), vec![(buf.as_ptr(), 1 << 40), (std::ptr::null(), 1 << 20)]]);
+            // (a loaded machine may hold the worker off the CPU for a while: count, do not time)
+            let on_worker = AtomicUsize::new(0);
+            let mut regions = 0;
+            while on_worker.load(Relaxed) < 20 && regions < 20_000 {
+                let hits: Vec<AtomicUsize> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+                for_each_part(&[1, 1], |i| {
+                    hits[i].fetch_add(1, Relaxed);
+                    if std::thread::current().name().is_some_and(|n| n.starts_with("flotilla-compute")) {
+                        on_worker.fetch_add(1, Relaxed);
+                    }
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(50) {
+                        std::hint::spin_loop();
+                    }
+                });
+                assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
+                regions += 1;
+            }
+            fetch_after(&[]);
+            assert!(on_worker.load(Relaxed) >= 20, "the worker ran {} of {regions} parts", on_worker.load(Relaxed));
+        });
+    }
+
+    #[test]
+    fn a_pool_has_at_most_max_threads() {
+        assert_eq!(Pool::new(MAX_THREADS + 5).threads(), MAX_THREADS);
+        assert_eq!(Pool::new(0).threads(), 1);
     }
 
     #[test]
