@@ -13,18 +13,13 @@
 //! share of the speed from the regions of one part per thread ([`Pool::for_each_part`]: part `i` runs on
 //! thread `i`, and each part's size over the time it took is that thread's speed), and [`shares`] hands
 //! those shares to the callers that cut their work ([`cut`]). Which rows or columns a thread computes
-//! never changes what they are. Regions of different kinds (the matmul shapes) can keep shares of their
-//! own ([`Pool::for_each_part_of`]).
+//! never changes what they are.
 //!
 //! A region costs the cache lines that move between cores: the submitter opens an epoch in `state`, a
 //! worker joins it by setting its bit there, runs its part (or claims tasks), and sets its bit in `done`;
 //! the submitter, done with its own part, closes the epoch and runs the parts of the workers that had not
 //! joined. About 0.6 us for an empty region of two parts on the 2-vCPU VMs, against 1.4-1.6 us with a
 //! claim flag and a pending count per region.
-//!
-//! A worker done with its work in a region is idle until the next one, while the submitter does the
-//! serial steps between them. [`fetch_after`] gives it memory to bring into its cache meanwhile (its
-//! part of the next matmul's weights), which it stops asking for as soon as the next region opens.
 
 use std::cell::{RefCell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -59,20 +54,6 @@ impl<T> std::ops::Deref for Line<T> {
     }
 }
 
-/// Most kinds of regions whose shares a pool learns apart (the matmul shapes of a model: five for
-/// SmolLM2); regions of further kinds teach nothing.
-const MAX_KINDS: usize = 64;
-
-/// Most memory ranges a thread is given to fetch after its part.
-pub const MAX_FETCH: usize = 4;
-
-/// Memory ranges (start, bytes) for a worker to fetch after its part of a region.
-#[derive(Clone, Copy, Default)]
-struct Fetch {
-    n: usize,
-    ranges: [(usize, usize); MAX_FETCH],
-}
-
 /// What a region runs, written by its submitter before it opens the region's epoch.
 struct Region {
     /// The task function; valid while its epoch is open or has workers joined.
@@ -94,16 +75,8 @@ struct Inner {
     next: Line<AtomicUsize>,
     /// Per part: how long it took (ns), written by the thread that ran it.
     took: Box<[Line<AtomicU64>]>,
-    /// Per thread: memory to fetch into its cache once its part of the region is done, until the next
-    /// region opens ([`Pool::for_each_part_fetching`]); written by the submitter before it opens the
-    /// region, read by the worker after joining it.
-    fetch: Box<[Line<UnsafeCell<Fetch>>]>,
-    /// Whether a worker's `fetch` may hold ranges (written by the holder of `submit`).
-    fetching: AtomicBool,
     /// Each thread's learnt share of the pool's speed (sums to 1).
     shares: Mutex<Vec<f64>>,
-    /// Shares learnt for kinds of regions apart ([`Pool::for_each_part_of`]), by kind.
-    kinds: Mutex<Vec<(u64, Vec<f64>)>>,
     /// Whether the parts regions update `shares` ([`Pool::with_fixed_shares`] pools keep theirs).
     learn: bool,
     panicked: AtomicBool,
@@ -157,9 +130,6 @@ impl Pool {
             region: Line(Region { job: UnsafeCell::new(None), tasks: AtomicUsize::new(0), parts: AtomicBool::new(false) }),
             next: Line(AtomicUsize::new(0)),
             took: (0..threads).map(|_| Line(AtomicU64::new(0))).collect(),
-            fetch: (0..threads).map(|_| Line(UnsafeCell::new(Fetch::default()))).collect(),
-            fetching: AtomicBool::new(false),
-            kinds: Mutex::new(Vec::new()),
             shares: Mutex::new(shares),
             learn,
             panicked: AtomicBool::new(false),
@@ -212,24 +182,6 @@ impl Pool {
     /// part `i`'s amount of work in any unit: when every part ran on its own thread, each thread's size
     /// over its time updates its share of the speed ([`Pool::shares`]).
     pub fn for_each_part(&self, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) {
-        self.for_each_part_of(0, sizes, f)
-    }
-
-    /// The shares learnt for regions of kind `kind` ([`Pool::for_each_part_of`]); those of the pool
-    /// ([`Pool::shares`]) for kind 0 or a kind not seen yet.
-    pub fn shares_of(&self, kind: u64) -> Vec<f64> {
-        if kind != 0 {
-            let kinds = self.inner.kinds.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((_, s)) = kinds.iter().find(|(k, _)| *k == kind) {
-                return s.clone();
-            }
-        }
-        self.shares()
-    }
-
-    /// [`Pool::for_each_part`] learning into the shares of kind `kind` (0: the pool's): regions whose
-    /// threads' speeds differ in their own way (a worker that fetched its part ahead) keep shares apart.
-    pub fn for_each_part_of(&self, kind: u64, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) {
         let n = sizes.len();
         assert!(n <= self.inner.threads, "{n} parts for {} threads", self.inner.threads);
         if !self.region(n, true, f) || n != self.inner.threads || !self.inner.learn {
@@ -246,23 +198,7 @@ impl Pool {
         }
         let rates = &rates[..n];
         let total: f64 = rates.iter().sum();
-        let mut global;
-        let mut kinds;
-        let shares: &mut Vec<f64> = if kind == 0 {
-            global = inner.shares.lock().unwrap_or_else(|e| e.into_inner());
-            &mut global
-        } else {
-            kinds = inner.kinds.lock().unwrap_or_else(|e| e.into_inner());
-            let at = match kinds.iter().position(|(k, _)| *k == kind) {
-                Some(at) => at,
-                None if kinds.len() < MAX_KINDS => {
-                    kinds.push((kind, self.shares()));
-                    kinds.len() - 1
-                }
-                None => return,
-            };
-            &mut kinds[at].1
-        };
+        let mut shares = inner.shares.lock().unwrap_or_else(|e| e.into_inner());
         for (s, r) in shares.iter_mut().zip(rates) {
             *s += LEARN * (r / total - *s);
         }
@@ -307,16 +243,6 @@ impl Pool {
         // epoch is closed and every worker that joined it has left.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f) };
         unsafe { *inner.region.job.get() = Some(job) };
-        FETCH.with(|fetch| {
-            let fetch = fetch.borrow();
-            if !fetch.is_empty() || inner.fetching.load(Relaxed) {
-                inner.fetching.store(!fetch.is_empty(), Relaxed);
-                for (i, slot) in inner.fetch.iter().enumerate().skip(1) {
-                    // SAFETY: as `job`
-                    unsafe { *slot.get() = fetch.get(i).copied().unwrap_or_default() };
-                }
-            }
-        });
         inner.region.tasks.store(tasks, Relaxed);
         inner.region.parts.store(parts, Relaxed);
         if !parts {
@@ -440,35 +366,13 @@ fn worker(inner: &Inner, me: usize) {
             }
         };
         if joined {
-            // SAFETY: joined an open epoch, so the submitter keeps the job alive until this worker leaves,
-            // and writes no `fetch` meanwhile.
-            let fetch = unsafe { *inner.fetch[me].get() };
+            // SAFETY: joined an open epoch, so the submitter keeps the job alive until this worker leaves.
             if let Some(job) = unsafe { *inner.region.job.get() } {
                 run_tasks(inner, unsafe { &*job }, me);
             }
             inner.done.fetch_or(bit, Release);
-            fetch_until_next(inner, &fetch, seen);
         }
     }
-}
-
-/// Asks for the lines of `fetch` to come into this core's second-level cache, until a region after
-/// `epoch` opens or the pool shuts down.
-fn fetch_until_next(inner: &Inner, fetch: &Fetch, epoch: u64) {
-    #[cfg(target_arch = "x86_64")]
-    for &(start, len) in &fetch.ranges[..fetch.n] {
-        for chunk in (0..len).step_by(1024) {
-            if inner.state.load(Relaxed) >> EPOCH_SHIFT != epoch || inner.shutdown.load(Relaxed) {
-                return;
-            }
-            for off in (chunk..(chunk + 1024).min(len)).step_by(64) {
-                // SAFETY: a prefetch reads nothing the program sees and never faults
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>((start + off) as *const i8) };
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (inner, fetch, epoch);
 }
 
 thread_local! {
@@ -476,8 +380,6 @@ thread_local! {
     /// Set on pool workers, and on a submitter while it runs tasks: a region started inside a task runs on
     /// that thread alone.
     static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// What the workers fetch after their work in this thread's regions ([`fetch_after`]).
-    static FETCH: RefCell<Vec<Fetch>> = const { RefCell::new(Vec::new()) };
 }
 
 static GLOBAL: OnceLock<Arc<Pool>> = OnceLock::new();
@@ -547,42 +449,6 @@ pub fn for_each_part(sizes: &[usize], f: impl Fn(usize) + Sync) {
         return (0..sizes.len()).for_each(f);
     }
     current().for_each_part(sizes, &f)
-}
-
-/// From now on, in the regions this thread submits, worker `i` fetches the memory ranges `ranges[i]`
-/// (start, bytes; at most [`MAX_FETCH`] each) into its second-level cache once its work in the region is
-/// done, until the next region opens; until the next call (an empty `ranges` stops it). The submitter's
-/// serial work between regions leaves the workers idle, and memory they will read in a later region
-/// (their part of the next matrix) can come in meanwhile. A hint only: the memory is never read, and a
-/// range need not stay valid.
-pub fn fetch_after(ranges: &[Vec<(*const u8, usize)>]) {
-    FETCH.with(|f| {
-        let mut f = f.borrow_mut();
-        f.clear();
-        f.extend(ranges.iter().map(|r| {
-            let mut to = Fetch { n: r.len().min(MAX_FETCH), ..Fetch::default() };
-            for (d, &(p, len)) in to.ranges.iter_mut().zip(r) {
-                *d = (p as usize, len);
-            }
-            to
-        }));
-    });
-}
-
-/// [`for_each_part`] learning into the shares of kind `kind` ([`Pool::for_each_part_of`]).
-pub fn for_each_part_of(kind: u64, sizes: &[usize], f: impl Fn(usize) + Sync) {
-    if IN_TASK.with(|w| w.get()) {
-        return (0..sizes.len()).for_each(f);
-    }
-    current().for_each_part_of(kind, sizes, &f)
-}
-
-/// The current pool's shares for regions of kind `kind` ([`Pool::shares_of`]; `[1.0]` inside a task).
-pub fn shares_of(kind: u64) -> Vec<f64> {
-    if IN_TASK.with(|w| w.get()) {
-        return vec![1.0];
-    }
-    current().shares_of(kind)
 }
 
 /// [`for_each_part`] over items, `sizes[i]` the work in `items[i]`.
@@ -751,56 +617,6 @@ mod tests {
             pool.for_each_part(&[10, 10], &|i| spin(Duration::from_micros(if i == 0 { 5 } else { 200 })));
         }
         assert!(pool.shares()[1] >= 0.25 - 1e-9, "{:?}", pool.shares());
-    }
-
-    #[test]
-    fn shares_of_a_kind_are_learnt_apart() {
-        let pool = Pool::new(2);
-        let spin = |d: Duration| {
-            let t = Instant::now();
-            while t.elapsed() < d {
-                std::hint::spin_loop();
-            }
-        };
-        let mut rounds = 0;
-        while pool.shares_of(7)[0] < 0.65 && rounds < 5000 {
-            pool.for_each_part_of(7, &[10, 10], &|i| spin(Duration::from_micros(if i == 0 { 20 } else { 60 })));
-            rounds += 1;
-        }
-        assert!(pool.shares_of(7)[0] >= 0.65, "kind 7's shares {:?} after {rounds} regions", pool.shares_of(7));
-        assert_eq!(pool.shares(), vec![0.5, 0.5], "the pool's own shares learn nothing from kind 7");
-        assert_eq!(pool.shares_of(8), pool.shares(), "an unseen kind starts from the pool's shares");
-    }
-
-    #[test]
-    fn workers_fetch_until_the_next_region_opens() {
-        let pool = Pool::new(2);
-        let buf = vec![1u8; 1 << 16];
-        pool.install(|| {
-            // a range far larger than any memory (never read, so never faulting): a worker still fetching
-            // it would never join another region
-            fetch_after(&[Vec::new(), vec![(buf.as_ptr(), 1 << 40), (std::ptr::null(), 1 << 20)]]);
-            // (a loaded machine may hold the worker off the CPU for a while: count, do not time)
-            let on_worker = AtomicUsize::new(0);
-            let mut regions = 0;
-            while on_worker.load(Relaxed) < 20 && regions < 20_000 {
-                let hits: Vec<AtomicUsize> = (0..2).map(|_| AtomicUsize::new(0)).collect();
-                for_each_part(&[1, 1], |i| {
-                    hits[i].fetch_add(1, Relaxed);
-                    if std::thread::current().name().is_some_and(|n| n.starts_with("flotilla-compute")) {
-                        on_worker.fetch_add(1, Relaxed);
-                    }
-                    let t = Instant::now();
-                    while t.elapsed() < Duration::from_micros(50) {
-                        std::hint::spin_loop();
-                    }
-                });
-                assert!(hits.iter().all(|h| h.load(Relaxed) == 1));
-                regions += 1;
-            }
-            fetch_after(&[]);
-            assert!(on_worker.load(Relaxed) >= 20, "the worker ran {} of {regions} parts", on_worker.load(Relaxed));
-        });
     }
 
     #[test]

@@ -376,7 +376,7 @@ impl QWeight {
         assert_eq!(x.len(), m * k, "matmul input for {} has {} values, expected {m}x{k}", self.name, x.len());
         match self.kernel {
             Kernel::Int(_) => self.matmul_q8_to(simd::detected(), &quantize_rows(x, k), out),
-            Kernel::Dequant => columns(self.rows, m, kind_of(&[self]), out, |cols, out| {
+            Kernel::Dequant => columns(self.rows, m, out, |cols, out| {
                 // a few weight rows dequantized at a time (in the first-level cache together), then every
                 // activation row's dots with them
                 const ROWS: usize = 4;
@@ -418,7 +418,7 @@ impl QWeight {
         assert!(rows.iter().all(|r| r.len == self.row_len), "activation width for {}", self.name);
         let acts = simd::Acts::new(level, rows);
         // SAFETY: as promised by `columns`; `acts` was made for `level`
-        columns(self.rows, rows.len(), kind_of(&[self]), out, |cols, out| unsafe {
+        columns(self.rows, rows.len(), out, |cols, out| unsafe {
             simd::tile(level, f, self.tiles_bytes(&cols), self.row_bytes, cols.len(), &acts, out)
         })
     }
@@ -460,7 +460,7 @@ pub fn matmul_q8_many_into(ws: &[&QWeight], rows: &[Q8Row], outs: &mut [&mut [f3
         total += t;
     }
     first.push(total);
-    split_tiles(total, m, kind_of(ws), |ts| {
+    split_tiles(total, m, |ts| {
         let mut t = ts.start;
         while t < ts.end {
             let i = first.partition_point(|&s| s <= t) - 1;
@@ -482,8 +482,8 @@ pub fn matmul_q8_many_into(ws: &[&QWeight], rows: &[Q8Row], outs: &mut [&mut [f3
 /// Computes `n` output columns of `m` rows in parallel tasks owning whole tiles of 16 columns:
 /// `f(columns, out)` writes the results of `columns` (which start on a tile) through `out` (which points
 /// at the first of them) and nothing else.
-fn columns(n: usize, m: usize, kind: u64, out: simd::Out, f: impl Fn(Range<usize>, simd::Out) + Sync) {
-    split_tiles(n.div_ceil(pack::TILE), m, kind, |ts| {
+fn columns(n: usize, m: usize, out: simd::Out, f: impl Fn(Range<usize>, simd::Out) + Sync) {
+    split_tiles(n.div_ceil(pack::TILE), m, |ts| {
         let cols = ts.start * pack::TILE..(ts.end * pack::TILE).min(n);
         // SAFETY: each task alone writes its columns, for rows the caller's `out` covers
         f(cols.clone(), unsafe { out.offset(0, cols.start) })
@@ -491,7 +491,7 @@ fn columns(n: usize, m: usize, kind: u64, out: simd::Out, f: impl Fn(Range<usize
 }
 
 /// Runs `f` on ranges of tiles that cover `0..tiles` once, in parallel tasks, for `m` activation rows.
-fn split_tiles(tiles: usize, m: usize, kind: u64, f: impl Fn(Range<usize>) + Sync) {
+fn split_tiles(tiles: usize, m: usize, f: impl Fn(Range<usize>) + Sync) {
     if m == 0 || tiles == 0 {
         return;
     }
@@ -499,55 +499,19 @@ fn split_tiles(tiles: usize, m: usize, kind: u64, f: impl Fn(Range<usize>) + Syn
     // memory and every range start waits on it; with more, the batched kernels prefetch the next tile
     // within a range, and smaller tasks (4 per thread) were slower on the Sapphire Rapids VM (128 rows,
     // Q4_1 576x1536 on 2 threads: 349 against 424 us). Each thread's range is its learnt share of the
-    // tiles (`pool::shares_of`: equal shares give sizes within one tile, the larger first), so a thread on
-    // a slower core gets fewer. The shares are learnt per kind of matmul (`kind`, the matrices' shapes): a
-    // worker that fetched its part ahead ([`fetch_next`]) is faster at some kinds than at others.
-    let shares = crate::pool::shares_of(kind);
+    // tiles (`pool::shares`: equal shares give sizes within one tile, the larger first), so a thread on a
+    // slower core gets fewer.
+    let shares = crate::pool::shares();
     if shares.len() == 1 || tiles == 1 {
         return f(0..tiles);
     }
     let parts = crate::pool::cut(tiles, &shares);
     let sizes: Vec<usize> = parts.iter().map(|p| p.len()).collect();
-    crate::pool::for_each_part_of(kind, &sizes, |t| {
+    crate::pool::for_each_part(&sizes, |t| {
         if !parts[t].is_empty() {
             f(parts[t].clone())
         }
     });
-}
-
-/// From now on, until the next call, the workers of this thread's parallel regions fetch their part of
-/// the matrices `ws` (cut as [`split_tiles`] would cut them now) once done with their work in a region:
-/// `ws` is the next matmul's (one-part steps; [`crate::pool::fetch_after`]). Empty: nothing.
-pub fn fetch_next(ws: &[&QWeight]) {
-    let shares = crate::pool::shares_of(kind_of(ws));
-    if shares.len() == 1 || ws.is_empty() {
-        return crate::pool::fetch_after(&[]);
-    }
-    let next: Vec<(*const u8, usize, usize)> = ws
-        .iter()
-        .filter(|w| matches!(w.kernel, Kernel::Int(_)))
-        .map(|w| (w.data.bytes().as_ptr(), w.rows.div_ceil(pack::TILE), pack::TILE * w.row_bytes))
-        .collect();
-    let mut fetch: Vec<Vec<(*const u8, usize)>> = vec![Vec::new(); shares.len()];
-    let total: usize = next.iter().map(|n| n.1).sum();
-    for (t, part) in crate::pool::cut(total, &shares).into_iter().enumerate() {
-        let mut first = 0;
-        for &(p, tiles, bytes) in &next {
-            let (a, b) = (part.start.max(first), part.end.min(first + tiles));
-            if a < b {
-                fetch[t].push((p.wrapping_add((a - first) * bytes), (b - a) * bytes));
-            }
-            first += tiles;
-        }
-    }
-    crate::pool::fetch_after(&fetch);
-}
-
-/// The kind of a matmul's parallel region, by the shapes of its matrices (the pool learns its threads'
-/// shares of each kind apart: [`fetch_next`] lets a worker fetch some matrices' parts ahead and not
-/// others').
-fn kind_of(ws: &[&QWeight]) -> u64 {
-    ws.iter().fold(0x9E37_79B9_7F4A_7C15, |h, w| (h ^ ((w.rows as u64) << 20) ^ w.row_bytes as u64).wrapping_mul(0x0100_0000_01B3)) | 1
 }
 
 /// Queues memory for this thread's batched matmuls to prefetch while they run, replacing what was queued

@@ -318,17 +318,11 @@ impl Shard {
                 }));
             }
             let mut ps: Vec<_> = split_rows_mut(&mut x, d, &parts).into_iter().zip(bufs.iter_mut().zip(&parts)).collect();
-            // the matrices after this layer's, for the matmuls' workers to fetch ahead
-            let next: Vec<&QWeight> = match self.layers.get(li + 1) {
-                Some(n) => vec![&n.wq, &n.wk, &n.wv],
-                None => self.head.iter().map(|h| &*h.output).collect(),
-            };
             pool::each_part_mut(&mut ps, &sizes(&parts), |_, (x, (b, part))| {
-                self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], b, x, &next)
+                self.attention_output_and_ffn(l, &attn[part.start * q_dim..part.end * q_dim], b, x)
             });
         }
         quant::prefetch_ahead(std::iter::empty());
-        quant::fetch_next(&[]);
         for (s, &n) in batch.iter_mut().zip(&rows) {
             s.cache.advance(n);
         }
@@ -389,7 +383,6 @@ impl Shard {
         let cfg = &*self.cfg;
         let (d, n) = (cfg.n_embd, tables.len());
         norm_rows(cfg, x, &l.attn_norm, h);
-        quant::fetch_next(&[&l.wo]);
         SharedInput::new(h, n, d).matmul_many_into([&l.wq, &l.wk, &l.wv], [&mut *q, &mut *k, &mut *v]);
         add_bias(q, l.bq.as_deref());
         add_bias(k, l.bk.as_deref());
@@ -401,19 +394,16 @@ impl Shard {
     /// The rest of a layer for some rows: the attention output `attn` projected and added to the residual
     /// stream `x`, then the feed-forward block (its input normed into `b.normed`, its gate and up
     /// projections in `b.gate`, `b.up`) added to it.
-    fn attention_output_and_ffn(&self, l: &Layer, attn: &[f32], b: &mut PartBuffers, x: &mut [f32], next: &[&QWeight]) {
+    fn attention_output_and_ffn(&self, l: &Layer, attn: &[f32], b: &mut PartBuffers, x: &mut [f32]) {
         let cfg = &*self.cfg;
         let d = cfg.n_embd;
         let n = x.len() / d;
-        quant::fetch_next(&[&l.w_gate, &l.w_up]);
         let o = l.wo.matmul(attn, n);
         add_rows(d, x, &o);
         norm_rows(cfg, x, &l.ffn_norm, &mut b.normed);
-        quant::fetch_next(&[&l.w_down]);
         SharedInput::new(&b.normed, n, d).matmul_many_into([&l.w_gate, &l.w_up], [&mut b.gate, &mut b.up]);
         let (gate, up, ff) = (&mut b.gate[..], &b.up[..], cfg.n_ff);
         pool::rows_mut(gate, ff, PAR, |rows, part| ops::swiglu(part, &up[rows.start * ff..rows.end * ff]));
-        quant::fetch_next(next);
         let down = l.w_down.matmul(gate, n);
         add_rows(d, x, &down);
     }
