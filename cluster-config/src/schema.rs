@@ -26,7 +26,7 @@ pub struct NodeSection {
     pub name: String,
     /// Relative weight for placement (a node with 2.0 gets about twice the layers of one with 1.0).
     pub capacity: f64,
-    /// Compute threads for the engine (0: one per available core).
+    /// Compute threads for the engine (0: one per available core; at most 48 are used).
     pub threads: usize,
     /// Milliseconds a node takes at most to drain and leave on SIGTERM/SIGINT or `admin shutdown`.
     pub leave_timeout_ms: u64,

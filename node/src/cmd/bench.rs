@@ -26,7 +26,7 @@ pub enum BenchWhat {
 pub struct EngineArgs {
     #[arg(long, default_value = DEFAULT_MODEL_PATH, env = "FLOTILLA_MODEL")]
     pub model: PathBuf,
-    /// Compute threads.
+    /// Compute threads (a pool has at most 48; the report gives the count used).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Prompt length for the prefill measurement.
@@ -148,7 +148,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     })?;
     let report = Report {
         model: model.config().name.clone(),
-        threads: a.threads,
+        threads: pool.threads(),
         kernel: format!("{:?}", flotilla_engine::quant::simd::detected()),
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
