@@ -22,6 +22,8 @@
 //! claim flag and a pending count per region.
 
 use std::cell::{RefCell, UnsafeCell};
+
+use crossbeam_utils::CachePadded;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -42,18 +44,6 @@ const JOINED: u64 = CLOSED - 1;
 
 type Job = *const (dyn Fn(usize) + Sync);
 
-/// A value on a cache line of its own: the lines that one thread writes and another reads in every
-/// region are what a region costs (a line moves between cores in about 60 ns on the 2-vCPU VMs).
-#[repr(align(64))]
-struct Line<T>(T);
-
-impl<T> std::ops::Deref for Line<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
 /// What a region runs, written by its submitter before it opens the region's epoch.
 struct Region {
     /// The task function; valid while its epoch is open or has workers joined.
@@ -63,18 +53,21 @@ struct Region {
     parts: AtomicBool,
 }
 
+/// Each word that one thread writes and another reads in every region sits on cache lines of its own
+/// (`CachePadded`): those lines are what a region costs (a line moves between cores in about 60 ns on
+/// the 2-vCPU VMs).
 struct Inner {
     threads: usize,
     /// `epoch << 48 | closed << 47 | the workers that joined the current region (bit me - 1 for worker
     /// me)`
-    state: Line<AtomicU64>,
+    state: CachePadded<AtomicU64>,
     /// The workers that have finished their work in the current region (same bits).
-    done: Line<AtomicU64>,
-    region: Line<Region>,
+    done: CachePadded<AtomicU64>,
+    region: CachePadded<Region>,
     /// The next unclaimed task of a region of tasks.
-    next: Line<AtomicUsize>,
+    next: CachePadded<AtomicUsize>,
     /// Per part: how long it took (ns), written by the thread that ran it.
-    took: Box<[Line<AtomicU64>]>,
+    took: Box<[CachePadded<AtomicU64>]>,
     /// Each thread's learnt share of the pool's speed (sums to 1).
     shares: Mutex<Vec<f64>>,
     /// Whether the parts regions update `shares` ([`Pool::with_fixed_shares`] pools keep theirs).
@@ -125,11 +118,11 @@ impl Pool {
         let threads = shares.len();
         let inner = Arc::new(Inner {
             threads,
-            state: Line(AtomicU64::new(0)),
-            done: Line(AtomicU64::new(0)),
-            region: Line(Region { job: UnsafeCell::new(None), tasks: AtomicUsize::new(0), parts: AtomicBool::new(false) }),
-            next: Line(AtomicUsize::new(0)),
-            took: (0..threads).map(|_| Line(AtomicU64::new(0))).collect(),
+            state: CachePadded::new(AtomicU64::new(0)),
+            done: CachePadded::new(AtomicU64::new(0)),
+            region: CachePadded::new(Region { job: UnsafeCell::new(None), tasks: AtomicUsize::new(0), parts: AtomicBool::new(false) }),
+            next: CachePadded::new(AtomicUsize::new(0)),
+            took: (0..threads).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
             shares: Mutex::new(shares),
             learn,
             panicked: AtomicBool::new(false),
