@@ -91,6 +91,7 @@ fn one(shard: &Shard, cache: &mut flotilla_engine::KvCache, tokens: &[u32]) -> a
 
 fn engine(a: EngineArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs >= 1 && a.prompt_tokens >= 1 && a.gen_tokens >= 1, "--runs, --prompt-tokens and --gen-tokens must be at least 1");
+    anyhow::ensure!(a.batch != Some(0), "--batch must be at least 1");
     let mut model = Model::open(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let layers = model.config().n_layers;
     let shard = model.load_shard(0..layers)?;
@@ -118,7 +119,6 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
         let batched = match a.batch {
             None => None,
             Some(b) => {
-                anyhow::ensure!(b >= 1, "--batch must be at least 1");
                 let mut rates = Vec::new();
                 let short = &tokens[..tokens.len().min(16)];
                 for run in 0..=a.runs {

@@ -1,0 +1,91 @@
+//! `flotilla bench engine` as a user runs it: the JSON report, the text report, and clear errors for bad
+//! input. Speed itself is measured, not asserted (BENCHMARKS.md).
+
+use std::process::Command;
+
+use flotilla_engine::synthetic::{self, SyntheticSpec};
+
+fn flotilla() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+}
+
+fn model() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.gguf");
+    synthetic::write(&p, &SyntheticSpec { layers: 3, ..Default::default() }).unwrap();
+    (dir, p)
+}
+
+/// `bench engine` on `model` with `extra`, and short runs for the options `extra` leaves out.
+fn bench(model: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let short = [("--prompt-tokens", "8"), ("--gen-tokens", "4"), ("--runs", "2")];
+    let mut cmd = flotilla();
+    cmd.args(["bench", "engine", "--model"]).arg(model);
+    for (flag, value) in short.into_iter().filter(|(flag, _)| !extra.contains(flag)) {
+        cmd.args([flag, value]);
+    }
+    cmd.args(extra).output().unwrap()
+}
+
+fn rate(report: &serde_json::Value, key: &str) -> f64 {
+    let r = report[key].as_f64().unwrap_or_else(|| panic!("no number {key} in {report}"));
+    assert!(r.is_finite() && r > 0.0, "{key} = {r}");
+    r
+}
+
+#[test]
+fn json_report_has_the_throughputs_and_the_setup() {
+    let (_d, p) = model();
+    for threads in ["1", "2"] {
+        let out = bench(&p, &["--threads", threads, "--batch", "3", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in ["prefill_tok_s", "decode_tok_s", "batch_decode_tok_s"] {
+            rate(&report, key);
+        }
+        assert_eq!(report["threads"].as_u64(), Some(threads.parse().unwrap()), "{report}");
+        assert_eq!(report["thread_shares"].as_array().map(Vec::len), Some(threads.parse().unwrap()), "{report}");
+        assert_eq!((report["batch"].as_u64(), report["runs"].as_u64()), (Some(3), Some(2)), "{report}");
+        assert_eq!((report["prompt_tokens"].as_u64(), report["gen_tokens"].as_u64()), (Some(8), Some(4)), "{report}");
+        assert!(!report["kernel"].as_str().unwrap().is_empty());
+    }
+    // without --batch, no batched figure
+    let out = bench(&p, &["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rate(&report, "decode_tok_s");
+    assert!(report.get("batch_decode_tok_s").is_none(), "{report}");
+}
+
+#[test]
+fn text_report_names_each_measurement() {
+    let (_d, p) = model();
+    let out = bench(&p, &["--batch", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in ["threads 1", "prefill (8 tokens):", "decode  (4 tokens):", "batched decode (2 sequences):", "x single-stream"] {
+        assert!(text.contains(needle), "{needle:?} not in {text:?}");
+    }
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_a_clear_message() {
+    let (d, p) = model();
+    let junk = d.path().join("junk.gguf");
+    std::fs::write(&junk, b"definitely not a model").unwrap();
+    let cases: Vec<(&std::path::Path, Vec<&str>, &str)> = vec![
+        (std::path::Path::new("/no/such/file.gguf"), vec![], "cannot open model file"),
+        (&junk, vec![], "not a GGUF file"),
+        (&p, vec!["--runs", "0"], "must be at least 1"),
+        (&p, vec!["--gen-tokens", "0"], "must be at least 1"),
+        (&p, vec!["--batch", "0"], "--batch must be at least 1"),
+        (&p, vec!["--threads", "many"], "invalid value"),
+    ];
+    for (model, extra, needle) in cases {
+        let out = bench(model, &extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        assert!(err.contains(needle), "{extra:?}: stderr {err:?} should mention {needle:?}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
