@@ -7,8 +7,8 @@
 // - tiles: each thread reads its own buffer as the single-stream decode kernels read Q4_1 weights, tile
 //   after tile of 16 rows by 18 blocks (each block's 4 lines of nibbles, then the tile's f16 scales and
 //   minimums), doing a block's unpacking and integer multiplies on it and prefetching 8 KiB ahead
-//   (GB/s): what one and two threads' single-stream decode can read at most, about 98 MB a token of
-//   the default model (on the Zen 4 kind one core read 20-22 GB/s and two together 32-35, so two
+//   (GB/s): about what one and two threads' single-stream decode can read, 98 MB a token of the
+//   default model (on the Zen 4 kind one core read 20-22 GB/s and two together 32-35, so two
 //   threads cannot decode at 1.8x one there; BENCHMARKS.md, 2026-12-06).
 // The chains are written in assembly: an earlier version let the compiler keep them in memory, and a
 // store and a load per operation held it to about 1 `vpmaddubsw` per cycle, half of what the core does.

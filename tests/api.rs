@@ -1,5 +1,6 @@
-//! The OpenAI-compatible API as clients meet it: bad input, API keys, cancellation, and a real OpenAI
-//! client library (Python's `openai`) whose answers must equal `flotilla generate`.
+//! The OpenAI-compatible API as clients meet it: bad input, API keys, cancellation, a real OpenAI
+//! client library (Python's `openai`) whose answers must equal `flotilla generate`, and `flotilla bench
+//! load`, the load generator operators point at it.
 // `[0..n]`: a list of shard ranges that holds one shard (the whole model)
 #![allow(clippy::single_range_in_vec_init)]
 

@@ -1,20 +1,9 @@
 //! `flotilla bench engine` as a user runs it: the JSON report, the text report, and clear errors for bad
 //! input. Speed itself is measured, not asserted (BENCHMARKS.md).
 
-use std::process::Command;
+mod common;
 
-use flotilla_engine::synthetic::{self, SyntheticSpec};
-
-fn flotilla() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-}
-
-fn model() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("m.gguf");
-    synthetic::write(&p, &SyntheticSpec { layers: 3, ..Default::default() }).unwrap();
-    (dir, p)
-}
+use common::flotilla;
 
 /// `bench engine` on `model` with `extra`, and short runs for the options `extra` leaves out.
 fn bench(model: &std::path::Path, extra: &[&str]) -> std::process::Output {
@@ -35,7 +24,7 @@ fn rate(report: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn json_report_has_the_throughputs_and_the_setup() {
-    let (_d, p) = model();
+    let (_d, p) = common::model(3);
     for threads in ["1", "2"] {
         let out = bench(&p, &["--threads", threads, "--batch", "3", "--json"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -59,7 +48,7 @@ fn json_report_has_the_throughputs_and_the_setup() {
 
 #[test]
 fn text_report_names_each_measurement() {
-    let (_d, p) = model();
+    let (_d, p) = common::model(3);
     let out = bench(&p, &["--batch", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
@@ -70,7 +59,7 @@ fn text_report_names_each_measurement() {
 
 #[test]
 fn bad_input_exits_non_zero_with_a_clear_message() {
-    let (d, p) = model();
+    let (d, p) = common::model(3);
     let junk = d.path().join("junk.gguf");
     std::fs::write(&junk, b"definitely not a model").unwrap();
     let cases: Vec<(&std::path::Path, Vec<&str>, &str)> = vec![

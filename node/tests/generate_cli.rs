@@ -1,19 +1,8 @@
 //! `flotilla generate` as a user runs it: streaming text, --json, --stages, and clear errors.
 
-use std::process::Command;
+mod common;
 
-use flotilla_engine::synthetic::{self, SyntheticSpec};
-
-fn flotilla() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-}
-
-fn model() -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("m.gguf");
-    synthetic::write(&p, &SyntheticSpec { layers: 5, ..Default::default() }).unwrap();
-    (dir, p)
-}
+use common::flotilla;
 
 fn json_run(path: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let out = flotilla()
@@ -29,7 +18,7 @@ fn json_run(path: &std::path::Path, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn json_output_has_ids_text_and_timings_and_is_split_invariant() {
-    let (_d, p) = model();
+    let (_d, p) = common::model(5);
     let one = json_run(&p, &[]);
     for key in ["prompt_token_ids", "output_token_ids", "text", "timings"] {
         assert!(one.get(key).is_some(), "missing {key} in {one}");
@@ -46,7 +35,7 @@ fn json_output_has_ids_text_and_timings_and_is_split_invariant() {
 
 #[test]
 fn streamed_text_equals_json_text() {
-    let (_d, p) = model();
+    let (_d, p) = common::model(5);
     let out = flotilla().args(["generate", "--model"]).arg(&p).args(["--prompt", "the cat", "--max-tokens", "12"]).output().unwrap();
     assert!(out.status.success());
     let streamed = String::from_utf8(out.stdout).unwrap();
@@ -56,7 +45,7 @@ fn streamed_text_equals_json_text() {
 
 #[test]
 fn bad_input_exits_non_zero_with_a_clear_message() {
-    let (d, p) = model();
+    let (d, p) = common::model(5);
     let junk = d.path().join("junk.gguf");
     std::fs::write(&junk, b"definitely not a model").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
