@@ -22,13 +22,13 @@
 //! claim flag and a pending count per region.
 
 use std::cell::{RefCell, UnsafeCell};
-
-use crossbeam_utils::CachePadded;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
 
 /// How long an idle worker spins before it parks.
 const SPIN: Duration = Duration::from_micros(200);
