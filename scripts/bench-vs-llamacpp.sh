@@ -5,7 +5,10 @@
 # Where llama-batched-bench was built too (`cmake --build <llama.cpp>/build --target llama-batched-bench`),
 # each round also runs it for 1 and 32 sequences (16-token prompts, 64 generated tokens each), so both
 # engines' batched decode is measured against their own single-stream decode in the same minutes
-# (`batch32` and `batch32/1`; flotilla's ratio is over the decode of the same `bench engine` run).
+# (`batch32` and `batch32/1`).
+# flotilla runs once per round with `--threads 1 --vs-threads 2`: its ratios (`batch32/1`, and 2 threads
+# over 1 as `prefill/1t`, `decode/1t`, `batch32/1t`) are the medians of pairs of runs seconds apart.
+# llama.cpp's `prefill/1t` and `decode/1t` are over its 1-thread run of the same round.
 # LLAMACPP_ARGS adds llama-bench options and LLAMACPP_BATCHED_ARGS llama-batched-bench ones (`--repack 0`
 # and `--no-repack` where its AMX kernels die of SIGILL, as on the Sapphire Rapids VM in BENCHMARKS.md).
 set -euo pipefail
@@ -18,26 +21,42 @@ FLOTILLA=$ROOT/target/release/flotilla
 [ -x "$FLOTILLA" ] || (cd "$ROOT" && cargo build --release -p flotilla-node)
 OUT=$(mktemp)
 for r in $(seq "$ROUNDS"); do
+  ROUND=$(mktemp)
   for t in 1 2; do
     LD_LIBRARY_PATH=$BIN "$BIN/llama-bench" -m "$MODEL" -p 128 -n 64 -t "$t" -r 3 ${LLAMACPP_ARGS:-} -o json 2>/dev/null \
-      | python3 -c "import json,sys; [print('llamacpp', $t, ('prefill' if x['n_prompt'] else 'decode'), x['avg_ts']) for x in json.load(sys.stdin)]" >>"$OUT"
-    "$FLOTILLA" bench engine --model "$MODEL" --threads "$t" --runs 3 --json \
-      | python3 -c "import json,sys; x=json.load(sys.stdin); print('flotilla', $t, 'prefill', x['prefill_tok_s']); print('flotilla', $t, 'decode', x['decode_tok_s'])" >>"$OUT"
+      | python3 -c "import json,sys; [print('llamacpp', $t, ('prefill' if x['n_prompt'] else 'decode'), x['avg_ts']) for x in json.load(sys.stdin)]" >>"$ROUND"
   done
+  "$FLOTILLA" bench engine --model "$MODEL" --threads 1 --vs-threads 2 --runs 3 --batch 32 --json | python3 -c "
+import json,sys
+x = json.load(sys.stdin)
+for t, r in ((1, x), (2, x['vs_threads'])):
+    print('flotilla', t, 'prefill', r['prefill_tok_s']); print('flotilla', t, 'decode', r['decode_tok_s'])
+    print('flotilla', t, 'batch32', r['batch_decode_tok_s']); print('flotilla', t, 'batch32/1', r['batch_over_decode'])
+v = x['vs_threads']
+print('flotilla', 2, 'prefill/1t', v['prefill_speedup']); print('flotilla', 2, 'decode/1t', v['decode_speedup'])
+print('flotilla', 2, 'batch32/1t', v['batch_decode_speedup'])" >>"$ROUND"
   for t in 1 2; do
     if [ -x "$BIN/llama-batched-bench" ]; then
       LD_LIBRARY_PATH=$BIN "$BIN/llama-batched-bench" -m "$MODEL" -c 4096 -b 512 -ub 512 -npp 16 -ntg 64 -npl 1,32 -t "$t" ${LLAMACPP_BATCHED_ARGS:-} \
         --output-format jsonl 2>&1 | grep '^{' | python3 -c "
 import json,sys
 r = {x['pl']: x['speed_tg'] for x in map(json.loads, sys.stdin)}
-print('llamacpp', $t, 'batch32', r[32]); print('llamacpp', $t, 'batch32/1', r[32] / r[1])" >>"$OUT"
+print('llamacpp', $t, 'batch32', r[32]); print('llamacpp', $t, 'batch32/1', r[32] / r[1])" >>"$ROUND"
     fi
-    "$FLOTILLA" bench engine --model "$MODEL" --threads "$t" --runs 3 --batch 32 --json \
-      | python3 -c "
-import json,sys
-x = json.load(sys.stdin)
-print('flotilla', $t, 'batch32', x['batch_decode_tok_s']); print('flotilla', $t, 'batch32/1', x['batch_decode_tok_s'] / x['decode_tok_s'])" >>"$OUT"
   done
+  # llama.cpp's 2 threads over its 1 thread of this round
+  python3 - "$ROUND" <<'PY' >>"$ROUND"
+import sys
+d = {}
+for line in open(sys.argv[1]):
+    eng, t, what, v = line.split()
+    d[(eng, int(t), what)] = float(v)
+for what in ("prefill", "decode"):
+    if ("llamacpp", 1, what) in d and ("llamacpp", 2, what) in d:
+        print("llamacpp", 2, what + "/1t", d[("llamacpp", 2, what)] / d[("llamacpp", 1, what)])
+PY
+  cat "$ROUND" >>"$OUT"
+  rm -f "$ROUND"
 done
 cat "$OUT"
 python3 - "$OUT" <<'PY'
@@ -46,8 +65,8 @@ d = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     eng, t, what, v = line.split()
     d[(eng, int(t), what)].append(float(v))
-print("\nmedians (tok/s):")
+print("\nmedians (tok/s; ratios for the names with a slash):")
 for k in sorted(d):
-    print(f"  {k[0]:9} threads={k[1]} {k[2]:8} {statistics.median(d[k]):8.1f}   (runs: {', '.join(f'{v:.1f}' for v in d[k])})")
+    print(f"  {k[0]:9} threads={k[1]} {k[2]:8} {statistics.median(d[k]):8.2f}   (runs: {', '.join(f'{v:.2f}' for v in d[k])})")
 PY
 rm -f "$OUT"

@@ -29,9 +29,10 @@ fn json_report_has_the_throughputs_and_the_setup() {
         let out = bench(&p, &["--threads", threads, "--batch", "3", "--json"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        for key in ["prefill_tok_s", "decode_tok_s", "batch_decode_tok_s"] {
+        for key in ["prefill_tok_s", "decode_tok_s", "batch_decode_tok_s", "batch_over_decode"] {
             rate(&report, key);
         }
+        assert!(report.get("vs_threads").is_none(), "{report}");
         assert_eq!(report["threads"].as_u64(), Some(threads.parse().unwrap()), "{report}");
         assert_eq!(report["thread_shares"].as_array().map(Vec::len), Some(threads.parse().unwrap()), "{report}");
         assert_eq!((report["batch"].as_u64(), report["runs"].as_u64()), (Some(3), Some(2)), "{report}");
@@ -44,6 +45,40 @@ fn json_report_has_the_throughputs_and_the_setup() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     rate(&report, "decode_tok_s");
     assert!(report.get("batch_decode_tok_s").is_none(), "{report}");
+    assert!(report.get("batch_over_decode").is_none(), "{report}");
+}
+
+#[test]
+fn vs_threads_reports_the_second_thread_count_and_its_speedups() {
+    let (_d, p) = common::model(3);
+    let out = bench(&p, &["--threads", "1", "--vs-threads", "2", "--batch", "3", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["threads"].as_u64(), Some(1), "{report}");
+    rate(&report, "decode_tok_s");
+    let vs = &report["vs_threads"];
+    assert_eq!(vs["threads"].as_u64(), Some(2), "{report}");
+    assert_eq!(vs["thread_shares"].as_array().map(Vec::len), Some(2), "{report}");
+    let keys =
+        ["prefill_tok_s", "decode_tok_s", "batch_decode_tok_s", "batch_over_decode", "prefill_speedup", "decode_speedup", "batch_decode_speedup"];
+    for key in keys {
+        rate(vs, key);
+    }
+    // without --batch, no batched figures for either thread count
+    let out = bench(&p, &["--vs-threads", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    rate(&report["vs_threads"], "decode_speedup");
+    for key in ["batch_decode_tok_s", "batch_over_decode", "batch_decode_speedup"] {
+        assert!(report["vs_threads"].get(key).is_none(), "{key} in {report}");
+    }
+    // the text report
+    let out = bench(&p, &["--vs-threads", "2", "--batch", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in ["threads 1", "with 2 threads, each run right after one with 1:", "prefill: ", "decode:  ", "batched decode: ", "learnt shares"] {
+        assert!(text.contains(needle), "{needle:?} not in {text:?}");
+    }
 }
 
 #[test]
@@ -69,6 +104,7 @@ fn bad_input_exits_non_zero_with_a_clear_message() {
         (&p, vec!["--gen-tokens", "0"], "must be at least 1"),
         (&p, vec!["--batch", "0"], "--batch must be at least 1"),
         (&p, vec!["--threads", "many"], "invalid value"),
+        (&p, vec!["--vs-threads", "two"], "invalid value"),
     ];
     for (model, extra, needle) in cases {
         let out = bench(model, &extra);

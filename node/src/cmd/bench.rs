@@ -41,6 +41,12 @@ pub struct EngineArgs {
     /// Timed runs per measurement (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// Also measure with this many compute threads, run by run in turns with `--threads`, and report
+    /// its speedups over `--threads`: each run's ratio to the `--threads` run right before it, the
+    /// median over the runs (a shared host's speed drifts between minutes; a pair of runs seconds
+    /// apart sees the same host).
+    #[arg(long)]
+    pub vs_threads: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -59,10 +65,42 @@ struct Report {
     batch: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     batch_decode_tok_s: Option<f64>,
+    /// Each run's batched decode over its single-stream decode, the median over the runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_over_decode: Option<f64>,
     runs: usize,
     /// Each compute thread's learnt share of the pool's speed at the end (`engine::pool`): far from
     /// even when a core ran slower than the other during the runs.
     thread_shares: Vec<f64>,
+    /// The same measurements with `--vs-threads` threads, in turns with these.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vs_threads: Option<VsReport>,
+}
+
+/// The measurements with `--vs-threads` threads, and their speedups over `--threads`: each run's ratio
+/// to the `--threads` run before it, the median over the runs.
+#[derive(Serialize)]
+struct VsReport {
+    threads: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_decode_tok_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_over_decode: Option<f64>,
+    thread_shares: Vec<f64>,
+    prefill_speedup: f64,
+    decode_speedup: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_decode_speedup: Option<f64>,
+}
+
+/// One thread count's timed runs, in run order.
+#[derive(Default)]
+struct Runs {
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    batched: Vec<f64>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -75,6 +113,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// The median of the runs' ratios `top[i] / bottom[i]`; `None` without runs.
+fn paired(top: &[f64], bottom: &[f64]) -> Option<f64> {
+    (!top.is_empty()).then(|| median(top.iter().zip(bottom).map(|(t, b)| t / b).collect()))
 }
 
 /// Deterministic prompt ids of length `n` from ordinary text.
@@ -96,82 +139,120 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     let layers = model.config().n_layers;
     let shard = model.load_shard(0..layers)?;
     let tokens = prompt(&model, a.prompt_tokens)?;
-    let pool = flotilla_engine::pool::Pool::new(a.threads);
-    let (prefill, decode, batched) = pool.install(|| -> anyhow::Result<(f64, f64, Option<f64>)> {
-        let mut prefill = Vec::new();
-        let mut decode = Vec::new();
-        for run in 0..=a.runs {
-            let mut cache = shard.new_cache();
-            let t = Instant::now();
-            let mut logits = one(&shard, &mut cache, &tokens)?;
-            let p = a.prompt_tokens as f64 / t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            for _ in 0..a.gen_tokens {
-                let next = argmax(&logits);
-                logits = one(&shard, &mut cache, &[next])?;
-            }
-            let d = a.gen_tokens as f64 / t.elapsed().as_secs_f64();
+    let pools: Vec<_> = std::iter::once(a.threads).chain(a.vs_threads).map(flotilla_engine::pool::Pool::new).collect();
+    let mut runs: Vec<Runs> = pools.iter().map(|_| Runs::default()).collect();
+    // Run 0 is the warm-up. In each run every thread count measures the single stream, then the batch,
+    // one right after the other, so the ratios compare runs seconds apart.
+    for run in 0..=a.runs {
+        for (pool, r) in pools.iter().zip(&mut runs) {
+            let (p, d) = pool.install(|| single_stream(&shard, &tokens, a.gen_tokens))?;
             if run > 0 {
-                prefill.push(p);
-                decode.push(d);
+                r.prefill.push(p);
+                r.decode.push(d);
             }
         }
-        let batched = match a.batch {
-            None => None,
-            Some(b) => {
-                let mut rates = Vec::new();
-                let short = &tokens[..tokens.len().min(16)];
-                for run in 0..=a.runs {
-                    let mut caches: Vec<_> = (0..b).map(|_| shard.new_cache()).collect();
-                    let mut next: Vec<u32> = Vec::with_capacity(b);
-                    for (i, c) in caches.iter_mut().enumerate() {
-                        // different prompt lengths per sequence, as a server sees
-                        let p = &short[..1 + i % short.len()];
-                        next.push(argmax(&one(&shard, c, p)?));
-                    }
-                    let t = Instant::now();
-                    for _ in 0..a.gen_tokens {
-                        let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-                        let mut steps: Vec<SeqStep> =
-                            caches.iter_mut().zip(&inputs).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(t) }).collect();
-                        let out = shard.forward(&mut steps)?;
-                        next = out.into_iter().map(|o| o.into_logits().map(|l| argmax(&l)).unwrap_or(0)).collect();
-                    }
-                    if run > 0 {
-                        rates.push((b * a.gen_tokens) as f64 / t.elapsed().as_secs_f64());
-                    }
+        if let Some(b) = a.batch {
+            for (pool, r) in pools.iter().zip(&mut runs) {
+                let rate = pool.install(|| batched(&shard, &tokens, b, a.gen_tokens))?;
+                if run > 0 {
+                    r.batched.push(rate);
                 }
-                Some(median(rates))
             }
-        };
-        Ok((median(prefill), median(decode), batched))
-    })?;
+        }
+    }
+    let kernel = format!("{:?}", flotilla_engine::quant::simd::detected());
+    let base = &runs[0];
+    let vs = (pools.len() > 1).then(|| {
+        let r = &runs[1];
+        VsReport {
+            threads: pools[1].threads(),
+            prefill_tok_s: median(r.prefill.clone()),
+            decode_tok_s: median(r.decode.clone()),
+            batch_decode_tok_s: a.batch.map(|_| median(r.batched.clone())),
+            batch_over_decode: paired(&r.batched, &r.decode),
+            thread_shares: pools[1].shares(),
+            prefill_speedup: paired(&r.prefill, &base.prefill).expect("at least one run"),
+            decode_speedup: paired(&r.decode, &base.decode).expect("at least one run"),
+            batch_decode_speedup: paired(&r.batched, &base.batched),
+        }
+    });
     let report = Report {
         model: model.config().name.clone(),
-        threads: pool.threads(),
-        kernel: format!("{:?}", flotilla_engine::quant::simd::detected()),
+        threads: pools[0].threads(),
+        kernel,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
-        prefill_tok_s: prefill,
-        decode_tok_s: decode,
+        prefill_tok_s: median(base.prefill.clone()),
+        decode_tok_s: median(base.decode.clone()),
         batch: a.batch,
-        batch_decode_tok_s: batched,
+        batch_decode_tok_s: a.batch.map(|_| median(base.batched.clone())),
+        batch_over_decode: paired(&base.batched, &base.decode),
         runs: a.runs,
-        thread_shares: pool.shares(),
+        thread_shares: pools[0].shares(),
+        vs_threads: vs,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
-    } else {
-        println!("model {} | threads {} | kernel {}", report.model, report.threads, report.kernel);
-        println!("prefill ({} tokens): {:.1} tok/s", a.prompt_tokens, prefill);
-        println!("decode  ({} tokens): {:.1} tok/s", a.gen_tokens, decode);
-        if let (Some(b), Some(r)) = (a.batch, batched) {
-            println!("batched decode ({b} sequences): {r:.1} tok/s aggregate ({:.1}x single-stream)", r / decode);
+        return Ok(());
+    }
+    let r = &report;
+    println!("model {} | threads {} | kernel {}", r.model, r.threads, r.kernel);
+    println!("prefill ({} tokens): {:.1} tok/s", a.prompt_tokens, r.prefill_tok_s);
+    println!("decode  ({} tokens): {:.1} tok/s", a.gen_tokens, r.decode_tok_s);
+    if let (Some(b), Some(rate), Some(x)) = (a.batch, r.batch_decode_tok_s, r.batch_over_decode) {
+        println!("batched decode ({b} sequences): {rate:.1} tok/s aggregate ({x:.2}x single-stream)");
+    }
+    print_shares(&r.thread_shares);
+    if let Some(v) = &r.vs_threads {
+        println!("with {} threads, each run right after one with {}:", v.threads, r.threads);
+        println!("prefill: {:.1} tok/s ({:.2}x)", v.prefill_tok_s, v.prefill_speedup);
+        println!("decode:  {:.1} tok/s ({:.2}x)", v.decode_tok_s, v.decode_speedup);
+        if let (Some(rate), Some(x), Some(up)) = (v.batch_decode_tok_s, v.batch_over_decode, v.batch_decode_speedup) {
+            println!("batched decode: {rate:.1} tok/s aggregate ({x:.2}x single-stream; {up:.2}x)");
         }
-        if report.thread_shares.len() > 1 {
-            let shares: Vec<String> = report.thread_shares.iter().map(|s| format!("{:.0}%", s * 100.0)).collect();
-            println!("threads' learnt shares of the speed: {}", shares.join(" / "));
-        }
+        print_shares(&v.thread_shares);
     }
     Ok(())
+}
+
+/// A prefill of `tokens`, then `gen` greedy decode steps after it: (prefill, decode) tok/s.
+fn single_stream(shard: &Shard, tokens: &[u32], gen: usize) -> anyhow::Result<(f64, f64)> {
+    let mut cache = shard.new_cache();
+    let t = Instant::now();
+    let mut logits = one(shard, &mut cache, tokens)?;
+    let prefill = tokens.len() as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..gen {
+        let next = argmax(&logits);
+        logits = one(shard, &mut cache, &[next])?;
+    }
+    Ok((prefill, gen as f64 / t.elapsed().as_secs_f64()))
+}
+
+/// `b` sequences (prompts of 1..16 of `tokens`) decoding `gen` steps together, one forward each: aggregate
+/// tok/s.
+fn batched(shard: &Shard, tokens: &[u32], b: usize, gen: usize) -> anyhow::Result<f64> {
+    let short = &tokens[..tokens.len().min(16)];
+    let mut caches: Vec<_> = (0..b).map(|_| shard.new_cache()).collect();
+    let mut next: Vec<u32> = Vec::with_capacity(b);
+    for (i, c) in caches.iter_mut().enumerate() {
+        // different prompt lengths per sequence, as a server sees
+        let p = &short[..1 + i % short.len()];
+        next.push(argmax(&one(shard, c, p)?));
+    }
+    let t = Instant::now();
+    for _ in 0..gen {
+        let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut steps: Vec<SeqStep> = caches.iter_mut().zip(&inputs).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(t) }).collect();
+        let out = shard.forward(&mut steps)?;
+        next = out.into_iter().map(|o| o.into_logits().map(|l| argmax(&l)).unwrap_or(0)).collect();
+    }
+    Ok((b * gen) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn print_shares(shares: &[f64]) {
+    if shares.len() > 1 {
+        let shares: Vec<String> = shares.iter().map(|s| format!("{:.0}%", s * 100.0)).collect();
+        println!("threads' learnt shares of the speed: {}", shares.join(" / "));
+    }
 }
