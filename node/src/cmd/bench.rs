@@ -250,6 +250,7 @@ fn batched(shard: &Shard, tokens: &[u32], b: usize, gen: usize) -> anyhow::Resul
     Ok((b * gen) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// The threads' learnt shares, where a pool has more than one thread.
 fn print_shares(shares: &[f64]) {
     if shares.len() > 1 {
         let shares: Vec<String> = shares.iter().map(|s| format!("{:.0}%", s * 100.0)).collect();
