@@ -20,6 +20,8 @@ FLOTILLA=$ROOT/target/release/flotilla
 [ -x "$BIN/llama-bench" ] || { echo "llama-bench not found in $BIN (run shared/baseline/build-llamacpp.sh)" >&2; exit 1; }
 [ -x "$FLOTILLA" ] || (cd "$ROOT" && cargo build --release -p flotilla-node)
 OUT=$(mktemp)
+ROUND=
+trap 'rm -f "$OUT" ${ROUND:+"$ROUND"}' EXIT
 for r in $(seq "$ROUNDS"); do
   ROUND=$(mktemp)
   for t in 1 2; do
@@ -45,7 +47,7 @@ print('llamacpp', $t, 'batch32', r[32]); print('llamacpp', $t, 'batch32/1', r[32
     fi
   done
   # llama.cpp's 2 threads over its 1 thread of this round
-  python3 - "$ROUND" <<'PY' >>"$ROUND"
+  SPEEDUPS=$(python3 - "$ROUND" <<'PY'
 import sys
 d = {}
 for line in open(sys.argv[1]):
@@ -55,7 +57,9 @@ for what in ("prefill", "decode"):
     if ("llamacpp", 1, what) in d and ("llamacpp", 2, what) in d:
         print("llamacpp", 2, what + "/1t", d[("llamacpp", 2, what)] / d[("llamacpp", 1, what)])
 PY
+)
   cat "$ROUND" >>"$OUT"
+  [ -z "$SPEEDUPS" ] || echo "$SPEEDUPS" >>"$OUT"
   rm -f "$ROUND"
 done
 cat "$OUT"
@@ -67,6 +71,5 @@ for line in open(sys.argv[1]):
     d[(eng, int(t), what)].append(float(v))
 print("\nmedians (tok/s; ratios for the names with a slash):")
 for k in sorted(d):
-    print(f"  {k[0]:9} threads={k[1]} {k[2]:8} {statistics.median(d[k]):8.2f}   (runs: {', '.join(f'{v:.2f}' for v in d[k])})")
+    print(f"  {k[0]:9} threads={k[1]} {k[2]:10} {statistics.median(d[k]):8.2f}   (runs: {', '.join(f'{v:.2f}' for v in d[k])})")
 PY
-rm -f "$OUT"

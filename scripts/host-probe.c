@@ -14,12 +14,13 @@
 //   one thread, a half each by two (as two decode threads split every matrix), prefetching 8 KiB ahead as
 //   the decode kernels do (GB/s): where two read far more than twice one, each core's part of the L3
 //   holds a half but not the whole, and the 2-thread decode runs from the L3 while the 1-thread decode
-//   streams from memory (on an Emerald Rapids VM one read 10-12 GB/s and two 44-46; without the
+//   streams from memory (on an Emerald Rapids VM one read 11-18 GB/s and two 45-49; without the
 //   prefetches 10 and 22; BENCHMARKS.md, 2026-12-06, twelfth session).
 // - vpdpbusd (AVX-512 VNNI) and tdpbssd (AMX-INT8), where the CPU has them: 12 independent 512-bit
 //   chains, and 4 independent 16x16x64 tile products, held in registers (G ops/s): how the integer
 //   multiplies of the batched kernels scale from one core to two (on that Emerald Rapids VM vpdpbusd
 //   scaled 2.0-2.1x and tdpbssd 1.6-1.9x).
+// (The AMX permission is asked once for the process, before any thread starts.)
 // The chains are written in assembly: an earlier version let the compiler keep them in memory, and a
 // store and a load per operation held it to about 1 `vpmaddubsw` per cycle, half of what the core does.
 // Build and run: gcc -O2 -mavx2 -mf16c -pthread scripts/host-probe.c -o /tmp/host-probe && /tmp/host-probe
@@ -47,6 +48,9 @@ static double now(void) {
 }
 
 static const float one = 1.0f;
+
+// The tile operands of the tdpbssd probe (all bytes 1: no zero operands).
+static char ones[1024] __attribute__((aligned(64)));
 
 // 12 independent operations on ymm0..ymm11 (ymm15 the other operand)
 #define R6(op, r0, r1, r2, r3, r4, r5)                                                                                       \
@@ -144,11 +148,11 @@ static void *run(void *arg) {
     } else if (j->kind == 7) {
         static const char cfg[64] __attribute__((aligned(64))) = {
             1, [16] = 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, 64, 0, [48] = 16, 16, 16, 16, 16, 16};
-        static char ones[1024] __attribute__((aligned(64)));
-        memset(ones, 1, sizeof ones);
+        // (ones: set in main, before the threads start)
         __asm__ volatile("ldtilecfg %0\n"
                          "tileloadd (%1,%2,1), %%tmm4\ntileloadd (%1,%2,1), %%tmm5\n"
-                         "tilezero %%tmm0\ntilezero %%tmm1\ntilezero %%tmm2\ntilezero %%tmm3" ::"m"(cfg), "r"(ones), "r"(64L));
+                         "tilezero %%tmm0\ntilezero %%tmm1\ntilezero %%tmm2\ntilezero %%tmm3" ::"m"(cfg), "r"(ones), "r"(64L)
+                         : "memory");
         for (long i = 0; i < ITERS / 16; i++)
             __asm__ volatile("tdpbssd %%tmm5, %%tmm4, %%tmm0\ntdpbssd %%tmm5, %%tmm4, %%tmm1\n"
                              "tdpbssd %%tmm5, %%tmm4, %%tmm2\ntdpbssd %%tmm5, %%tmm4, %%tmm3\n" ::);
@@ -166,13 +170,14 @@ static void *run(void *arg) {
     return NULL;
 }
 
-// GHz of a dependent chain of scalar multiplies (3 cycles each on every x86-64 core; a chain of adds
-// read 5-9 GHz on an Emerald Rapids VM, whose cores run some dependent adds faster than one a cycle)
+// GHz of a dependent chain of scalar multiplies (3 cycles each on the Intel cores since Nehalem and the
+// AMD ones since Zen, every kind in BENCHMARKS.md; a chain of adds read 5-9 GHz on an Emerald Rapids
+// VM, whose cores run some dependent adds faster than one a cycle)
 static double clock_ghz(void) {
-    long a = 1, one = 1;
+    long a = 1, factor = 1;
     double t0 = now();
     for (long i = 0; i < ITERS / 4; i++)
-        __asm__ volatile("imul %1, %0\nimul %1, %0\nimul %1, %0\nimul %1, %0\n" : "+r"(a) : "r"(one));
+        __asm__ volatile("imul %1, %0\nimul %1, %0\nimul %1, %0\nimul %1, %0\n" : "+r"(a) : "r"(factor));
     return 3.0 * ITERS / (now() - t0) / 1e9;
 }
 
@@ -217,6 +222,7 @@ static int has_amx(void) {
 int main(void) {
     char *bufs[2];
     int vnni = has_vnni512(), amx = has_amx();
+    memset(ones, 1, sizeof ones);
     for (int i = 0; i < 2; i++) {
         bufs[i] = aligned_alloc(64, BYTES);
         memset(bufs[i], i + 1, BYTES);

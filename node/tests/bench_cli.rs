@@ -64,6 +64,17 @@ fn vs_threads_reports_the_second_thread_count_and_its_speedups() {
     for key in keys {
         rate(vs, key);
     }
+    // with one timed run each median is that run's figure, so every ratio is the figures' own
+    let out = bench(&p, &["--threads", "1", "--vs-threads", "2", "--batch", "3", "--runs", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vs = &report["vs_threads"];
+    for (what, ratio) in [("prefill_tok_s", "prefill_speedup"), ("decode_tok_s", "decode_speedup"), ("batch_decode_tok_s", "batch_decode_speedup")] {
+        assert_eq!(rate(vs, ratio), rate(vs, what) / rate(&report, what), "{ratio} in {report}");
+    }
+    for r in [&report, vs] {
+        assert_eq!(rate(r, "batch_over_decode"), rate(r, "batch_decode_tok_s") / rate(r, "decode_tok_s"), "{report}");
+    }
     // without --batch, no batched figures for either thread count
     let out = bench(&p, &["--vs-threads", "2", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -76,7 +87,7 @@ fn vs_threads_reports_the_second_thread_count_and_its_speedups() {
     let out = bench(&p, &["--vs-threads", "2", "--batch", "2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    for needle in ["threads 1", "with 2 threads, each run right after one with 1:", "prefill: ", "decode:  ", "batched decode: ", "learnt shares"] {
+    for needle in ["threads 1", "with 2 threads, each run beside one with 1:", "prefill: ", "decode:  ", "batched decode: ", "learnt shares"] {
         assert!(text.contains(needle), "{needle:?} not in {text:?}");
     }
 }

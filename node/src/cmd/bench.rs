@@ -42,9 +42,9 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
     /// Also measure with this many compute threads, run by run in turns with `--threads`, and report
-    /// its speedups over `--threads`: each run's ratio to the `--threads` run right before it, the
-    /// median over the runs (a shared host's speed drifts between minutes; a pair of runs seconds
-    /// apart sees the same host).
+    /// its speedups over `--threads`: each run's ratio to the `--threads` run beside it (before it in
+    /// odd runs, after it in even ones), the median over the runs (a shared host's speed drifts
+    /// between minutes; a pair of runs seconds apart sees the same host).
     #[arg(long)]
     pub vs_threads: Option<usize>,
     /// Print one JSON object.
@@ -78,7 +78,7 @@ struct Report {
 }
 
 /// The measurements with `--vs-threads` threads, and their speedups over `--threads`: each run's ratio
-/// to the `--threads` run before it, the median over the runs.
+/// to the `--threads` run beside it, the median over the runs.
 #[derive(Serialize)]
 struct VsReport {
     threads: usize,
@@ -110,9 +110,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The middle value, or the mean of the two middle values of an even count.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 /// The median of the runs' ratios `top[i] / bottom[i]`; `None` without runs.
@@ -142,20 +148,22 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     let pools: Vec<_> = std::iter::once(a.threads).chain(a.vs_threads).map(flotilla_engine::pool::Pool::new).collect();
     let mut runs: Vec<Runs> = pools.iter().map(|_| Runs::default()).collect();
     // Run 0 is the warm-up. In each run every thread count measures the single stream, then the batch,
-    // one right after the other, so the ratios compare runs seconds apart.
+    // one right after the other, so the ratios compare runs seconds apart; the thread counts take turns
+    // going first, so neither gains from its place.
     for run in 0..=a.runs {
-        for (pool, r) in pools.iter().zip(&mut runs) {
-            let (p, d) = pool.install(|| single_stream(&shard, &tokens, a.gen_tokens))?;
+        let order: Vec<usize> = if run % 2 == 1 { (0..pools.len()).collect() } else { (0..pools.len()).rev().collect() };
+        for &i in &order {
+            let (p, d) = pools[i].install(|| single_stream(&shard, &tokens, a.gen_tokens))?;
             if run > 0 {
-                r.prefill.push(p);
-                r.decode.push(d);
+                runs[i].prefill.push(p);
+                runs[i].decode.push(d);
             }
         }
         if let Some(b) = a.batch {
-            for (pool, r) in pools.iter().zip(&mut runs) {
-                let rate = pool.install(|| batched(&shard, &tokens, b, a.gen_tokens))?;
+            for &i in &order {
+                let rate = pools[i].install(|| batched(&shard, &tokens, b, a.gen_tokens))?;
                 if run > 0 {
-                    r.batched.push(rate);
+                    runs[i].batched.push(rate);
                 }
             }
         }
@@ -204,7 +212,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     }
     print_shares(&r.thread_shares);
     if let Some(v) = &r.vs_threads {
-        println!("with {} threads, each run right after one with {}:", v.threads, r.threads);
+        println!("with {} threads, each run beside one with {}:", v.threads, r.threads);
         println!("prefill: {:.1} tok/s ({:.2}x)", v.prefill_tok_s, v.prefill_speedup);
         println!("decode:  {:.1} tok/s ({:.2}x)", v.decode_tok_s, v.decode_speedup);
         if let (Some(rate), Some(x), Some(up)) = (v.batch_decode_tok_s, v.batch_over_decode, v.batch_decode_speedup) {
@@ -255,5 +263,24 @@ fn print_shares(shares: &[f64]) {
     if shares.len() > 1 {
         let shares: Vec<String> = shares.iter().map(|s| format!("{:.0}%", s * 100.0)).collect();
         println!("threads' learnt shares of the speed: {}", shares.join(" / "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_takes_the_middle_or_the_mean_of_the_two_middles() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![7.0]), 7.0);
+    }
+
+    #[test]
+    fn paired_is_the_median_of_each_runs_ratio() {
+        // the ratio of the medians would be 4 / 1 = 4
+        assert_eq!(paired(&[2.0, 9.0, 4.0], &[1.0, 3.0, 1.0]), Some(3.0));
+        assert_eq!(paired(&[], &[]), None);
     }
 }
