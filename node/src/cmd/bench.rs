@@ -55,40 +55,54 @@ pub struct EngineArgs {
 #[derive(Serialize)]
 struct Report {
     model: String,
-    threads: usize,
     kernel: String,
     prompt_tokens: usize,
     gen_tokens: usize,
-    prefill_tok_s: f64,
-    decode_tok_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     batch: Option<usize>,
+    runs: usize,
+    #[serde(flatten)]
+    figures: Figures,
+    /// The same measurements with `--vs-threads` threads, in turns with these.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vs_threads: Option<VsReport>,
+}
+
+/// One thread count's figures: the medians of its runs.
+#[derive(Serialize)]
+struct Figures {
+    threads: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     batch_decode_tok_s: Option<f64>,
     /// Each run's batched decode over its single-stream decode, the median over the runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     batch_over_decode: Option<f64>,
-    runs: usize,
     /// Each compute thread's learnt share of the pool's speed at the end (`engine::pool`): far from
     /// even when a core ran slower than the other during the runs.
     thread_shares: Vec<f64>,
-    /// The same measurements with `--vs-threads` threads, in turns with these.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    vs_threads: Option<VsReport>,
+}
+
+impl Figures {
+    fn of(pool: &flotilla_engine::pool::Pool, r: &Runs, batch: bool) -> Self {
+        Figures {
+            threads: pool.threads(),
+            prefill_tok_s: median(r.prefill.clone()),
+            decode_tok_s: median(r.decode.clone()),
+            batch_decode_tok_s: batch.then(|| median(r.batched.clone())),
+            batch_over_decode: paired(&r.batched, &r.decode),
+            thread_shares: pool.shares(),
+        }
+    }
 }
 
 /// The measurements with `--vs-threads` threads, and their speedups over `--threads`: each run's ratio
 /// to the `--threads` run beside it, the median over the runs.
 #[derive(Serialize)]
 struct VsReport {
-    threads: usize,
-    prefill_tok_s: f64,
-    decode_tok_s: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch_decode_tok_s: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch_over_decode: Option<f64>,
-    thread_shares: Vec<f64>,
+    #[serde(flatten)]
+    figures: Figures,
     prefill_speedup: f64,
     decode_speedup: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,12 +187,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     let vs = (pools.len() > 1).then(|| {
         let r = &runs[1];
         VsReport {
-            threads: pools[1].threads(),
-            prefill_tok_s: median(r.prefill.clone()),
-            decode_tok_s: median(r.decode.clone()),
-            batch_decode_tok_s: a.batch.map(|_| median(r.batched.clone())),
-            batch_over_decode: paired(&r.batched, &r.decode),
-            thread_shares: pools[1].shares(),
+            figures: Figures::of(&pools[1], r, a.batch.is_some()),
             prefill_speedup: paired(&r.prefill, &base.prefill).expect("at least one run"),
             decode_speedup: paired(&r.decode, &base.decode).expect("at least one run"),
             batch_decode_speedup: paired(&r.batched, &base.batched),
@@ -186,39 +195,35 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     });
     let report = Report {
         model: model.config().name.clone(),
-        threads: pools[0].threads(),
         kernel,
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
-        prefill_tok_s: median(base.prefill.clone()),
-        decode_tok_s: median(base.decode.clone()),
         batch: a.batch,
-        batch_decode_tok_s: a.batch.map(|_| median(base.batched.clone())),
-        batch_over_decode: paired(&base.batched, &base.decode),
         runs: a.runs,
-        thread_shares: pools[0].shares(),
+        figures: Figures::of(&pools[0], base, a.batch.is_some()),
         vs_threads: vs,
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(());
     }
-    let r = &report;
-    println!("model {} | threads {} | kernel {}", r.model, r.threads, r.kernel);
+    let r = &report.figures;
+    println!("model {} | threads {} | kernel {}", report.model, r.threads, report.kernel);
     println!("prefill ({} tokens): {:.1} tok/s", a.prompt_tokens, r.prefill_tok_s);
     println!("decode  ({} tokens): {:.1} tok/s", a.gen_tokens, r.decode_tok_s);
     if let (Some(b), Some(rate), Some(x)) = (a.batch, r.batch_decode_tok_s, r.batch_over_decode) {
         println!("batched decode ({b} sequences): {rate:.1} tok/s aggregate ({x:.2}x single-stream)");
     }
     print_shares(&r.thread_shares);
-    if let Some(v) = &r.vs_threads {
-        println!("with {} threads, each run beside one with {}:", v.threads, r.threads);
-        println!("prefill: {:.1} tok/s ({:.2}x)", v.prefill_tok_s, v.prefill_speedup);
-        println!("decode:  {:.1} tok/s ({:.2}x)", v.decode_tok_s, v.decode_speedup);
-        if let (Some(rate), Some(x), Some(up)) = (v.batch_decode_tok_s, v.batch_over_decode, v.batch_decode_speedup) {
+    if let Some(v) = &report.vs_threads {
+        let f = &v.figures;
+        println!("with {} threads, each run beside one with {}:", f.threads, r.threads);
+        println!("prefill: {:.1} tok/s ({:.2}x)", f.prefill_tok_s, v.prefill_speedup);
+        println!("decode:  {:.1} tok/s ({:.2}x)", f.decode_tok_s, v.decode_speedup);
+        if let (Some(rate), Some(x), Some(up)) = (f.batch_decode_tok_s, f.batch_over_decode, v.batch_decode_speedup) {
             println!("batched decode: {rate:.1} tok/s aggregate ({x:.2}x single-stream; {up:.2}x)");
         }
-        print_shares(&v.thread_shares);
+        print_shares(&f.thread_shares);
     }
     Ok(())
 }
