@@ -68,7 +68,7 @@ struct Report {
     vs_threads: Option<VsReport>,
 }
 
-/// One thread count's figures: the medians of its runs.
+/// One thread count's figures: the medians over its runs, and its pool's learnt shares at the end.
 #[derive(Serialize)]
 struct Figures {
     threads: usize,
