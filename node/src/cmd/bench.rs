@@ -85,12 +85,12 @@ struct Figures {
 }
 
 impl Figures {
-    fn of(pool: &flotilla_engine::pool::Pool, r: &Runs, batch: bool) -> Self {
+    fn of(pool: &flotilla_engine::pool::Pool, r: &Runs) -> Self {
         Figures {
             threads: pool.threads(),
             prefill_tok_s: median(r.prefill.clone()),
             decode_tok_s: median(r.decode.clone()),
-            batch_decode_tok_s: batch.then(|| median(r.batched.clone())),
+            batch_decode_tok_s: (!r.batched.is_empty()).then(|| median(r.batched.clone())),
             batch_over_decode: paired(&r.batched, &r.decode),
             thread_shares: pool.shares(),
         }
@@ -187,7 +187,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     let vs = (pools.len() > 1).then(|| {
         let r = &runs[1];
         VsReport {
-            figures: Figures::of(&pools[1], r, a.batch.is_some()),
+            figures: Figures::of(&pools[1], r),
             prefill_speedup: paired(&r.prefill, &base.prefill).expect("at least one run"),
             decode_speedup: paired(&r.decode, &base.decode).expect("at least one run"),
             batch_decode_speedup: paired(&r.batched, &base.batched),
@@ -200,7 +200,7 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
         gen_tokens: a.gen_tokens,
         batch: a.batch,
         runs: a.runs,
-        figures: Figures::of(&pools[0], base, a.batch.is_some()),
+        figures: Figures::of(&pools[0], base),
         vs_threads: vs,
     };
     if a.json {
