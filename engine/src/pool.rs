@@ -44,6 +44,24 @@ const JOINED: u64 = CLOSED - 1;
 
 type Job = *const (dyn Fn(usize) + Sync);
 
+/// One parallel region as a trace saw it ([`Pool::trace_start`]); times in nanoseconds on the trace's
+/// clock ([`Pool::trace_ns`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionTrace {
+    /// Its tasks, or its parts (one per thread).
+    pub tasks: usize,
+    pub parts: bool,
+    /// The parts' summed sizes (tiles, rows, sequences: the caller's unit), or the task count.
+    pub units: usize,
+    /// When the submitter opened it, finished its own part (or its share of the tasks), and left it with
+    /// every part run.
+    pub open: u64,
+    pub own_done: u64,
+    pub end: u64,
+    /// Each worker that joined it: (its thread index, when it joined, when it finished its work there).
+    pub workers: Vec<(usize, u64, u64)>,
+}
+
 /// What a region runs, written by its submitter before it opens the region's epoch.
 struct Region {
     /// The task function; valid while its epoch is open or has workers joined.
@@ -68,6 +86,15 @@ struct Inner {
     next: CachePadded<AtomicUsize>,
     /// Per part: how long it took (ns), written by the thread that ran it.
     took: Box<[CachePadded<AtomicU64>]>,
+    /// Whether regions are being traced ([`Pool::trace_start`]), and their records.
+    tracing: AtomicBool,
+    traces: Mutex<Vec<RegionTrace>>,
+    /// The trace's clock starts here.
+    base: Instant,
+    /// Per worker, while tracing: when it joined the current region and when it finished its work there
+    /// (ns on the trace's clock).
+    joined_at: Box<[CachePadded<AtomicU64>]>,
+    left_at: Box<[CachePadded<AtomicU64>]>,
     /// Each thread's learnt share of the pool's speed (sums to 1).
     shares: Mutex<Vec<f64>>,
     /// Whether the parts regions update `shares` ([`Pool::with_fixed_shares`] pools keep theirs).
@@ -123,6 +150,11 @@ impl Pool {
             region: CachePadded::new(Region { job: UnsafeCell::new(None), tasks: AtomicUsize::new(0), parts: AtomicBool::new(false) }),
             next: CachePadded::new(AtomicUsize::new(0)),
             took: (0..threads).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+            tracing: AtomicBool::new(false),
+            traces: Mutex::new(Vec::new()),
+            base: Instant::now(),
+            joined_at: (0..threads).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
+            left_at: (0..threads).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
             shares: Mutex::new(shares),
             learn,
             panicked: AtomicBool::new(false),
@@ -166,7 +198,29 @@ impl Pool {
 
     /// `f(0)`, ..., `f(tasks - 1)`, spread over the pool; returns when all have run.
     pub fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-        self.region(tasks, false, f);
+        self.region(tasks, false, tasks, f);
+    }
+
+    /// Starts recording every parallel region this pool runs (a region that runs on its submitter alone,
+    /// as on a one-thread pool or inside a task, is not one), dropping earlier records: a diagnostic of
+    /// where a step's time goes (`flotilla bench engine --trace`). Costs two clock reads per region and
+    /// thread while on. Call it, and [`Pool::trace_stop`], between regions: a region open meanwhile may
+    /// be recorded with its workers' times missing.
+    pub fn trace_start(&self) {
+        self.inner.traces.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.inner.tracing.store(true, Relaxed);
+    }
+
+    /// Stops recording and hands over the regions recorded since [`Pool::trace_start`], in the order
+    /// they opened.
+    pub fn trace_stop(&self) -> Vec<RegionTrace> {
+        self.inner.tracing.store(false, Relaxed);
+        std::mem::take(&mut *self.inner.traces.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Now on the trace's clock (nanoseconds since the pool was made).
+    pub fn trace_ns(&self) -> u64 {
+        self.inner.base.elapsed().as_nanos() as u64
     }
 
     /// `f(i)` for each of `sizes.len()` parts (at most one per thread), part `i` on thread `i` unless
@@ -177,7 +231,7 @@ impl Pool {
     pub fn for_each_part(&self, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) {
         let n = sizes.len();
         assert!(n <= self.inner.threads, "{n} parts for {} threads", self.inner.threads);
-        if !self.region(n, true, f) || n != self.inner.threads || !self.inner.learn {
+        if !self.region(n, true, sizes.iter().sum(), f) || n != self.inner.threads || !self.inner.learn {
             return;
         }
         let inner = &*self.inner;
@@ -222,7 +276,7 @@ impl Pool {
     /// Runs the region; `true` when it ran on the pool with every part (of a parts region) on its own
     /// thread, `false` when it ran on this thread alone (one thread, one task, or a busy pool) or a late
     /// worker's part ran here.
-    fn region(&self, tasks: usize, parts: bool, f: &(dyn Fn(usize) + Sync)) -> bool {
+    fn region(&self, tasks: usize, parts: bool, units: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
         let inner = &*self.inner;
         if inner.threads == 1 || tasks <= 1 {
             (0..tasks).for_each(f);
@@ -242,6 +296,8 @@ impl Pool {
             inner.next.store(0, Relaxed);
         }
         inner.done.store(0, Relaxed);
+        let tracing = inner.tracing.load(Relaxed);
+        let open = if tracing { self.trace_ns() } else { 0 };
         let epoch = (inner.state.load(Relaxed) >> EPOCH_SHIFT).wrapping_add(1) & 0xFFFF;
         inner.state.store(epoch << EPOCH_SHIFT, SeqCst);
         if inner.sleepers.load(SeqCst) > 0 {
@@ -251,6 +307,7 @@ impl Pool {
         // the submitter runs tasks too: a region started inside one of them runs there alone, as on a worker
         let outer = IN_TASK.with(|w| w.replace(true));
         let mine = catch_unwind(AssertUnwindSafe(|| run_tasks(inner, f, 0)));
+        let own_done = if tracing { self.trace_ns() } else { 0 };
         // Close the region: no worker joins it from now on. A joined worker runs its own part (or claims
         // tasks until none are left); the parts of the workers that had not joined run here.
         let joined = inner.state.fetch_or(CLOSED, AcqRel) & JOINED;
@@ -268,6 +325,15 @@ impl Pool {
             std::hint::spin_loop();
         }
         unsafe { *inner.region.job.get() = None };
+        if tracing {
+            // (the joined workers' times were written before their bits in `done`, read with Acquire)
+            let workers = (1..inner.threads)
+                .filter(|i| joined & (1 << (i - 1)) != 0)
+                .map(|i| (i, inner.joined_at[i].load(Relaxed), inner.left_at[i].load(Relaxed)))
+                .collect();
+            let t = RegionTrace { tasks, parts, units, open, own_done, end: self.trace_ns(), workers };
+            inner.traces.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        }
         if let Err(p) = mine {
             resume_unwind(p);
         }
@@ -359,9 +425,17 @@ fn worker(inner: &Inner, me: usize) {
             }
         };
         if joined {
+            let tracing = inner.tracing.load(Relaxed);
+            let now = || inner.base.elapsed().as_nanos() as u64;
+            if tracing {
+                inner.joined_at[me].store(now(), Relaxed);
+            }
             // SAFETY: joined an open epoch, so the submitter keeps the job alive until this worker leaves.
             if let Some(job) = unsafe { *inner.region.job.get() } {
                 run_tasks(inner, unsafe { &*job }, me);
+            }
+            if tracing {
+                inner.left_at[me].store(now(), Relaxed);
             }
             inner.done.fetch_or(bit, Release);
         }
@@ -639,6 +713,39 @@ mod tests {
             n.fetch_add(1, Relaxed);
         });
         assert_eq!(n.load(Relaxed), 8);
+    }
+
+    #[test]
+    fn a_trace_records_each_parallel_region_once_in_order_while_on() {
+        let pool = Pool::new(2);
+        pool.for_each(4, &|_| {});
+        pool.trace_start();
+        let started = pool.trace_ns();
+        for i in 0..40 {
+            pool.for_each_part(&[i + 1, 3], &|_| {});
+            pool.for_each(5, &|_| {});
+            // a region of one task runs on the submitter alone: not a parallel region
+            pool.for_each(1, &|_| {});
+        }
+        let stopped = pool.trace_ns();
+        let regions = pool.trace_stop();
+        pool.for_each(4, &|_| {});
+        assert_eq!(regions.len(), 80, "{regions:?}");
+        for (i, r) in regions.iter().enumerate() {
+            let (parts, units) = if i % 2 == 0 { (true, i / 2 + 4) } else { (false, 5) };
+            assert_eq!((r.parts, r.units, r.tasks), (parts, units, if parts { 2 } else { 5 }), "{r:?}");
+            assert!(started <= r.open && r.open <= r.own_done && r.own_done <= r.end && r.end <= stopped, "{r:?}");
+            for &(w, joined, left) in &r.workers {
+                assert!(w == 1 && r.open <= joined && joined <= left && left <= r.end, "{r:?}");
+            }
+        }
+        assert!(regions.windows(2).all(|w| w[0].end <= w[1].open));
+        assert!(pool.trace_stop().is_empty(), "nothing is recorded while the trace is off");
+        // a one-thread pool runs no parallel region
+        let one = Pool::new(1);
+        one.trace_start();
+        one.for_each(8, &|_| {});
+        assert!(one.trace_stop().is_empty());
     }
 
     #[test]

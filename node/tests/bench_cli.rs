@@ -98,6 +98,22 @@ fn vs_threads_reports_the_second_thread_count_and_its_speedups() {
 }
 
 #[test]
+fn trace_says_where_each_pool_of_several_threads_spent_its_steps() {
+    let (_d, p) = common::model(3);
+    let out = bench(&p, &["--threads", "1", "--vs-threads", "2", "--trace", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // the report on standard output stays one JSON object
+    let _: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("trace, 1 threads"), "a pool of one thread runs no parallel region: {err}");
+    for needle in ["trace, 2 threads: prefill of 8 tokens", "trace, 2 threads: 4 decode steps", "outside the parallel regions", "a step,"] {
+        assert!(err.contains(needle), "no {needle:?} in {err}");
+    }
+    // the decode steps' matmuls split their tiles between the two threads
+    assert!(err.contains("parts of "), "{err}");
+}
+
+#[test]
 fn text_report_names_each_measurement() {
     let (_d, p) = common::model(3);
     let out = bench(&p, &["--batch", "2"]);

@@ -50,6 +50,12 @@ pub struct EngineArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// After the runs, trace one more prefill and decode on each pool of two or more threads and print
+    /// (to standard error) where a step's time went: outside the parallel regions (the steps one thread
+    /// runs while the others wait), and in each kind of region, its parts' times, how late the workers
+    /// joined and how long the submitter waited for them.
+    #[arg(long)]
+    pub trace: bool,
 }
 
 #[derive(Serialize)]
@@ -205,8 +211,20 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
     };
     if a.json {
         println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
+    } else {
+        print_report(&a, &report);
     }
+    if a.trace {
+        for pool in pools.iter().filter(|p| p.threads() > 1) {
+            let (prefill, decode) = pool.install(|| traced_stream(pool, &shard, &tokens, a.gen_tokens))?;
+            eprint!("trace, {} threads: prefill of {} tokens\n{prefill}", pool.threads(), tokens.len());
+            eprint!("trace, {} threads: {} decode steps\n{decode}", pool.threads(), a.gen_tokens);
+        }
+    }
+    Ok(())
+}
+
+fn print_report(a: &EngineArgs, report: &Report) {
     let r = &report.figures;
     println!("model {} | threads {} | kernel {}", report.model, r.threads, report.kernel);
     println!("prefill ({} tokens): {:.1} tok/s", a.prompt_tokens, r.prefill_tok_s);
@@ -225,7 +243,6 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
         }
         print_shares(&f.thread_shares);
     }
-    Ok(())
 }
 
 /// A prefill of `tokens`, then `gen` greedy decode steps after it: (prefill, decode) tok/s.
@@ -240,6 +257,101 @@ fn single_stream(shard: &Shard, tokens: &[u32], gen: usize) -> anyhow::Result<(f
         logits = one(shard, &mut cache, &[next])?;
     }
     Ok((prefill, gen as f64 / t.elapsed().as_secs_f64()))
+}
+
+/// [`single_stream`] once more with `pool`'s regions traced: where the prefill's and the decode steps'
+/// time went.
+fn traced_stream(pool: &flotilla_engine::pool::Pool, shard: &Shard, tokens: &[u32], gen: usize) -> anyhow::Result<(StepTrace, StepTrace)> {
+    let mut cache = shard.new_cache();
+    pool.trace_start();
+    let t0 = pool.trace_ns();
+    let mut logits = one(shard, &mut cache, tokens)?;
+    let mut bounds = vec![pool.trace_ns()];
+    for _ in 0..gen {
+        let next = argmax(&logits);
+        logits = one(shard, &mut cache, &[next])?;
+        bounds.push(pool.trace_ns());
+    }
+    let regions = pool.trace_stop();
+    Ok((StepTrace::of(&[t0, bounds[0]], &regions), StepTrace::of(&bounds, &regions)))
+}
+
+/// Where the time of some consecutive steps went, from a trace of their parallel regions.
+#[derive(Debug, PartialEq)]
+struct StepTrace {
+    steps: usize,
+    /// All the steps' time, and the part of it outside every region (ns).
+    total: u64,
+    outside: u64,
+    /// By kind of region (parts or tasks, and the units they cover): the sums over its regions.
+    kinds: std::collections::BTreeMap<(bool, usize), KindTimes>,
+}
+
+/// Sums over the regions of one kind (ns).
+#[derive(Debug, Default, PartialEq)]
+struct KindTimes {
+    regions: usize,
+    /// open to end
+    time: u64,
+    /// open to the submitter's own part done
+    own: u64,
+    /// the submitter's own part done to end: running late workers' parts, waiting for the others
+    waited: u64,
+    /// the joined workers': open to joining, and joining to finishing their work
+    joins: usize,
+    late: u64,
+    worked: u64,
+}
+
+impl StepTrace {
+    /// The steps between consecutive `bounds` (ns on the trace's clock), from the regions among `regions`
+    /// that opened in them.
+    fn of(bounds: &[u64], regions: &[flotilla_engine::pool::RegionTrace]) -> Self {
+        let (start, end) = (bounds[0], bounds[bounds.len() - 1]);
+        let mut kinds: std::collections::BTreeMap<(bool, usize), KindTimes> = Default::default();
+        let mut inside = 0;
+        for r in regions.iter().filter(|r| r.open >= start && r.end <= end) {
+            let k = kinds.entry((r.parts, r.units)).or_default();
+            k.regions += 1;
+            k.time += r.end - r.open;
+            k.own += r.own_done - r.open;
+            k.waited += r.end - r.own_done;
+            for &(_, joined, left) in &r.workers {
+                k.joins += 1;
+                k.late += joined.saturating_sub(r.open);
+                k.worked += left.saturating_sub(joined);
+            }
+            inside += r.end - r.open;
+        }
+        StepTrace { steps: bounds.len() - 1, total: end - start, outside: (end - start).saturating_sub(inside), kinds }
+    }
+}
+
+impl std::fmt::Display for StepTrace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps = self.steps.max(1) as f64;
+        let us = |ns: u64, n: usize| ns as f64 / n.max(1) as f64 / 1e3;
+        writeln!(
+            f,
+            "  {:.1} us a step, {:.1}% of it outside the parallel regions; by kind of region (a step's count; us each: all of it, the submitter's part, a worker's part, the workers' lateness in joining, the submitter's wait after its part):",
+            self.total as f64 / steps / 1e3,
+            100.0 * self.outside as f64 / self.total.max(1) as f64
+        )?;
+        for (&(parts, units), k) in &self.kinds {
+            let kind = if parts { format!("parts of {units} units") } else { format!("{units} tasks") };
+            writeln!(
+                f,
+                "  {kind:>22}: {:>6.1} a step, {:>8.2} {:>8.2} {:>8.2} {:>6.2} {:>6.2}",
+                k.regions as f64 / steps,
+                us(k.time, k.regions),
+                us(k.own, k.regions),
+                us(k.worked, k.joins),
+                us(k.late, k.joins),
+                us(k.waited, k.regions)
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// `b` sequences (prompts of 1..16 of `tokens`) decoding `gen` steps together, one forward each: aggregate
@@ -280,6 +392,51 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(median(vec![7.0]), 7.0);
+    }
+
+    #[test]
+    fn a_step_trace_sums_each_kind_of_region_and_the_time_outside_them() {
+        use flotilla_engine::pool::RegionTrace;
+        // times in us, the trace's in ns
+        let region = |parts, units, open: u64, own_done: u64, end: u64, workers: &[(u64, u64)]| RegionTrace {
+            tasks: 2,
+            parts,
+            units,
+            open: open * 1000,
+            own_done: own_done * 1000,
+            end: end * 1000,
+            workers: workers.iter().map(|&(j, l)| (1, j * 1000, l * 1000)).collect(),
+        };
+        let regions = vec![
+            // before the steps
+            region(true, 36, 0, 5, 8, &[]),
+            region(true, 36, 100, 110, 120, &[(101, 119)]),
+            region(false, 3, 130, 150, 160, &[(133, 158)]),
+            region(true, 36, 200, 204, 212, &[(203, 210)]),
+            // a late worker's part ran on the submitter: no worker joined
+            region(true, 36, 250, 270, 280, &[]),
+            // after the steps
+            region(false, 3, 400, 401, 402, &[]),
+        ];
+        let t = StepTrace::of(&[100_000, 190_000, 300_000], &regions);
+        assert_eq!((t.steps, t.total), (2, 200_000));
+        assert_eq!(t.outside, 200_000 - (20 + 30 + 12 + 30) * 1000);
+        assert_eq!(t.kinds.len(), 2);
+        let k = |regions: usize, time: u64, own: u64, waited: u64, joins: usize, late: u64, worked: u64| KindTimes {
+            regions,
+            time: time * 1000,
+            own: own * 1000,
+            waited: waited * 1000,
+            joins,
+            late: late * 1000,
+            worked: worked * 1000,
+        };
+        assert_eq!(t.kinds[&(true, 36)], k(3, 62, 34, 28, 2, 4, 25));
+        assert_eq!(t.kinds[&(false, 3)], k(1, 30, 20, 10, 1, 3, 25));
+        let text = t.to_string();
+        assert!(text.starts_with("  100.0 us a step, 54.0% of it outside the parallel regions"), "{text}");
+        assert!(text.contains("parts of 36 units:    1.5 a step,    20.67    11.33    12.50   2.00   9.33"), "{text}");
+        assert!(text.contains("3 tasks:    0.5 a step,    30.00    20.00    25.00   3.00  10.00"), "{text}");
     }
 
     #[test]
