@@ -53,10 +53,11 @@ pub struct RegionTrace {
     pub parts: bool,
     /// The parts' summed sizes (tiles, rows, sequences: the caller's unit), or the task count.
     pub units: usize,
-    /// When the submitter opened it, finished its own part (or its share of the tasks), and left it with
-    /// every part run.
+    /// When the submitter opened it, finished its own part (or its share of the tasks), finished the
+    /// parts of the workers that had not joined (if any), and left it with every part run.
     pub open: u64,
     pub own_done: u64,
+    pub others_done: u64,
     pub end: u64,
     /// Each worker that joined it: (its thread index, when it joined, when it finished its work there).
     pub workers: Vec<(usize, u64, u64)>,
@@ -69,6 +70,8 @@ struct Region {
     tasks: AtomicUsize,
     /// The region's task `i` is thread `i`'s part ([`Pool::for_each_part`]).
     parts: AtomicBool,
+    /// Whether the region is traced: its workers write when they join and finish.
+    traced: AtomicBool,
 }
 
 /// Each word that one thread writes and another reads in every region sits on cache lines of its own
@@ -86,7 +89,7 @@ struct Inner {
     next: CachePadded<AtomicUsize>,
     /// Per part: how long it took (ns), written by the thread that ran it.
     took: Box<[CachePadded<AtomicU64>]>,
-    /// Whether regions are being traced ([`Pool::trace_start`]), and their records.
+    /// Whether the next regions are traced ([`Pool::trace_start`]), and their records.
     tracing: AtomicBool,
     traces: Mutex<Vec<RegionTrace>>,
     /// The trace's clock starts here.
@@ -147,7 +150,12 @@ impl Pool {
             threads,
             state: CachePadded::new(AtomicU64::new(0)),
             done: CachePadded::new(AtomicU64::new(0)),
-            region: CachePadded::new(Region { job: UnsafeCell::new(None), tasks: AtomicUsize::new(0), parts: AtomicBool::new(false) }),
+            region: CachePadded::new(Region {
+                job: UnsafeCell::new(None),
+                tasks: AtomicUsize::new(0),
+                parts: AtomicBool::new(false),
+                traced: AtomicBool::new(false),
+            }),
             next: CachePadded::new(AtomicUsize::new(0)),
             took: (0..threads).map(|_| CachePadded::new(AtomicU64::new(0))).collect(),
             tracing: AtomicBool::new(false),
@@ -198,14 +206,14 @@ impl Pool {
 
     /// `f(0)`, ..., `f(tasks - 1)`, spread over the pool; returns when all have run.
     pub fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-        self.region(tasks, false, tasks, f);
+        self.region(tasks, false, &[], f);
     }
 
     /// Starts recording every parallel region this pool runs (a region that runs on its submitter alone,
     /// as on a one-thread pool or inside a task, is not one), dropping earlier records: a diagnostic of
-    /// where a step's time goes (`flotilla bench engine --trace`). Costs two clock reads per region and
-    /// thread while on. Call it, and [`Pool::trace_stop`], between regions: a region open meanwhile may
-    /// be recorded with its workers' times missing.
+    /// where a step's time goes (`flotilla bench engine --trace`). While on, each region costs a few
+    /// clock reads and a record pushed under a mutex (after its end). Call it, and [`Pool::trace_stop`],
+    /// between regions: a region open meanwhile may be lost or land in the next trace.
     pub fn trace_start(&self) {
         self.inner.traces.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.inner.tracing.store(true, Relaxed);
@@ -231,7 +239,7 @@ impl Pool {
     pub fn for_each_part(&self, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) {
         let n = sizes.len();
         assert!(n <= self.inner.threads, "{n} parts for {} threads", self.inner.threads);
-        if !self.region(n, true, sizes.iter().sum(), f) || n != self.inner.threads || !self.inner.learn {
+        if !self.region(n, true, sizes, f) || n != self.inner.threads || !self.inner.learn {
             return;
         }
         let inner = &*self.inner;
@@ -275,8 +283,8 @@ impl Pool {
 
     /// Runs the region; `true` when it ran on the pool with every part (of a parts region) on its own
     /// thread, `false` when it ran on this thread alone (one thread, one task, or a busy pool) or a late
-    /// worker's part ran here.
-    fn region(&self, tasks: usize, parts: bool, units: usize, f: &(dyn Fn(usize) + Sync)) -> bool {
+    /// worker's part ran here. `sizes`: a parts region's sizes (for its trace).
+    fn region(&self, tasks: usize, parts: bool, sizes: &[usize], f: &(dyn Fn(usize) + Sync)) -> bool {
         let inner = &*self.inner;
         if inner.threads == 1 || tasks <= 1 {
             (0..tasks).for_each(f);
@@ -297,6 +305,7 @@ impl Pool {
         }
         inner.done.store(0, Relaxed);
         let tracing = inner.tracing.load(Relaxed);
+        inner.region.traced.store(tracing, Relaxed);
         let open = if tracing { self.trace_ns() } else { 0 };
         let epoch = (inner.state.load(Relaxed) >> EPOCH_SHIFT).wrapping_add(1) & 0xFFFF;
         inner.state.store(epoch << EPOCH_SHIFT, SeqCst);
@@ -321,9 +330,11 @@ impl Pool {
             }
         }
         IN_TASK.with(|w| w.set(outer));
+        let others_done = if tracing { self.trace_ns() } else { 0 };
         while inner.done.load(Acquire) & joined != joined {
             std::hint::spin_loop();
         }
+        let end = if tracing { self.trace_ns() } else { 0 };
         unsafe { *inner.region.job.get() = None };
         if tracing {
             // (the joined workers' times were written before their bits in `done`, read with Acquire)
@@ -331,7 +342,8 @@ impl Pool {
                 .filter(|i| joined & (1 << (i - 1)) != 0)
                 .map(|i| (i, inner.joined_at[i].load(Relaxed), inner.left_at[i].load(Relaxed)))
                 .collect();
-            let t = RegionTrace { tasks, parts, units, open, own_done, end: self.trace_ns(), workers };
+            let units = if parts { sizes.iter().sum() } else { tasks };
+            let t = RegionTrace { tasks, parts, units, open, own_done, others_done, end, workers };
             inner.traces.lock().unwrap_or_else(|e| e.into_inner()).push(t);
         }
         if let Err(p) = mine {
@@ -425,7 +437,8 @@ fn worker(inner: &Inner, me: usize) {
             }
         };
         if joined {
-            let tracing = inner.tracing.load(Relaxed);
+            // (the submitter's choice for this region, written before it opened the epoch)
+            let tracing = inner.region.traced.load(Relaxed);
             let now = || inner.base.elapsed().as_nanos() as u64;
             if tracing {
                 inner.joined_at[me].store(now(), Relaxed);
@@ -719,12 +732,23 @@ mod tests {
     fn a_trace_records_each_parallel_region_once_in_order_while_on() {
         let pool = Pool::new(2);
         pool.for_each(4, &|_| {});
+        // a trace started again drops what the one before recorded
+        pool.trace_start();
+        pool.for_each(4, &|_| {});
         pool.trace_start();
         let started = pool.trace_ns();
+        // parts long enough for the worker to join most of them
+        let work = |us: u64| {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(us) {
+                std::hint::spin_loop();
+            }
+        };
         for i in 0..40 {
-            pool.for_each_part(&[i + 1, 3], &|_| {});
-            pool.for_each(5, &|_| {});
-            // a region of one task runs on the submitter alone: not a parallel region
+            pool.for_each_part(&[i + 1, 3], &|_| work(20));
+            // a region inside a task runs on that thread alone: only the outer one is recorded
+            pool.for_each(5, &|_| pool.for_each(3, &|_| work(2)));
+            // as does a region of one task
             pool.for_each(1, &|_| {});
         }
         let stopped = pool.trace_ns();
@@ -734,11 +758,12 @@ mod tests {
         for (i, r) in regions.iter().enumerate() {
             let (parts, units) = if i % 2 == 0 { (true, i / 2 + 4) } else { (false, 5) };
             assert_eq!((r.parts, r.units, r.tasks), (parts, units, if parts { 2 } else { 5 }), "{r:?}");
-            assert!(started <= r.open && r.open <= r.own_done && r.own_done <= r.end && r.end <= stopped, "{r:?}");
+            assert!(started <= r.open && r.open <= r.own_done && r.own_done <= r.others_done && r.others_done <= r.end && r.end <= stopped, "{r:?}");
             for &(w, joined, left) in &r.workers {
                 assert!(w == 1 && r.open <= joined && joined <= left && left <= r.end, "{r:?}");
             }
         }
+        assert!(regions.iter().any(|r| !r.workers.is_empty()), "the worker joined no region: {regions:?}");
         assert!(regions.windows(2).all(|w| w[0].end <= w[1].open));
         assert!(pool.trace_stop().is_empty(), "nothing is recorded while the trace is off");
         // a one-thread pool runs no parallel region

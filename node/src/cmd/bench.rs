@@ -215,10 +215,11 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
         print_report(&a, &report);
     }
     if a.trace {
-        for pool in pools.iter().filter(|p| p.threads() > 1) {
+        for (pool, option) in pools.iter().zip(["--threads", "--vs-threads"]).filter(|(p, _)| p.threads() > 1) {
             let (prefill, decode) = pool.install(|| traced_stream(pool, &shard, &tokens, a.gen_tokens))?;
-            eprint!("trace, {} threads: prefill of {} tokens\n{prefill}", pool.threads(), tokens.len());
-            eprint!("trace, {} threads: {} decode steps\n{decode}", pool.threads(), a.gen_tokens);
+            let name = format!("trace, {option} {}", pool.threads());
+            eprint!("{name}: prefill of {} tokens\n{prefill}", tokens.len());
+            eprint!("{name}: {} decode steps\n{decode}", a.gen_tokens);
         }
     }
     Ok(())
@@ -266,14 +267,14 @@ fn traced_stream(pool: &flotilla_engine::pool::Pool, shard: &Shard, tokens: &[u3
     pool.trace_start();
     let t0 = pool.trace_ns();
     let mut logits = one(shard, &mut cache, tokens)?;
-    let mut bounds = vec![pool.trace_ns()];
+    let t1 = pool.trace_ns();
     for _ in 0..gen {
         let next = argmax(&logits);
         logits = one(shard, &mut cache, &[next])?;
-        bounds.push(pool.trace_ns());
     }
+    let t2 = pool.trace_ns();
     let regions = pool.trace_stop();
-    Ok((StepTrace::of(&[t0, bounds[0]], &regions), StepTrace::of(&bounds, &regions)))
+    Ok((StepTrace::of(t0..t1, 1, &regions), StepTrace::of(t1..t2, gen, &regions)))
 }
 
 /// Where the time of some consecutive steps went, from a trace of their parallel regions.
@@ -295,7 +296,9 @@ struct KindTimes {
     time: u64,
     /// open to the submitter's own part done
     own: u64,
-    /// the submitter's own part done to end: running late workers' parts, waiting for the others
+    /// the submitter's own part done to the parts of the workers that had not joined done
+    late_parts: u64,
+    /// those done to end: the submitter waiting for the joined workers
     waited: u64,
     /// the joined workers': open to joining, and joining to finishing their work
     joins: usize,
@@ -304,18 +307,19 @@ struct KindTimes {
 }
 
 impl StepTrace {
-    /// The steps between consecutive `bounds` (ns on the trace's clock), from the regions among `regions`
-    /// that opened in them.
-    fn of(bounds: &[u64], regions: &[flotilla_engine::pool::RegionTrace]) -> Self {
-        let (start, end) = (bounds[0], bounds[bounds.len() - 1]);
+    /// `steps` steps that ran in `span` (ns on the trace's clock), from the regions among `regions` that
+    /// opened in it (the steps ran one after another on the submitting thread, so each of those regions
+    /// also ended in it).
+    fn of(span: std::ops::Range<u64>, steps: usize, regions: &[flotilla_engine::pool::RegionTrace]) -> Self {
         let mut kinds: std::collections::BTreeMap<(bool, usize), KindTimes> = Default::default();
         let mut inside = 0;
-        for r in regions.iter().filter(|r| r.open >= start && r.end <= end) {
+        for r in regions.iter().filter(|r| span.contains(&r.open)) {
             let k = kinds.entry((r.parts, r.units)).or_default();
             k.regions += 1;
             k.time += r.end - r.open;
             k.own += r.own_done - r.open;
-            k.waited += r.end - r.own_done;
+            k.late_parts += r.others_done - r.own_done;
+            k.waited += r.end - r.others_done;
             for &(_, joined, left) in &r.workers {
                 k.joins += 1;
                 k.late += joined.saturating_sub(r.open);
@@ -323,7 +327,8 @@ impl StepTrace {
             }
             inside += r.end - r.open;
         }
-        StepTrace { steps: bounds.len() - 1, total: end - start, outside: (end - start).saturating_sub(inside), kinds }
+        let total = span.end - span.start;
+        StepTrace { steps, total, outside: total.saturating_sub(inside), kinds }
     }
 }
 
@@ -333,7 +338,7 @@ impl std::fmt::Display for StepTrace {
         let us = |ns: u64, n: usize| ns as f64 / n.max(1) as f64 / 1e3;
         writeln!(
             f,
-            "  {:.1} us a step, {:.1}% of it outside the parallel regions; by kind of region (a step's count; us each: all of it, the submitter's part, a worker's part, the workers' lateness in joining, the submitter's wait after its part):",
+            "  {:.1} us a step, {:.1}% of it outside the parallel regions. By kind of region: its count a step | us a region: all of it, the submitter's own part, the parts of workers that had not joined (run by the submitter), the submitter's wait for the joined workers | workers joined a region | us per joined worker: its lateness in joining, its part",
             self.total as f64 / steps / 1e3,
             100.0 * self.outside as f64 / self.total.max(1) as f64
         )?;
@@ -341,13 +346,15 @@ impl std::fmt::Display for StepTrace {
             let kind = if parts { format!("parts of {units} units") } else { format!("{units} tasks") };
             writeln!(
                 f,
-                "  {kind:>22}: {:>6.1} a step, {:>8.2} {:>8.2} {:>8.2} {:>6.2} {:>6.2}",
+                "  {kind:>22}: {:>6.1} a step | {:>8.2} {:>8.2} {:>6.2} {:>6.2} | {:>4.2} | {:>6.2} {:>8.2}",
                 k.regions as f64 / steps,
                 us(k.time, k.regions),
                 us(k.own, k.regions),
-                us(k.worked, k.joins),
+                us(k.late_parts, k.regions),
+                us(k.waited, k.regions),
+                k.joins as f64 / k.regions.max(1) as f64,
                 us(k.late, k.joins),
-                us(k.waited, k.regions)
+                us(k.worked, k.joins)
             )?;
         }
         Ok(())
@@ -398,45 +405,47 @@ mod tests {
     fn a_step_trace_sums_each_kind_of_region_and_the_time_outside_them() {
         use flotilla_engine::pool::RegionTrace;
         // times in us, the trace's in ns
-        let region = |parts, units, open: u64, own_done: u64, end: u64, workers: &[(u64, u64)]| RegionTrace {
+        let region = |parts, units, [open, own_done, others_done, end]: [u64; 4], workers: &[(u64, u64)]| RegionTrace {
             tasks: 2,
             parts,
             units,
             open: open * 1000,
             own_done: own_done * 1000,
+            others_done: others_done * 1000,
             end: end * 1000,
             workers: workers.iter().map(|&(j, l)| (1, j * 1000, l * 1000)).collect(),
         };
         let regions = vec![
             // before the steps
-            region(true, 36, 0, 5, 8, &[]),
-            region(true, 36, 100, 110, 120, &[(101, 119)]),
-            region(false, 3, 130, 150, 160, &[(133, 158)]),
-            region(true, 36, 200, 204, 212, &[(203, 210)]),
-            // a late worker's part ran on the submitter: no worker joined
-            region(true, 36, 250, 270, 280, &[]),
-            // after the steps
-            region(false, 3, 400, 401, 402, &[]),
+            region(true, 36, [0, 5, 5, 8], &[]),
+            region(true, 36, [100, 110, 110, 120], &[(101, 119)]),
+            region(false, 3, [130, 150, 150, 160], &[(133, 158)]),
+            region(true, 36, [200, 204, 204, 212], &[(203, 210)]),
+            // the worker did not join: its part ran on the submitter
+            region(true, 36, [250, 260, 270, 270], &[]),
+            // after the steps (one opening right at their end)
+            region(false, 3, [300, 301, 301, 302], &[]),
         ];
-        let t = StepTrace::of(&[100_000, 190_000, 300_000], &regions);
+        let t = StepTrace::of(100_000..300_000, 2, &regions);
         assert_eq!((t.steps, t.total), (2, 200_000));
-        assert_eq!(t.outside, 200_000 - (20 + 30 + 12 + 30) * 1000);
+        assert_eq!(t.outside, 200_000 - (20 + 30 + 12 + 20) * 1000);
         assert_eq!(t.kinds.len(), 2);
-        let k = |regions: usize, time: u64, own: u64, waited: u64, joins: usize, late: u64, worked: u64| KindTimes {
+        let k = |regions: usize, [time, own, late_parts, waited]: [u64; 4], joins: usize, late: u64, worked: u64| KindTimes {
             regions,
             time: time * 1000,
             own: own * 1000,
+            late_parts: late_parts * 1000,
             waited: waited * 1000,
             joins,
             late: late * 1000,
             worked: worked * 1000,
         };
-        assert_eq!(t.kinds[&(true, 36)], k(3, 62, 34, 28, 2, 4, 25));
-        assert_eq!(t.kinds[&(false, 3)], k(1, 30, 20, 10, 1, 3, 25));
+        assert_eq!(t.kinds[&(true, 36)], k(3, [52, 24, 10, 18], 2, 4, 25));
+        assert_eq!(t.kinds[&(false, 3)], k(1, [30, 20, 0, 10], 1, 3, 25));
         let text = t.to_string();
-        assert!(text.starts_with("  100.0 us a step, 54.0% of it outside the parallel regions"), "{text}");
-        assert!(text.contains("parts of 36 units:    1.5 a step,    20.67    11.33    12.50   2.00   9.33"), "{text}");
-        assert!(text.contains("3 tasks:    0.5 a step,    30.00    20.00    25.00   3.00  10.00"), "{text}");
+        assert!(text.starts_with("  100.0 us a step, 59.0% of it outside the parallel regions."), "{text}");
+        assert!(text.contains("parts of 36 units:    1.5 a step |    17.33     8.00   3.33   6.00 | 0.67 |   2.00    12.50"), "{text}");
+        assert!(text.contains("3 tasks:    0.5 a step |    30.00    20.00   0.00  10.00 | 1.00 |   3.00    25.00"), "{text}");
     }
 
     #[test]
