@@ -111,6 +111,13 @@ struct Inner {
     shutdown: AtomicBool,
 }
 
+impl Inner {
+    /// Now on the trace's clock.
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+}
+
 // SAFETY: `region.job` is written only by the holder of `submit` while no worker can read it (no open
 // epoch and no joined worker), and read by workers only after joining an open epoch (Acquire on `state`).
 unsafe impl Sync for Inner {}
@@ -228,7 +235,7 @@ impl Pool {
 
     /// Now on the trace's clock (nanoseconds since the pool was made).
     pub fn trace_ns(&self) -> u64 {
-        self.inner.base.elapsed().as_nanos() as u64
+        self.inner.now()
     }
 
     /// `f(i)` for each of `sizes.len()` parts (at most one per thread), part `i` on thread `i` unless
@@ -439,16 +446,15 @@ fn worker(inner: &Inner, me: usize) {
         if joined {
             // (the submitter's choice for this region, written before it opened the epoch)
             let tracing = inner.region.traced.load(Relaxed);
-            let now = || inner.base.elapsed().as_nanos() as u64;
             if tracing {
-                inner.joined_at[me].store(now(), Relaxed);
+                inner.joined_at[me].store(inner.now(), Relaxed);
             }
             // SAFETY: joined an open epoch, so the submitter keeps the job alive until this worker leaves.
             if let Some(job) = unsafe { *inner.region.job.get() } {
                 run_tasks(inner, unsafe { &*job }, me);
             }
             if tracing {
-                inner.left_at[me].store(now(), Relaxed);
+                inner.left_at[me].store(inner.now(), Relaxed);
             }
             inner.done.fetch_or(bit, Release);
         }

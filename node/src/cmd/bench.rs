@@ -248,32 +248,31 @@ fn print_report(a: &EngineArgs, report: &Report) {
 
 /// A prefill of `tokens`, then `gen` greedy decode steps after it: (prefill, decode) tok/s.
 fn single_stream(shard: &Shard, tokens: &[u32], gen: usize) -> anyhow::Result<(f64, f64)> {
+    let [start, prefilled, end] = stream(shard, tokens, gen, Instant::now)?;
+    Ok((tokens.len() as f64 / (prefilled - start).as_secs_f64(), gen as f64 / (end - prefilled).as_secs_f64()))
+}
+
+/// A prefill of `tokens`, then `gen` greedy decode steps after it, on a new cache: `now()` before the
+/// prefill, after it, and after the last step.
+fn stream<T>(shard: &Shard, tokens: &[u32], gen: usize, now: impl Fn() -> T) -> anyhow::Result<[T; 3]> {
     let mut cache = shard.new_cache();
-    let t = Instant::now();
+    let start = now();
     let mut logits = one(shard, &mut cache, tokens)?;
-    let prefill = tokens.len() as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
+    let prefilled = now();
     for _ in 0..gen {
         let next = argmax(&logits);
         logits = one(shard, &mut cache, &[next])?;
     }
-    Ok((prefill, gen as f64 / t.elapsed().as_secs_f64()))
+    Ok([start, prefilled, now()])
 }
 
 /// [`single_stream`] once more with `pool`'s regions traced: where the prefill's and the decode steps'
 /// time went.
 fn traced_stream(pool: &flotilla_engine::pool::Pool, shard: &Shard, tokens: &[u32], gen: usize) -> anyhow::Result<(StepTrace, StepTrace)> {
-    let mut cache = shard.new_cache();
     pool.trace_start();
-    let t0 = pool.trace_ns();
-    let mut logits = one(shard, &mut cache, tokens)?;
-    let t1 = pool.trace_ns();
-    for _ in 0..gen {
-        let next = argmax(&logits);
-        logits = one(shard, &mut cache, &[next])?;
-    }
-    let t2 = pool.trace_ns();
+    let ran = stream(shard, tokens, gen, || pool.trace_ns());
     let regions = pool.trace_stop();
+    let [t0, t1, t2] = ran?;
     Ok((StepTrace::of(t0..t1, 1, &regions), StepTrace::of(t1..t2, gen, &regions)))
 }
 
