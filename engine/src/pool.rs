@@ -750,8 +750,21 @@ mod tests {
                 std::hint::spin_loop();
             }
         };
+        // the first region's own part waits (10 s at most) for the worker to start its part, so the
+        // worker joins at least that region even when a loaded machine runs its thread late
+        let second_started = AtomicBool::new(false);
         for i in 0..40 {
-            pool.for_each_part(&[i + 1, 3], &|_| work(20));
+            pool.for_each_part(&[i + 1, 3], &|p| {
+                if p == 1 {
+                    second_started.store(true, SeqCst);
+                } else if i == 0 {
+                    let t = Instant::now();
+                    while !second_started.load(SeqCst) && t.elapsed() < Duration::from_secs(10) {
+                        std::thread::yield_now();
+                    }
+                }
+                work(20)
+            });
             // a region inside a task runs on that thread alone: only the outer one is recorded
             pool.for_each(5, &|_| pool.for_each(3, &|_| work(2)));
             // as does a region of one task
