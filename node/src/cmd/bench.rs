@@ -291,8 +291,6 @@ struct StepTrace {
 #[derive(Debug, Default, PartialEq)]
 struct KindTimes {
     regions: usize,
-    /// open to end
-    time: u64,
     /// open to the submitter's own part done
     own: u64,
     /// the submitter's own part done to the parts of the workers that had not joined done
@@ -305,17 +303,22 @@ struct KindTimes {
     worked: u64,
 }
 
+impl KindTimes {
+    /// Open to end, summed.
+    fn time(&self) -> u64 {
+        self.own + self.late_parts + self.waited
+    }
+}
+
 impl StepTrace {
     /// `steps` steps that ran in `span` (ns on the trace's clock), from the regions among `regions` that
     /// opened in it (the steps ran one after another on the submitting thread, so each of those regions
     /// also ended in it).
     fn of(span: std::ops::Range<u64>, steps: usize, regions: &[flotilla_engine::pool::RegionTrace]) -> Self {
         let mut kinds: std::collections::BTreeMap<(bool, usize), KindTimes> = Default::default();
-        let mut inside = 0;
         for r in regions.iter().filter(|r| span.contains(&r.open)) {
             let k = kinds.entry((r.parts, r.units)).or_default();
             k.regions += 1;
-            k.time += r.end - r.open;
             k.own += r.own_done - r.open;
             k.late_parts += r.others_done - r.own_done;
             k.waited += r.end - r.others_done;
@@ -324,8 +327,8 @@ impl StepTrace {
                 k.late += joined.saturating_sub(r.open);
                 k.worked += left.saturating_sub(joined);
             }
-            inside += r.end - r.open;
         }
+        let inside: u64 = kinds.values().map(KindTimes::time).sum();
         let total = span.end - span.start;
         StepTrace { steps, total, outside: total.saturating_sub(inside), kinds }
     }
@@ -347,7 +350,7 @@ impl std::fmt::Display for StepTrace {
                 f,
                 "  {kind:>22}: {:>6.1} a step | {:>8.2} {:>8.2} {:>6.2} {:>6.2} | {:>4.2} | {:>6.2} {:>8.2}",
                 k.regions as f64 / steps,
-                us(k.time, k.regions),
+                us(k.time(), k.regions),
                 us(k.own, k.regions),
                 us(k.late_parts, k.regions),
                 us(k.waited, k.regions),
@@ -429,9 +432,8 @@ mod tests {
         assert_eq!((t.steps, t.total), (2, 200_000));
         assert_eq!(t.outside, 200_000 - (20 + 30 + 12 + 20) * 1000);
         assert_eq!(t.kinds.len(), 2);
-        let k = |regions: usize, [time, own, late_parts, waited]: [u64; 4], joins: usize, late: u64, worked: u64| KindTimes {
+        let k = |regions: usize, [own, late_parts, waited]: [u64; 3], joins: usize, late: u64, worked: u64| KindTimes {
             regions,
-            time: time * 1000,
             own: own * 1000,
             late_parts: late_parts * 1000,
             waited: waited * 1000,
@@ -439,8 +441,9 @@ mod tests {
             late: late * 1000,
             worked: worked * 1000,
         };
-        assert_eq!(t.kinds[&(true, 36)], k(3, [52, 24, 10, 18], 2, 4, 25));
-        assert_eq!(t.kinds[&(false, 3)], k(1, [30, 20, 0, 10], 1, 3, 25));
+        assert_eq!(t.kinds[&(true, 36)], k(3, [24, 10, 18], 2, 4, 25));
+        assert_eq!(t.kinds[&(false, 3)], k(1, [20, 0, 10], 1, 3, 25));
+        assert_eq!((t.kinds[&(true, 36)].time(), t.kinds[&(false, 3)].time()), (52_000, 30_000));
         let text = t.to_string();
         assert!(text.starts_with("  100.0 us a step, 59.0% of it outside the parallel regions."), "{text}");
         assert!(text.contains("parts of 36 units:    1.5 a step |    17.33     8.00   3.33   6.00 | 0.67 |   2.00    12.50"), "{text}");
