@@ -90,8 +90,8 @@ impl PassRows {
     }
 }
 
-/// One pass's rows in [`PassRows`]: its first values, scales, scaled sums and integer sums (of the blocks
-/// and of their first halves).
+/// One pass's rows in [`PassRows`] (or one block of them, [`lane`]): its first values, scales, scaled
+/// sums and integer sums (of the blocks and of their first halves).
 #[derive(Clone, Copy)]
 struct PassPtrs {
     qs: *const i8,
