@@ -107,7 +107,8 @@ struct PassPtrs {
 ///
 /// # Safety
 /// The CPU has AVX-512 (F, BW, VL, VNNI) and F16C; `w` holds `n.div_ceil(16)` tiles; `out` covers `n`
-/// columns of `acts.len()` rows that only this call writes; `passes` was made from `acts`.
+/// columns of `acts.len()` rows that only this call writes; every row of `acts` has the `rb /
+/// f.block_bytes()` blocks of a weight row (the kernel reads them unchecked); `passes` was made from `acts`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], passes: Option<&PassRows>, out: Out) {
     // the first weights, which no earlier tile prefetched
@@ -308,7 +309,7 @@ unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts:
 unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out, keep: __mmask16) {
     let f = IntFormat::from_id(F);
     let mut acc = [_mm512_setzero_ps(); GROUP];
-    debug_assert!(x.blocks() == nb && [x.d.len(), x.s.len(), x.sums.len(), x.lo_sums.len()].iter().all(|&l| l >= nb));
+    debug_assert!(x.blocks() == nb && x.qs.len() >= nb * QK && [x.d.len(), x.s.len(), x.sums.len(), x.lo_sums.len()].iter().all(|&l| l >= nb));
     for g0 in (0..nb).step_by(GROUP) {
         // the group's values and scales from bases of their own ([`base`])
         let (qs, d, s) = (base(x.qs.as_ptr().add(pack::act_index(g0, 0))), base(x.d.as_ptr().add(g0)), base(x.s.as_ptr().add(g0)));
