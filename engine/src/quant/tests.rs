@@ -316,6 +316,40 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     }
 }
 
+/// The AVX-512 kernel's two pass sizes, 6 activation rows and 4 (Zen 4's: `vnni::rows_per_pass`), whichever
+/// this CPU runs, bit for bit against the scalar reference: over packed tiles (fewer than 8 rows) and
+/// unpacked ones, with a last pass of every size.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn both_vnni_pass_sizes_give_scalar_bits() {
+    use super::simd::{supported, Level, Out};
+    use super::vnni::PassRows;
+    if !supported().contains(&Level::Avx512Vnni) {
+        eprintln!("skipped: no AVX-512 VNNI");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_1] {
+        for &(k, n, m) in &[(576, 50, 32), (1536, 33, 9), (256, 17, 13), (96, 3, 2), (576, 16, 4), (768, 40, 7), (1024, 5, 11), (512, 20, 10)] {
+            if k % dtype.block_size() != 0 {
+                continue; // (K-quants: rows of 256-value super-blocks)
+            }
+            let w = raw_weight(dtype, n, k, 31 + m as u64);
+            let rows = quantize_rows(&random(m * k, 5 + n as u64), k);
+            let Kernel::Int(f) = w.kernel else { panic!("{dtype:?} has an integer kernel") };
+            let reference = w.matmul_q8_at(Level::Scalar, &rows);
+            for per in [4, 6] {
+                let passes = PassRows::with_rows_per_pass(&rows, per);
+                let mut out = vec![f32::NAN; m * n];
+                // SAFETY: the CPU has AVX-512 VNNI and F16C (checked above); the tiles hold the matrix's n
+                // rows, the rows its blocks, and `out` has room for m rows of n
+                unsafe { super::vnni::tile(f, w.tiles_bytes(&(0..n)), w.row_bytes, n, &rows, Some(&passes), Out::strided(out.as_mut_ptr(), n)) };
+                assert_eq!(bits(&out), bits(&reference), "{dtype:?} k={k} n={n} m={m}, {per} rows a pass");
+            }
+        }
+    }
+}
+
 #[test]
 fn batched_f32_dots_give_each_single_dots_bits() {
     // every pass shape (1-2 activation rows against 1-4 weight rows) and widths with and without a tail

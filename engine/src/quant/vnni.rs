@@ -14,20 +14,50 @@
 //! the scalar reference's bits, for any row width (no short-group special case) and any number of
 //! activation rows.
 //!
-//! Up to [`ROWS`] activation rows share each block's weights; fewer than [`PREP_ROWS`] rows unpack the
-//! nibbles as they stream the tiles, and more unpack each tile once into a buffer first
-//! ([`super::wtile`]) that every pass over the rows reads.
+//! Up to [`ROWS`] activation rows share each block's weights (4 on AMD Zen 4: [`rows_per_pass`]); fewer
+//! than [`PREP_ROWS`] rows unpack the nibbles as they stream the tiles, and more unpack each tile once
+//! into a buffer first ([`super::wtile`]) that every pass over the rows reads.
 
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
+use std::sync::OnceLock;
 
 use super::dot::{AlignedBytes, Q8Row};
 use super::pack::{self, GROUP, QK, TILE};
 use super::simd::{IntFormat, Out};
 use super::wtile::{self, Prefetch, WeightTile, PREFETCH};
 
-/// Activation rows multiplied together by one pass over a tile.
+/// Most activation rows multiplied together by one pass over a tile.
 const ROWS: usize = 6;
+
+/// Rows per pass on an AMD Zen 4 core ([`rows_per_pass`]).
+const ZEN4_ROWS: usize = 4;
+
+/// Activation rows per pass over an unpacked tile on this CPU: [`ZEN4_ROWS`] on AMD's family 19h
+/// (Zen 4: Zen 3 has no AVX-512, so it never runs this kernel), [`ROWS`] elsewhere;
+/// `FLOTILLA_VNNI_ROWS=4|6` overrides it. On Zen 4 a pass of 6 rows keeps more values live than its 32
+/// registers hold (the rows' partial sums of the reduction besides a block's weights and the terms in
+/// flight), and 4 rows a pass, in a copy of the kernel compiled on its own, made a batched step of 32
+/// sequences 1.04x faster on one thread (BENCHMARKS.md, 2026-12-06, eighteenth session). The other
+/// hosts were measured with 6 and run the same code as before.
+pub fn rows_per_pass() -> usize {
+    static PER: OnceLock<usize> = OnceLock::new();
+    *PER.get_or_init(|| match std::env::var("FLOTILLA_VNNI_ROWS").as_deref() {
+        Ok("4") => ZEN4_ROWS,
+        Ok("6") => ROWS,
+        _ if amd_family() == Some(0x19) => ZEN4_ROWS,
+        _ => ROWS,
+    })
+}
+
+/// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
+fn amd_family() -> Option<u32> {
+    // (leaves 0 and 1 exist on every x86-64 processor)
+    let (vendor, sig) = (__cpuid(0), __cpuid(1).eax);
+    let name: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+    let base = (sig >> 8) & 0xF;
+    (name == b"AuthenticAMD").then(|| if base == 0xF { base + ((sig >> 20) & 0xFF) } else { base })
+}
 
 /// Fewest activation rows for which a tile is unpacked once into a buffer instead of in every pass.
 pub const PREP_ROWS: usize = 8;
@@ -37,11 +67,13 @@ thread_local! {
     static SPARE_PASSES: Cell<Option<PassRows>> = const { Cell::new(None) };
 }
 
-/// Activation rows laid out for the passes, once per matmul: pass `p` holds rows `p * ROWS..` (at most
-/// [`ROWS`]) block after block, each block's rows side by side (values `[b][r][32]`, then `d`, `s` and
-/// `sums` and `lo_sums` as `[b][r]`), so a pass reaches every row from one base at fixed offsets.
+/// Activation rows laid out for the passes, once per matmul: pass `p` holds rows `p * per..` (at most
+/// `per`, the rows per pass) block after block, each block's rows side by side (values `[b][r][32]`, then
+/// `d`, `s` and `sums` and `lo_sums` as `[b][r]`), so a pass reaches every row from one base at fixed
+/// offsets.
 #[derive(Default)]
 pub struct PassRows {
+    per: usize,
     qs: AlignedBytes,
     d: Vec<f32>,
     s: Vec<f32>,
@@ -50,18 +82,27 @@ pub struct PassRows {
 }
 
 impl PassRows {
+    /// Laid out for this CPU's passes: [`rows_per_pass`] over an unpacked tile, [`ROWS`] below
+    /// [`PREP_ROWS`] rows (each pass over a packed tile unpacks it again).
     pub fn new(rows: &[Q8Row]) -> Self {
+        Self::with_rows_per_pass(rows, if rows.len() < PREP_ROWS { ROWS } else { rows_per_pass() })
+    }
+
+    /// Laid out for passes of `per` rows: [`ROWS`] or [`ZEN4_ROWS`] (the kernel has a copy for each).
+    pub fn with_rows_per_pass(rows: &[Q8Row], per: usize) -> Self {
+        assert!(per == ROWS || per == ZEN4_ROWS, "{per} rows a pass");
         let (nb, m) = (rows.first().map_or(0, Q8Row::blocks), rows.len());
         // this thread's buffers of the last call, if it gave them back (every value is written below)
         let mut p = wtile::take_spare(&SPARE_PASSES);
+        p.per = per;
         wtile::refill(&mut p.d, m * nb, 0.0);
         wtile::refill(&mut p.s, m * nb, 0.0);
         wtile::refill(&mut p.sums, m * nb, 0);
         wtile::refill(&mut p.lo_sums, m * nb, 0);
         p.qs.reset_zeroed(m * nb * QK);
         for (i, row) in rows.iter().enumerate() {
-            let (p0, r) = (i / ROWS * ROWS, i % ROWS);
-            let n = (m - p0).min(ROWS);
+            let (p0, r) = (i / per * per, i % per);
+            let n = (m - p0).min(per);
             for b in 0..nb {
                 let at = p0 * nb + b * n + r;
                 p.qs[at * QK..(at + 1) * QK].copy_from_slice(&row.qs[pack::act_index(b, 0)..pack::act_index(b + 1, 0)]);
@@ -116,14 +157,35 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
     if acts.is_empty() {
         return;
     }
+    let rows = Rows { one: &acts[0], m: acts.len(), passes };
+    if passes.is_some_and(|p| p.per == ZEN4_ROWS) {
+        return tiles_4_rows(f, w, rb, n, rows, out);
+    }
     // one specialised copy per format
     match f {
-        IntFormat::Q4_0 => tiles_as::<Q4_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q4_1 => tiles_as::<Q4_1>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q8_0 => tiles_as::<Q8_0>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q4K => tiles_as::<Q4K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q5 => tiles_as::<Q5>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
-        IntFormat::Q6K => tiles_as::<Q6K>(w, rb, n, Rows { one: &acts[0], m: acts.len(), passes }, out),
+        IntFormat::Q4_0 => tiles_as::<Q4_0, ROWS>(w, rb, n, rows, out),
+        IntFormat::Q4_1 => tiles_as::<Q4_1, ROWS>(w, rb, n, rows, out),
+        IntFormat::Q8_0 => tiles_as::<Q8_0, ROWS>(w, rb, n, rows, out),
+        IntFormat::Q4K => tiles_as::<Q4K, ROWS>(w, rb, n, rows, out),
+        IntFormat::Q5 => tiles_as::<Q5, ROWS>(w, rb, n, rows, out),
+        IntFormat::Q6K => tiles_as::<Q6K, ROWS>(w, rb, n, rows, out),
+    }
+}
+
+/// [`tile`] in passes of [`ZEN4_ROWS`] rows, compiled as a function of its own: fewer rows a pass
+/// inlined into `tile` beside the 6-row copy ran no faster than 6 in the kernel timer on Zen 4, on
+/// their own they did (BENCHMARKS.md, 2026-12-06, eighteenth session). `tile` itself stays as it was
+/// for the hosts that pass 6 rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
+#[inline(never)]
+unsafe fn tiles_4_rows(f: IntFormat, w: &[u8], rb: usize, n: usize, rows: Rows, out: Out) {
+    match f {
+        IntFormat::Q4_0 => tiles_as::<Q4_0, ZEN4_ROWS>(w, rb, n, rows, out),
+        IntFormat::Q4_1 => tiles_as::<Q4_1, ZEN4_ROWS>(w, rb, n, rows, out),
+        IntFormat::Q8_0 => tiles_as::<Q8_0, ZEN4_ROWS>(w, rb, n, rows, out),
+        IntFormat::Q4K => tiles_as::<Q4K, ZEN4_ROWS>(w, rb, n, rows, out),
+        IntFormat::Q5 => tiles_as::<Q5, ZEN4_ROWS>(w, rb, n, rows, out),
+        IntFormat::Q6K => tiles_as::<Q6K, ZEN4_ROWS>(w, rb, n, rows, out),
     }
 }
 
@@ -145,7 +207,7 @@ struct Rows<'a> {
 }
 
 #[inline(always)]
-unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: Rows, out: Out) {
+unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, acts: Rows, out: Out) {
     let f = IntFormat::from_id(F);
     let (nb, m, tb) = (rb / f.block_bytes(), acts.m, TILE * rb);
     if n == 0 || m == 0 {
@@ -157,7 +219,7 @@ unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: Rows, out: 
         let ahead = PREFETCH.max(tb);
         for j0 in (0..n).step_by(TILE) {
             let src = Packed { p: w.as_ptr().add(j0 / TILE * tb), nb, ahead: w.as_ptr().wrapping_add(j0 / TILE * tb + ahead) };
-            rows::<F, Packed>(&src, nb, acts, out, j0, n);
+            rows::<F, Packed, RP>(&src, nb, acts, out, j0, n);
         }
         return;
     }
@@ -168,15 +230,16 @@ unsafe fn tiles_as<const F: u8>(w: &[u8], rb: usize, n: usize, acts: Rows, out: 
         let next = &w[((t + 1) * tb).min(w.len())..((t + 2) * tb).min(w.len())];
         wtile::prep(f, &w[t * tb..(t + 1) * tb], nb, true, true, &mut wt);
         // the next tile a few lines per block read, over every pass
-        let pf = Prefetch::new(next, nb * m.div_ceil(ROWS));
-        rows::<F, Prepped>(&Prepped { t: &wt, pf }, nb, acts, out, j0, n);
+        let pf = Prefetch::new(next, nb * m.div_ceil(RP));
+        rows::<F, Prepped, RP>(&Prepped { t: &wt, pf }, nb, acts, out, j0, n);
     }
     SCRATCH.with(|c| *c.borrow_mut() = wt);
 }
 
-/// Every activation row against the tile of weight rows `j0..j0 + 16` (those below `n`).
+/// Every activation row against the tile of weight rows `j0..j0 + 16` (those below `n`), `RP` rows a
+/// pass (the layout of `acts.passes`).
 #[inline(always)]
-unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: Rows, out: Out, j0: usize, n: usize) {
+unsafe fn rows<const F: u8, S: Source, const RP: usize>(src: &S, nb: usize, acts: Rows, out: Out, j0: usize, n: usize) {
     let nw = (n - j0).min(TILE);
     let keep: __mmask16 = if nw == TILE { 0xFFFF } else { (1u16 << nw) - 1 };
     let at = |r: usize| out.offset(r, j0);
@@ -184,16 +247,17 @@ unsafe fn rows<const F: u8, S: Source>(src: &S, nb: usize, acts: Rows, out: Out,
         assert_eq!(acts.m, 1, "several activation rows need their pass layout");
         return single::<F, S>(src, nb, acts.one, at(0), keep);
     };
-    for r in (0..acts.m).step_by(ROWS) {
+    debug_assert_eq!(passes.per, RP);
+    for r in (0..acts.m).step_by(RP) {
         let p = passes.pass(r, nb);
-        wtile::some_ahead((acts.m - r).min(ROWS));
-        match (acts.m - r).min(ROWS) {
+        wtile::some_ahead((acts.m - r).min(RP));
+        match (acts.m - r).min(RP) {
             1 => pass::<F, 1, S>(src, nb, p, at(r), keep),
             2 => pass::<F, 2, S>(src, nb, p, at(r), keep),
             3 => pass::<F, 3, S>(src, nb, p, at(r), keep),
             4 => pass::<F, 4, S>(src, nb, p, at(r), keep),
             5 => pass::<F, 5, S>(src, nb, p, at(r), keep),
-            _ => pass::<F, ROWS, S>(src, nb, p, at(r), keep),
+            _ => pass::<F, RP, S>(src, nb, p, at(r), keep),
         }
     }
 }
