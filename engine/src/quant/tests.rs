@@ -316,18 +316,22 @@ fn every_simd_level_is_bit_identical_to_scalar() {
     }
 }
 
-/// The AVX-512 kernel's two pass sizes, 6 activation rows and 4 (Zen 4's: `vnni::rows_per_pass`), whichever
-/// this CPU runs, bit for bit against the scalar reference: over packed tiles (fewer than 8 rows) and
-/// unpacked ones, with a last pass of every size.
+/// The AVX-512 kernel's two pass sizes, 6 activation rows and 4 (Zen 4's: `vnni::rows_per_pass`), both
+/// on any AVX-512 host, bit for bit against the scalar reference: over packed tiles (fewer than 8 rows)
+/// and unpacked ones, with a last pass of every size. And the layout a matmul makes takes 6 rows a pass
+/// below 8 rows and this CPU's choice from 8 on.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn both_vnni_pass_sizes_give_scalar_bits() {
     use super::simd::{supported, Level, Out};
-    use super::vnni::PassRows;
+    use super::vnni::{rows_per_pass, PassRows};
     if !supported().contains(&Level::Avx512Vnni) {
         eprintln!("skipped: no AVX-512 VNNI");
         return;
     }
+    let some = quantize_rows(&random(9 * 64, 3), 64);
+    assert_eq!(PassRows::new(&some[..7]).per(), 6);
+    assert_eq!(PassRows::new(&some).per(), rows_per_pass());
     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
     for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_1] {
         for &(k, n, m) in &[(576, 50, 32), (1536, 33, 9), (256, 17, 13), (96, 3, 2), (576, 16, 4), (768, 40, 7), (1024, 5, 11), (512, 20, 10)] {

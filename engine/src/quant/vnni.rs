@@ -14,9 +14,9 @@
 //! the scalar reference's bits, for any row width (no short-group special case) and any number of
 //! activation rows.
 //!
-//! Up to [`ROWS`] activation rows share each block's weights (4 on AMD Zen 4: [`rows_per_pass`]); fewer
-//! than [`PREP_ROWS`] rows unpack the nibbles as they stream the tiles, and more unpack each tile once
-//! into a buffer first ([`super::wtile`]) that every pass over the rows reads.
+//! Up to [`ROWS`] activation rows share each block's weights (4 over an unpacked tile on AMD Zen 4:
+//! [`rows_per_pass`]); fewer than [`PREP_ROWS`] rows unpack the nibbles as they stream the tiles, and
+//! more unpack each tile once into a buffer first ([`super::wtile`]) that every pass over the rows reads.
 
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
@@ -35,11 +35,11 @@ const ZEN4_ROWS: usize = 4;
 
 /// Activation rows per pass over an unpacked tile on this CPU: [`ZEN4_ROWS`] on AMD's family 19h
 /// (Zen 4: Zen 3 has no AVX-512, so it never runs this kernel), [`ROWS`] elsewhere;
-/// `FLOTILLA_VNNI_ROWS=4|6` overrides it. On Zen 4 a pass of 6 rows keeps more values live than its 32
-/// registers hold (the rows' partial sums of the reduction besides a block's weights and the terms in
-/// flight), and 4 rows a pass, in a copy of the kernel compiled on its own, made a batched step of 32
-/// sequences 1.04x faster on one thread (BENCHMARKS.md, 2026-12-06, eighteenth session). The other
-/// hosts were measured with 6 and run the same code as before.
+/// `FLOTILLA_VNNI_ROWS=4|6` overrides it. A pass of 6 rows keeps more values live than 32 registers hold
+/// (the reduction's partial sums besides a block's weights and the rows' accumulators), on any core; on
+/// Zen 4, 4 rows a pass in a copy of the kernel compiled on its own made a batched step of 32 sequences
+/// faster on one thread, median 1.04x over nine paired runs (1.01-1.08x; BENCHMARKS.md, 2026-12-06,
+/// eighteenth session). The other hosts were measured with 6 and run the same source as before.
 pub fn rows_per_pass() -> usize {
     static PER: OnceLock<usize> = OnceLock::new();
     *PER.get_or_init(|| match std::env::var("FLOTILLA_VNNI_ROWS").as_deref() {
@@ -52,8 +52,9 @@ pub fn rows_per_pass() -> usize {
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
 fn amd_family() -> Option<u32> {
-    // (leaves 0 and 1 exist on every x86-64 processor)
-    let (vendor, sig) = (__cpuid(0), __cpuid(1).eax);
+    // SAFETY: leaves 0 and 1 exist on every x86-64 processor (newer toolchains declare `__cpuid` safe)
+    #[allow(unused_unsafe)]
+    let (vendor, sig) = unsafe { (__cpuid(0), __cpuid(1).eax) };
     let name: Vec<u8> = [vendor.ebx, vendor.edx, vendor.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
     let base = (sig >> 8) & 0xF;
     (name == b"AuthenticAMD").then(|| if base == 0xF { base + ((sig >> 20) & 0xFF) } else { base })
@@ -118,6 +119,11 @@ impl PassRows {
         wtile::keep_spare(&SPARE_PASSES, self);
     }
 
+    /// Rows per pass of this layout.
+    pub fn per(&self) -> usize {
+        self.per
+    }
+
     /// The pass starting at row `r0` of rows with `nb` blocks.
     fn pass(&self, r0: usize, nb: usize) -> PassPtrs {
         let at = r0 * nb;
@@ -172,10 +178,10 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
     }
 }
 
-/// [`tile`] in passes of [`ZEN4_ROWS`] rows, compiled as a function of its own: fewer rows a pass
-/// inlined into `tile` beside the 6-row copy ran no faster than 6 in the kernel timer on Zen 4, on
-/// their own they did (BENCHMARKS.md, 2026-12-06, eighteenth session). `tile` itself stays as it was
-/// for the hosts that pass 6 rows.
+/// [`tile`] in passes of [`ZEN4_ROWS`] rows, compiled as a function of its own: 3 rows a pass inlined
+/// into `tile` beside the 6-row copy ran level with 6 in the kernel timer on Zen 4, 3 and 4 on their own
+/// ran faster (BENCHMARKS.md, 2026-12-06, eighteenth session). The 6-row source in `tile` is unchanged
+/// (its machine code was not measured again on the hosts that run it).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 #[inline(never)]
 unsafe fn tiles_4_rows(f: IntFormat, w: &[u8], rb: usize, n: usize, rows: Rows, out: Out) {
@@ -451,7 +457,7 @@ unsafe fn lane<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, l: us
             )*
         };
     }
-    const _: () = assert!(ROWS <= 6, "rows! writes out 6 rows");
+    const _: () = assert!(ROWS <= 6 && ZEN4_ROWS <= 6, "rows! writes out 6 rows");
     let mut b = l;
     while b < nb {
         let blk = src.block(f, b);
