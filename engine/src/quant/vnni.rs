@@ -120,7 +120,8 @@ impl PassRows {
     }
 
     /// Rows per pass of this layout.
-    pub fn per(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn per(&self) -> usize {
         self.per
     }
 
