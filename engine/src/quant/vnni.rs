@@ -149,6 +149,21 @@ struct PassPtrs {
     lo_sums: *const i32,
 }
 
+/// `tiles_as` specialised for format `f` (one copy per format) and `$rp` rows a pass: a macro, so each
+/// caller's copies are compiled into that caller with its target features.
+macro_rules! by_format {
+    ($f:expr, $rp:ident, ($($arg:expr),*)) => {
+        match $f {
+            IntFormat::Q4_0 => tiles_as::<Q4_0, $rp>($($arg),*),
+            IntFormat::Q4_1 => tiles_as::<Q4_1, $rp>($($arg),*),
+            IntFormat::Q8_0 => tiles_as::<Q8_0, $rp>($($arg),*),
+            IntFormat::Q4K => tiles_as::<Q4K, $rp>($($arg),*),
+            IntFormat::Q5 => tiles_as::<Q5, $rp>($($arg),*),
+            IntFormat::Q6K => tiles_as::<Q6K, $rp>($($arg),*),
+        }
+    };
+}
+
 /// `w_j · acts[i]` into `out` for the `n` weight rows `w_j` held by the tiles `w` (`rb` bytes per row,
 /// format `f`) and every activation row, as [`super::simd::tile`] does; `passes` holds the rows laid out
 /// for passes when there are two or more.
@@ -168,15 +183,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
     if passes.is_some_and(|p| p.per == ZEN4_ROWS) {
         return tiles_4_rows(f, w, rb, n, rows, out);
     }
-    // one specialised copy per format
-    match f {
-        IntFormat::Q4_0 => tiles_as::<Q4_0, ROWS>(w, rb, n, rows, out),
-        IntFormat::Q4_1 => tiles_as::<Q4_1, ROWS>(w, rb, n, rows, out),
-        IntFormat::Q8_0 => tiles_as::<Q8_0, ROWS>(w, rb, n, rows, out),
-        IntFormat::Q4K => tiles_as::<Q4K, ROWS>(w, rb, n, rows, out),
-        IntFormat::Q5 => tiles_as::<Q5, ROWS>(w, rb, n, rows, out),
-        IntFormat::Q6K => tiles_as::<Q6K, ROWS>(w, rb, n, rows, out),
-    }
+    by_format!(f, ROWS, (w, rb, n, rows, out))
 }
 
 /// [`tile`] in passes of [`ZEN4_ROWS`] rows, compiled as a function of its own: 3 rows a pass inlined
@@ -186,14 +193,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, acts: &[Q8Row], 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,f16c")]
 #[inline(never)]
 unsafe fn tiles_4_rows(f: IntFormat, w: &[u8], rb: usize, n: usize, rows: Rows, out: Out) {
-    match f {
-        IntFormat::Q4_0 => tiles_as::<Q4_0, ZEN4_ROWS>(w, rb, n, rows, out),
-        IntFormat::Q4_1 => tiles_as::<Q4_1, ZEN4_ROWS>(w, rb, n, rows, out),
-        IntFormat::Q8_0 => tiles_as::<Q8_0, ZEN4_ROWS>(w, rb, n, rows, out),
-        IntFormat::Q4K => tiles_as::<Q4K, ZEN4_ROWS>(w, rb, n, rows, out),
-        IntFormat::Q5 => tiles_as::<Q5, ZEN4_ROWS>(w, rb, n, rows, out),
-        IntFormat::Q6K => tiles_as::<Q6K, ZEN4_ROWS>(w, rb, n, rows, out),
-    }
+    by_format!(f, ZEN4_ROWS, (w, rb, n, rows, out))
 }
 
 /// The formats as const parameters (the kernels are compiled once per format; [`IntFormat::from_id`]).
