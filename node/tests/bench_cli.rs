@@ -114,6 +114,16 @@ fn trace_says_where_each_pool_of_several_threads_spent_its_steps() {
     }
     // the decode steps' matmuls split their tiles between the two threads
     assert!(err[decode..].contains(" units:"), "{err}");
+    assert!(!err.contains("batched decode steps"), "no batch asked for: {err}");
+    // with --batch, the batched steps too (32 sequences on two threads: one region a step, each thread
+    // its own sequences, unless the learnt shares are too uneven for that)
+    let out = bench(&p, &["--threads", "1", "--vs-threads", "2", "--batch", "32", "--trace"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let at = err.find("trace, --vs-threads 2: 4 batched decode steps of 32 sequences\n").unwrap_or_else(|| panic!("no batched trace in {err}"));
+    let batched = &err[at..];
+    assert!(err.find("trace, --vs-threads 2: 4 decode steps\n").is_some_and(|d| d < at), "{err}");
+    assert!(batched.contains("% of it outside the parallel regions.") && batched.contains(" units:"), "{batched}");
 }
 
 #[test]

@@ -50,10 +50,10 @@ pub struct EngineArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
-    /// After the runs, trace one more prefill and decode on each pool of two or more threads and print
-    /// (to standard error) where a step's time went: outside the parallel regions (the steps one thread
-    /// runs while the others wait), and in each kind of region, its parts' times, how late the workers
-    /// joined and how long the submitter waited for them.
+    /// After the runs, trace one more prefill and decode (and with `--batch`, the batched decode) on each
+    /// pool of two or more threads and print (to standard error) where a step's time went: outside the
+    /// parallel regions (the steps one thread runs while the others wait), and in each kind of region, its
+    /// parts' times, how late the workers joined and how long the submitter waited for them.
     #[arg(long)]
     pub trace: bool,
 }
@@ -220,6 +220,10 @@ fn engine(a: EngineArgs) -> anyhow::Result<()> {
             let name = format!("trace, {option} {}", pool.threads());
             eprint!("{name}: prefill of {} tokens\n{prefill}", tokens.len());
             eprint!("{name}: {} decode steps\n{decode}", a.gen_tokens);
+            if let Some(b) = a.batch {
+                let steps = pool.install(|| traced_batch(pool, &shard, &tokens, b, a.gen_tokens))?;
+                eprint!("{name}: {} batched decode steps of {b} sequences\n{steps}", a.gen_tokens);
+            }
         }
     }
     Ok(())
@@ -366,6 +370,13 @@ impl std::fmt::Display for StepTrace {
 /// `b` sequences (prompts of 1..16 of `tokens`) decoding `gen` steps together, one forward each: aggregate
 /// tok/s.
 fn batched(shard: &Shard, tokens: &[u32], b: usize, gen: usize) -> anyhow::Result<f64> {
+    let [start, end] = batch(shard, tokens, b, gen, Instant::now)?;
+    Ok((b * gen) as f64 / (end - start).as_secs_f64())
+}
+
+/// `b` sequences prefilled one by one, then `gen` decode steps of all of them in one forward each: `now()`
+/// before the first of those steps and after the last.
+fn batch<T>(shard: &Shard, tokens: &[u32], b: usize, gen: usize, now: impl Fn() -> T) -> anyhow::Result<[T; 2]> {
     let short = &tokens[..tokens.len().min(16)];
     let mut caches: Vec<_> = (0..b).map(|_| shard.new_cache()).collect();
     let mut next: Vec<u32> = Vec::with_capacity(b);
@@ -374,14 +385,23 @@ fn batched(shard: &Shard, tokens: &[u32], b: usize, gen: usize) -> anyhow::Resul
         let p = &short[..1 + i % short.len()];
         next.push(argmax(&one(shard, c, p)?));
     }
-    let t = Instant::now();
+    let start = now();
     for _ in 0..gen {
         let inputs: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let mut steps: Vec<SeqStep> = caches.iter_mut().zip(&inputs).map(|(c, t)| SeqStep { cache: c, input: StageInput::Tokens(t) }).collect();
         let out = shard.forward(&mut steps)?;
         next = out.into_iter().map(|o| o.into_logits().map(|l| argmax(&l)).unwrap_or(0)).collect();
     }
-    Ok((b * gen) as f64 / t.elapsed().as_secs_f64())
+    Ok([start, now()])
+}
+
+/// [`batched`] once more with `pool`'s regions traced: where its decode steps' time went.
+fn traced_batch(pool: &flotilla_engine::pool::Pool, shard: &Shard, tokens: &[u32], b: usize, gen: usize) -> anyhow::Result<StepTrace> {
+    pool.trace_start();
+    let ran = batch(shard, tokens, b, gen, || pool.trace_ns());
+    let regions = pool.trace_stop();
+    let [t0, t1] = ran?;
+    Ok(StepTrace::of(t0..t1, gen, &regions))
 }
 
 /// The threads' learnt shares, where a pool has more than one thread.
