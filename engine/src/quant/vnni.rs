@@ -39,7 +39,8 @@ const ZEN4_ROWS: usize = 4;
 /// (the reduction's partial sums besides a block's weights and the rows' accumulators), on any core; on
 /// Zen 4, 4 rows a pass in a copy of the kernel compiled on its own made a batched step of 32 sequences
 /// faster on one thread, median 1.04x over nine paired runs (1.01-1.08x; BENCHMARKS.md, 2026-12-06,
-/// eighteenth session). The other hosts were measured with 6 and run the same source as before.
+/// eighteenth session). On Intel (the AMX host kind, its AVX-512 kernel timed alone) 4 rows a pass was
+/// 0.90-1.01x of 6 (BENCHMARKS.md, 2026-12-07), so 6 stays there; Zen 5 has not been measured with 4.
 pub fn rows_per_pass() -> usize {
     static PER: OnceLock<usize> = OnceLock::new();
     *PER.get_or_init(|| match std::env::var("FLOTILLA_VNNI_ROWS").as_deref() {
