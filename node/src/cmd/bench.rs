@@ -273,11 +273,19 @@ fn stream<T>(shard: &Shard, tokens: &[u32], gen: usize, now: impl Fn() -> T) -> 
 /// [`single_stream`] once more with `pool`'s regions traced: where the prefill's and the decode steps'
 /// time went.
 fn traced_stream(pool: &flotilla_engine::pool::Pool, shard: &Shard, tokens: &[u32], gen: usize) -> anyhow::Result<(StepTrace, StepTrace)> {
-    pool.trace_start();
-    let ran = stream(shard, tokens, gen, || pool.trace_ns());
-    let regions = pool.trace_stop();
-    let [t0, t1, t2] = ran?;
+    let ([t0, t1, t2], regions) = traced(pool, |now| stream(shard, tokens, gen, now))?;
     Ok((StepTrace::of(t0..t1, 1, &regions), StepTrace::of(t1..t2, gen, &regions)))
+}
+
+/// `run` with `pool`'s regions traced, handed the trace's clock: what it returned, and the regions.
+fn traced<T>(
+    pool: &flotilla_engine::pool::Pool,
+    run: impl FnOnce(&dyn Fn() -> u64) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Vec<flotilla_engine::pool::RegionTrace>)> {
+    pool.trace_start();
+    let ran = run(&|| pool.trace_ns());
+    let regions = pool.trace_stop();
+    Ok((ran?, regions))
 }
 
 /// Where the time of some consecutive steps went, from a trace of their parallel regions.
@@ -397,10 +405,7 @@ fn batch<T>(shard: &Shard, tokens: &[u32], b: usize, gen: usize, now: impl Fn() 
 
 /// [`batched`] once more with `pool`'s regions traced: where its decode steps' time went.
 fn traced_batch(pool: &flotilla_engine::pool::Pool, shard: &Shard, tokens: &[u32], b: usize, gen: usize) -> anyhow::Result<StepTrace> {
-    pool.trace_start();
-    let ran = batch(shard, tokens, b, gen, || pool.trace_ns());
-    let regions = pool.trace_stop();
-    let [t0, t1] = ran?;
+    let ([t0, t1], regions) = traced(pool, |now| batch(shard, tokens, b, gen, now))?;
     Ok(StepTrace::of(t0..t1, gen, &regions))
 }
 
