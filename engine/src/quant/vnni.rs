@@ -16,7 +16,8 @@
 //!
 //! Up to [`ROWS`] activation rows share each block's weights (4 over an unpacked tile on AMD Zen 4:
 //! [`rows_per_pass`]); fewer than [`PREP_ROWS`] rows unpack the nibbles as they stream the tiles, and
-//! more unpack each tile once into a buffer first ([`super::wtile`]) that every pass over the rows reads.
+//! with more the first pass over a tile also stores its blocks unpacked into a buffer
+//! ([`super::wtile::WeightTile`]) that the passes after it read.
 
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
@@ -63,6 +64,7 @@ fn amd_family() -> Option<u32> {
 
 /// Fewest activation rows for which a tile is unpacked once into a buffer instead of in every pass.
 pub const PREP_ROWS: usize = 8;
+const _: () = assert!(PREP_ROWS > ROWS && PREP_ROWS > ZEN4_ROWS, "a tile's first pass leaves rows for the passes after it");
 
 thread_local! {
     static SCRATCH: RefCell<WeightTile> = RefCell::new(WeightTile::default());
@@ -227,19 +229,32 @@ unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, 
         let ahead = PREFETCH.max(tb);
         for j0 in (0..n).step_by(TILE) {
             let src = Packed { p: w.as_ptr().add(j0 / TILE * tb), nb, ahead: w.as_ptr().wrapping_add(j0 / TILE * tb + ahead) };
-            rows::<F, Packed, RP>(&src, nb, acts, out, j0, n);
+            rows::<F, Packed, RP>(&src, nb, acts, out, j0, n, 0..acts.m);
         }
         return;
     }
     // taken out of the thread-local for the call (a closure would not inherit the target features)
     let mut wt = SCRATCH.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    // (every value is written by a tile's first pass before the passes after it read it)
+    wt.w.resize(nb * 8, wtile::Line([0; 64]));
+    wt.dw.resize(nb, wtile::Line([0; 64]));
+    wt.mw.resize(nb, wtile::Line([0; 64]));
     for j0 in (0..n).step_by(TILE) {
         let t = j0 / TILE;
         let next = &w[((t + 1) * tb).min(w.len())..((t + 2) * tb).min(w.len())];
-        wtile::prep(f, &w[t * tb..(t + 1) * tb], nb, true, true, &mut wt);
         // the next tile a few lines per block read, over every pass
         let pf = Prefetch::new(next, nb * m.div_ceil(RP));
-        rows::<F, Prepped, RP>(&Prepped { t: &wt, pf }, nb, acts, out, j0, n);
+        let first = Unpacking {
+            p: w.as_ptr().add(t * tb),
+            nb,
+            w: wt.w.as_mut_ptr() as *mut __m512i,
+            dw: wt.dw.as_mut_ptr() as *mut f32,
+            mw: wt.mw.as_mut_ptr() as *mut f32,
+            pf: &pf,
+        };
+        // (m >= PREP_ROWS > RP: at least two passes)
+        rows::<F, Unpacking, RP>(&first, nb, acts, out, j0, n, 0..RP);
+        rows::<F, Prepped, RP>(&Prepped { t: &wt, pf: &pf }, nb, acts, out, j0, n, RP..m);
     }
     SCRATCH.with(|c| *c.borrow_mut() = wt);
 }
@@ -247,7 +262,7 @@ unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, 
 /// Every activation row against the tile of weight rows `j0..j0 + 16` (those below `n`), `RP` rows a
 /// pass (the layout of `acts.passes`).
 #[inline(always)]
-unsafe fn rows<const F: u8, S: Source, const RP: usize>(src: &S, nb: usize, acts: Rows, out: Out, j0: usize, n: usize) {
+unsafe fn rows<const F: u8, S: Source, const RP: usize>(src: &S, nb: usize, acts: Rows, out: Out, j0: usize, n: usize, span: std::ops::Range<usize>) {
     let nw = (n - j0).min(TILE);
     let keep: __mmask16 = if nw == TILE { 0xFFFF } else { (1u16 << nw) - 1 };
     let at = |r: usize| out.offset(r, j0);
@@ -256,7 +271,7 @@ unsafe fn rows<const F: u8, S: Source, const RP: usize>(src: &S, nb: usize, acts
         return single::<F, S>(src, nb, acts.one, at(0), keep);
     };
     debug_assert_eq!(passes.per, RP);
-    for r in (0..acts.m).step_by(RP) {
+    for r in span.step_by(RP) {
         let p = passes.pass(r, nb);
         wtile::some_ahead((acts.m - r).min(RP));
         match (acts.m - r).min(RP) {
@@ -296,42 +311,82 @@ struct Packed {
 impl Source for Packed {
     #[inline(always)]
     unsafe fn block(&self, f: IntFormat, b: usize) -> Block {
-        let nb = self.nb;
         let bb = TILE * f.block_bytes();
         wtile::prefetch(self.ahead.wrapping_add(b * bb), bb);
-        let v = self.p.add(pack::values_at(f, b)) as *const __m512i;
-        let mut w = [_mm512_setzero_si512(); 8];
-        match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
-                let low = _mm512_set1_epi8(0x0F);
-                for c in 0..4 {
-                    let x = _mm512_loadu_si512(v.add(c) as *const _);
-                    w[c] = _mm512_and_si512(x, low);
-                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low);
-                }
-            }
-            IntFormat::Q8_0 => {
-                for (k, wk) in w.iter_mut().enumerate() {
-                    *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), _mm512_set1_epi8(-128));
-                }
-            }
-            IntFormat::Q5 => w = wtile::q5_chunks(v),
-            IntFormat::Q6K => {
-                for (k, wk) in w.iter_mut().enumerate() {
-                    *wk = _mm512_loadu_si512(v.add(k) as *const _);
-                }
-            }
-        }
-        let dw = wtile::scales16(f, self.p.add(pack::scales_at(f, nb, b)));
-        let mw = if f.two_scales() { wtile::scales16(f, self.p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
-        Block { w, dw, mw }
+        unpack(f, self.p, self.nb, b)
     }
 }
 
-/// A tile unpacked once by [`wtile::prep`] (unsigned values, f32 scales), and the next tile to prefetch.
+/// Block `b` of the packed tile at `p` (rows of `nb` blocks) unpacked.
+#[inline(always)]
+unsafe fn unpack(f: IntFormat, p: *const u8, nb: usize, b: usize) -> Block {
+    let v = p.add(pack::values_at(f, b)) as *const __m512i;
+    let mut w = [_mm512_setzero_si512(); 8];
+    match f {
+        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
+            let low = _mm512_set1_epi8(0x0F);
+            for c in 0..4 {
+                let x = _mm512_loadu_si512(v.add(c) as *const _);
+                w[c] = _mm512_and_si512(x, low);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low);
+            }
+        }
+        IntFormat::Q8_0 => {
+            for (k, wk) in w.iter_mut().enumerate() {
+                *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), _mm512_set1_epi8(-128));
+            }
+        }
+        IntFormat::Q5 => w = wtile::q5_chunks(v),
+        IntFormat::Q6K => {
+            for (k, wk) in w.iter_mut().enumerate() {
+                *wk = _mm512_loadu_si512(v.add(k) as *const _);
+            }
+        }
+    }
+    let dw = wtile::scales16(f, p.add(pack::scales_at(f, nb, b)));
+    let mw = if f.two_scales() { wtile::scales16(f, p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
+    Block { w, dw, mw }
+}
+
+/// The packed tile as the first pass over it reads it ([`Packed`]'s unpacking), each block also stored
+/// into a [`WeightTile`] as it is read, for the passes after it ([`Prepped`]): the stores run beside the
+/// pass's multiplies, where unpacking the tile into the buffer in a loop of its own before the passes
+/// (`wtile::prep`, 4.9% of a 32-sequence decode step on Zen 4) made every block's lines be loaded once
+/// more and held the multiplies back meanwhile. In the kernel timer on Zen 4 (one thread, Q4_1, the two
+/// ways alternating call by call) this made 32 rows 1.03-1.07x faster (4 or 6 rows a pass), 8-9 rows
+/// 1.11-1.17x and 128 rows 1.01x, with the same bits (BENCHMARKS.md, 2026-12-07, twenty-first session).
+struct Unpacking<'a> {
+    p: *const u8,
+    nb: usize,
+    /// the buffer's values, scales and minimums (block `b` at `w + 8b`, `dw + 16b`, `mw + 16b`)
+    w: *mut __m512i,
+    dw: *mut f32,
+    mw: *mut f32,
+    /// the next tile, a few lines per block read
+    pf: &'a Prefetch,
+}
+
+impl Source for Unpacking<'_> {
+    #[inline(always)]
+    unsafe fn block(&self, f: IntFormat, b: usize) -> Block {
+        self.pf.some();
+        let blk = unpack(f, self.p, self.nb, b);
+        for (k, wk) in blk.w.iter().enumerate() {
+            _mm512_store_si512(self.w.add(b * 8 + k), *wk);
+        }
+        _mm512_store_ps(self.dw.add(16 * b), blk.dw);
+        if f.two_scales() {
+            _mm512_store_ps(self.mw.add(16 * b), blk.mw);
+        }
+        blk
+    }
+}
+
+/// A tile unpacked by the first pass over it ([`Unpacking`]: unsigned values, f32 scales), and the next
+/// tile to prefetch.
 struct Prepped<'a> {
     t: &'a WeightTile,
-    pf: Prefetch,
+    pf: &'a Prefetch,
 }
 
 impl Source for Prepped<'_> {

@@ -1,6 +1,7 @@
 //! A weight tile unpacked for many activation rows: the operand the batched kernels ([`super::amx`],
-//! [`super::vnni`]) read once per block and activation tile or pass; and the weight prefetching the
-//! kernels share.
+//! [`super::vnni`]) read once per block and activation tile or pass ([`prep`] unpacks one for the AMX
+//! kernel; the VNNI kernel's first pass over a tile stores its blocks as it unpacks them); and the weight
+//! prefetching the kernels share.
 //!
 //! Block `b` is 8 lines of 64 bytes: line `k` holds value chunk `k` (values `4k..4k+4`) of the 16 rows,
 //! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q5's as unsigned bytes, Q8_0's and Q6K's
