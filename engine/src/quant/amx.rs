@@ -211,7 +211,7 @@ pub unsafe fn tile(f: IntFormat, w: &[u8], rb: usize, n: usize, tiles: &Tiles, o
         let values = if f == IntFormat::Q8_0 {
             tile.as_ptr()
         } else {
-            wtile::prep(f, tile, nb, false, false, &mut s.wt);
+            wtile::prep(f, tile, nb, &mut s.wt);
             s.wt.w.as_ptr() as *const u8
         };
         for t in 0..tiles.m.div_ceil(T) {

@@ -320,29 +320,7 @@ impl Source for Packed {
 /// Block `b` of the packed tile at `p` (rows of `nb` blocks) unpacked.
 #[inline(always)]
 unsafe fn unpack(f: IntFormat, p: *const u8, nb: usize, b: usize) -> Block {
-    let v = p.add(pack::values_at(f, b)) as *const __m512i;
-    let mut w = [_mm512_setzero_si512(); 8];
-    match f {
-        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
-            let low = _mm512_set1_epi8(0x0F);
-            for c in 0..4 {
-                let x = _mm512_loadu_si512(v.add(c) as *const _);
-                w[c] = _mm512_and_si512(x, low);
-                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low);
-            }
-        }
-        IntFormat::Q8_0 => {
-            for (k, wk) in w.iter_mut().enumerate() {
-                *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), _mm512_set1_epi8(-128));
-            }
-        }
-        IntFormat::Q5 => w = wtile::q5_chunks(v),
-        IntFormat::Q6K => {
-            for (k, wk) in w.iter_mut().enumerate() {
-                *wk = _mm512_loadu_si512(v.add(k) as *const _);
-            }
-        }
-    }
+    let w = wtile::block_values(f, p.add(pack::values_at(f, b)) as *const __m512i, true);
     let dw = wtile::scales16(f, p.add(pack::scales_at(f, nb, b)));
     let mw = if f.two_scales() { wtile::scales16(f, p.add(pack::minimums_at(f, nb, b))) } else { _mm512_setzero_ps() };
     Block { w, dw, mw }

@@ -5,7 +5,7 @@
 //!
 //! Block `b` is 8 lines of 64 bytes: line `k` holds value chunk `k` (values `4k..4k+4`) of the 16 rows,
 //! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q5's as unsigned bytes, Q8_0's and Q6K's
-//! as signed bytes or, for `dpbusd`, unsigned: [`prep`]); its scales and (Q4_1, Q4K, Q5) minimums or
+//! as signed bytes or, for `dpbusd`, unsigned: [`block_values`]); its scales and (Q4_1, Q4K, Q5) minimums or
 //! (Q6K) second scales are 16 f32 lanes, row `n` in lane `n`. The zero rows that pad a matrix's last tile
 //! have zero scales.
 
@@ -220,55 +220,58 @@ pub unsafe fn q5_chunks(v: *const __m512i) -> [__m512i; 8] {
     ]
 }
 
-/// Unpacks one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`, the scales and
-/// minimums too with `scales`. With `unsigned` (`dpbusd`'s operand) Q8_0 values are offset by 128 and
-/// Q6K's kept as they are; without, Q8_0 values are kept and Q6K's less 32 (signed, for `tdpbssd`).
+/// The 8 value chunks of a packed block whose lines start at `v`, as a [`WeightTile`] holds them: Q4
+/// values as unsigned nibbles, Q5's as unsigned bytes; with `unsigned` (`dpbusd`'s operand) Q8_0 values
+/// offset by 128 and Q6K's kept as they are, without, Q8_0 values kept and Q6K's less 32 (signed, for
+/// `tdpbssd`).
 ///
 /// # Safety
-/// The CPU has AVX-512 (F, BW) and F16C; `tile` is one whole tile.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, unsigned: bool, scales: bool, s: &mut WeightTile) {
+/// The CPU has AVX-512 F and BW; `v` points at the block's lines.
+#[inline(always)]
+pub unsafe fn block_values(f: IntFormat, v: *const __m512i, unsigned: bool) -> [__m512i; 8] {
+    let mut w = [_mm512_setzero_si512(); 8];
+    // (loops, not closures: a closure does not inherit the target features)
+    match f {
+        IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
+            let low = _mm512_set1_epi8(0x0F);
+            for c in 0..4 {
+                let x = _mm512_loadu_si512(v.add(c) as *const _);
+                w[c] = _mm512_and_si512(x, low);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(x), low);
+            }
+        }
+        IntFormat::Q5 => w = q5_chunks(v),
+        IntFormat::Q8_0 => {
+            let flip = _mm512_set1_epi8(if unsigned { -128 } else { 0 });
+            for (k, wk) in w.iter_mut().enumerate() {
+                *wk = _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), flip);
+            }
+        }
+        IntFormat::Q6K => {
+            let off = _mm512_set1_epi8(if unsigned { 0 } else { 32 });
+            for (k, wk) in w.iter_mut().enumerate() {
+                *wk = _mm512_sub_epi8(_mm512_loadu_si512(v.add(k) as *const _), off);
+            }
+        }
+    }
+    w
+}
+
+/// Unpacks the values of one packed tile (rows of `nb` blocks, [`super::pack`]'s layout) into `s`, signed
+/// as `tdpbssd` takes them ([`block_values`]); the AMX kernel reads the scales from the packed tile.
+///
+/// # Safety
+/// The CPU has AVX-512 (F, BW); `tile` is one whole tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, s: &mut WeightTile) {
     debug_assert_eq!(tile.len(), T * nb * f.block_bytes());
     s.w.resize(nb * 8, Line([0; 64]));
-    s.dw.resize(nb, Line([0; 64]));
-    s.mw.resize(nb, Line([0; 64]));
-    let low = _mm512_set1_epi8(0x0F);
-    let flip = _mm512_set1_epi8(if unsigned { -128 } else { 0 });
     let dst = s.w.as_mut_ptr() as *mut __m512i;
     let p = tile.as_ptr();
     for b in 0..nb {
-        let v = p.add(pack::values_at(f, b)) as *const __m512i;
-        match f {
-            IntFormat::Q4_0 | IntFormat::Q4_1 | IntFormat::Q4K => {
-                for c in 0..4 {
-                    let x = _mm512_loadu_si512(v.add(c) as *const _);
-                    _mm512_store_si512(dst.add(b * 8 + c), _mm512_and_si512(x, low));
-                    _mm512_store_si512(dst.add(b * 8 + 4 + c), _mm512_and_si512(_mm512_srli_epi16::<4>(x), low));
-                }
-            }
-            IntFormat::Q5 => {
-                for (k, wk) in q5_chunks(v).into_iter().enumerate() {
-                    _mm512_store_si512(dst.add(b * 8 + k), wk);
-                }
-            }
-            IntFormat::Q8_0 => {
-                for k in 0..8 {
-                    _mm512_store_si512(dst.add(b * 8 + k), _mm512_xor_si512(_mm512_loadu_si512(v.add(k) as *const _), flip));
-                }
-            }
-            IntFormat::Q6K => {
-                let off = _mm512_set1_epi8(if unsigned { 0 } else { 32 });
-                for k in 0..8 {
-                    _mm512_store_si512(dst.add(b * 8 + k), _mm512_sub_epi8(_mm512_loadu_si512(v.add(k) as *const _), off));
-                }
-            }
-        }
-        if !scales {
-            continue;
-        }
-        _mm512_store_ps(s.dw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::scales_at(f, nb, b))));
-        if f.two_scales() {
-            _mm512_store_ps(s.mw.as_mut_ptr().add(b) as *mut f32, scales16(f, p.add(pack::minimums_at(f, nb, b))));
+        let w = block_values(f, p.add(pack::values_at(f, b)) as *const __m512i, false);
+        for (k, wk) in w.into_iter().enumerate() {
+            _mm512_store_si512(dst.add(b * 8 + k), wk);
         }
     }
 }
@@ -278,7 +281,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prep_unpacks_every_row_block_and_scale() {
+    fn blocks_unpack_every_row_and_value_signed_or_unsigned() {
         if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")) {
             eprintln!("skipped: no AVX-512");
             return;
@@ -291,12 +294,24 @@ mod tests {
                     tile[..T * nb * pack::value_bytes(f)].iter_mut().for_each(|v| *v &= 63);
                 }
                 for unsigned in [false, true] {
+                    // signed through `prep`, as the AMX kernel unpacks a tile; unsigned block by block, as
+                    // the VNNI kernel does
                     let mut t = WeightTile::default();
-                    // SAFETY: the CPU has the features (checked above), `tile` is one tile
-                    unsafe { prep(f, &tile, nb, unsigned, true, &mut t) };
-                    let floats = |v: &[Line], b: usize| {
-                        v[b].0.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()).to_bits()).collect::<Vec<_>>()
-                    };
+                    // SAFETY: the CPU has the features (checked above), `tile` is one tile, and each block's
+                    // lines are in it
+                    unsafe {
+                        if unsigned {
+                            t.w.resize(nb * 8, Line([0; 64]));
+                            for b in 0..nb {
+                                let w = block_values(f, tile.as_ptr().add(pack::values_at(f, b)) as *const __m512i, true);
+                                for (k, wk) in w.into_iter().enumerate() {
+                                    _mm512_storeu_si512(t.w[b * 8 + k].0.as_mut_ptr() as *mut _, wk);
+                                }
+                            }
+                        } else {
+                            prep(f, &tile, nb, &mut t);
+                        }
+                    }
                     for b in 0..nb {
                         for n in 0..T {
                             for j in 0..32 {
@@ -309,13 +324,7 @@ mod tests {
                                 let got = t.w[b * 8 + j / 4].0[4 * n + j % 4];
                                 let signed = matches!(f, IntFormat::Q8_0 | IntFormat::Q6K) && !unsigned;
                                 let got = if signed { got as i8 as i32 } else { got as i32 };
-                                assert_eq!(got, want, "{f:?} nb={nb} block {b} row {n} value {j}");
-                            }
-                            let s = pack::scale(f, &tile, pack::scales_at(f, nb, b), n);
-                            assert_eq!(floats(&t.dw, b)[n], s.to_bits(), "{f:?} nb={nb} block {b} row {n} scale");
-                            if f.two_scales() {
-                                let m = pack::scale(f, &tile, pack::minimums_at(f, nb, b), n);
-                                assert_eq!(floats(&t.mw, b)[n], m.to_bits(), "{f:?} minimum");
+                                assert_eq!(got, want, "{f:?} nb={nb} block {b} row {n} value {j} unsigned={unsigned}");
                             }
                         }
                     }
