@@ -89,6 +89,17 @@ pub fn prefetch(p: *const u8, len: usize) {
     }
 }
 
+/// [`prefetch`] into L2 only.
+#[inline(always)]
+pub fn prefetch_l2(p: *const u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        // SAFETY: as in `prefetch`
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off) as *const i8) };
+        off += 64;
+    }
+}
+
 /// Memory the forward pass reads soon after the matmuls running now (the next layer's key/value caches
 /// in a batched decode step), queued per thread: the batched kernels ([`super::vnni`], [`super::avx2`])
 /// prefetch a few of its lines for every tile and activation row they multiply, while they are bound
