@@ -81,21 +81,21 @@ pub const PREFETCH: usize = 8192;
 /// faults).
 #[inline(always)]
 pub fn prefetch(p: *const u8, len: usize) {
-    let mut off = 0;
-    while off < len {
-        // SAFETY: x86_64 always has SSE; a prefetch reads nothing the program sees and never faults
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
-        off += 64;
-    }
+    prefetch_with::<_MM_HINT_T0>(p, len)
 }
 
 /// [`prefetch`] into L2 only.
 #[inline(always)]
 pub fn prefetch_l2(p: *const u8, len: usize) {
+    prefetch_with::<_MM_HINT_T1>(p, len)
+}
+
+#[inline(always)]
+fn prefetch_with<const HINT: i32>(p: *const u8, len: usize) {
     let mut off = 0;
     while off < len {
-        // SAFETY: as in `prefetch`
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off) as *const i8) };
+        // SAFETY: x86_64 always has SSE; a prefetch reads nothing the program sees and never faults
+        unsafe { _mm_prefetch::<HINT>(p.wrapping_add(off) as *const i8) };
         off += 64;
     }
 }
