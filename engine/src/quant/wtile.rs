@@ -5,9 +5,9 @@
 //!
 //! Block `b` is 8 lines of 64 bytes: line `k` holds value chunk `k` (values `4k..4k+4`) of the 16 rows,
 //! row `n` at bytes `4n..4n+4` (Q4 weights as unsigned nibbles, Q5's as unsigned bytes, Q8_0's and Q6K's
-//! as signed bytes or, for `dpbusd`, unsigned: [`block_values`]); its scales and (Q4_1, Q4K, Q5) minimums or
-//! (Q6K) second scales are 16 f32 lanes, row `n` in lane `n`. The zero rows that pad a matrix's last tile
-//! have zero scales.
+//! as signed bytes or, for `dpbusd`, unsigned: [`block_values`]); its scales and (Q4_1, Q4K, Q5)
+//! minimums or (Q6K) second scales are 16 f32 lanes, row `n` in lane `n`. The zero rows that pad a
+//! matrix's last tile have zero scales.
 
 use std::arch::x86_64::*;
 use std::cell::{Cell, RefCell};
