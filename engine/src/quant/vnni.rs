@@ -16,7 +16,7 @@
 //!
 //! Up to [`ROWS`] activation rows share each block's weights (4 over an unpacked tile on AMD Zen 4:
 //! [`rows_per_pass`]); fewer than [`PREP_ROWS`] rows unpack the nibbles as they stream the tiles
-//! (prefetching [`PREFETCH`] bytes ahead into L1 and, on Zen 4, [`stream_far`] bytes ahead into L2), and
+//! (prefetching [`PREFETCH`] bytes ahead into L1 and [`STREAM_FAR`] bytes ahead into L2), and
 //! with more the first pass over a tile also stores its blocks unpacked into a buffer
 //! ([`super::wtile::WeightTile`]) that the passes after it read.
 
@@ -54,16 +54,14 @@ pub fn rows_per_pass() -> usize {
 }
 
 /// How far ahead of the tile being multiplied the streaming path (fewer than [`PREP_ROWS`] rows: decode)
-/// also asks for the weights into L2, in bytes, beyond the [`PREFETCH`] bytes it asks for into L1; 0 for
-/// not at all. 32 KiB on AMD's family 19h (Zen 4, the only family 19h core with AVX-512): on the Zen 4
-/// VM single-stream decode ran 1.00-1.06x faster on one thread (median 1.03x, ten paired runs) and
-/// 1.03-1.09x on two (median 1.05x, seven); 24, 48 and 64 KiB did about as well as 32; 16 KiB into L1
-/// instead of 8 gave 1.02-1.10x on one thread, 4 KiB 0.91-0.93x (BENCHMARKS.md, 2026-12-07,
-/// twenty-second session). Not measured on the other host kinds, which prefetch into L1 alone.
-fn stream_far() -> usize {
-    static FAR: OnceLock<usize> = OnceLock::new();
-    *FAR.get_or_init(|| if amd_family() == Some(0x19) { 4 * PREFETCH } else { 0 })
-}
+/// also asks for the weights into L2, in bytes, beyond the [`PREFETCH`] bytes it asks for into L1.
+/// Single-stream decode, paired runs against L1 alone (BENCHMARKS.md): on the Zen 4 VM 1.00-1.06x faster
+/// on one thread (median 1.03x, ten runs) and 1.03-1.09x on two (median 1.05x, seven), 24, 48 and 64 KiB
+/// about as well as 32 (2026-12-07, twenty-second session); on the 480 MiB-L3 AMX host, whose decode
+/// reads the weights from the L3, 1.03-1.08x on one thread and 1.01-1.06x on two, up to 1.25x on one
+/// thread while the host ran slow, and 12, 16 and 24 KiB about as well as 32 (twenty-third session).
+/// Not measured on the other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX).
+const STREAM_FAR: usize = 4 * PREFETCH;
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
 fn amd_family() -> Option<u32> {
@@ -240,14 +238,13 @@ unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, 
     if m < PREP_ROWS {
         // at least a tile ahead, so a block's part of it was asked for a tile ago
         let ahead = PREFETCH.max(tb);
-        let far = stream_far();
         for j0 in (0..n).step_by(TILE) {
             let at = j0 / TILE * tb;
             let src = Packed {
                 p: w.as_ptr().add(at),
                 nb,
                 ahead: w.as_ptr().wrapping_add(at + ahead),
-                far: if far == 0 { std::ptr::null() } else { w.as_ptr().wrapping_add(at + far.max(ahead)) },
+                far: w.as_ptr().wrapping_add(at + STREAM_FAR.max(ahead)),
             };
             rows::<F, Packed, RP>(&src, nb, acts, out, j0, n, 0..acts.m);
         }
@@ -326,8 +323,7 @@ struct Packed {
     nb: usize,
     /// the tile `PREFETCH` bytes ahead, whose part of block `b` is prefetched when `b` is read
     ahead: *const u8,
-    /// the tile [`stream_far`] bytes ahead, whose part of block `b` is asked for into L2 then; null for
-    /// none
+    /// the tile [`STREAM_FAR`] bytes ahead, whose part of block `b` is asked for into L2 then
     far: *const u8,
 }
 
@@ -336,9 +332,7 @@ impl Source for Packed {
     unsafe fn block(&self, f: IntFormat, b: usize) -> Block {
         let bb = TILE * f.block_bytes();
         wtile::prefetch(self.ahead.wrapping_add(b * bb), bb);
-        if !self.far.is_null() {
-            wtile::prefetch_l2(self.far.wrapping_add(b * bb), bb);
-        }
+        wtile::prefetch_l2(self.far.wrapping_add(b * bb), bb);
         unpack(f, self.p, self.nb, b)
     }
 }
