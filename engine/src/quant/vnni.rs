@@ -55,13 +55,13 @@ pub fn rows_per_pass() -> usize {
 
 /// How far ahead of the tile being multiplied the streaming path (fewer than [`PREP_ROWS`] rows: decode)
 /// also asks for the weights into L2, in bytes, beyond the [`PREFETCH`] bytes it asks for into L1.
-/// Single-stream decode, paired runs against L1 alone (BENCHMARKS.md): on the Zen 4 VM 1.00-1.06x faster
-/// on one thread (median 1.03x, ten runs) and 1.03-1.09x on two (median 1.05x, seven), 24, 48 and 64 KiB
-/// about as well as 32 (2026-12-07, twenty-second session); on the 480 MiB-L3 AMX host, whose decode
-/// reads the weights from the L3, 1.03-1.08x on one thread and 1.01-1.06x on two, up to 1.25x on one
-/// thread while the host ran slow, and 12, 16 and 24 KiB about as well as 32 (twenty-third session).
-/// Not measured on the other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX).
-const STREAM_FAR: usize = 4 * PREFETCH;
+/// Single-stream decode in paired runs (BENCHMARKS.md): against L1 alone, 32 KiB ahead ran 1.00-1.06x
+/// faster on one thread and 1.03-1.09x on two on the Zen 4 VM (medians 1.03x and 1.05x), with 24, 48 and
+/// 64 KiB level with 32 (2026-12-07, twenty-second session); on the 480 MiB-L3 AMX host 1.03-1.08x on one
+/// thread (up to 1.25x while the host ran slow) and 1.01-1.06x on two, and 24 KiB against 32 level on one
+/// thread and 1.00-1.03x on two (median 1.015x, six runs; twenty-third session). Not measured on the
+/// other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX).
+const STREAM_FAR: usize = 3 * PREFETCH;
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
 fn amd_family() -> Option<u32> {
