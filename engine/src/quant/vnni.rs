@@ -58,9 +58,10 @@ pub fn rows_per_pass() -> usize {
 /// Single-stream decode in paired runs (BENCHMARKS.md): against L1 alone, 32 KiB ahead ran 1.00-1.06x
 /// faster on one thread and 1.03-1.09x on two on the Zen 4 VM (medians 1.03x and 1.05x), with 24, 48 and
 /// 64 KiB level with 32 (2026-12-07, twenty-second session); on the 480 MiB-L3 AMX host 1.03-1.08x on one
-/// thread (up to 1.25x while the host ran slow) and 1.01-1.06x on two, and 24 KiB against 32 level on one
-/// thread and 1.00-1.03x on two (median 1.015x, six runs; twenty-third session). Not measured on the
-/// other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX).
+/// thread and 1.01-1.06x on two (12-24 KiB up to 1.25x on one thread while the host ran slow), and 24 KiB
+/// against 32 level on one thread and 1.00-1.03x on two (median 1.015x, six runs; twenty-third session).
+/// Not measured on the other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX). A tile wider than
+/// this (rows of more than about 2,450 Q4_1 values) is asked for into L2 where the L1 prefetch asks.
 const STREAM_FAR: usize = 3 * PREFETCH;
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
