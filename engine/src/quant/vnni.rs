@@ -60,8 +60,9 @@ pub fn rows_per_pass() -> usize {
 /// 64 KiB level with 32 (2026-12-07, twenty-second session); on the 480 MiB-L3 AMX host 1.03-1.08x on one
 /// thread and 1.01-1.06x on two (12-24 KiB up to 1.25x on one thread while the host ran slow), and 24 KiB
 /// against 32 level on one thread and 1.00-1.03x on two (median 1.015x, six runs; twenty-third session).
-/// Not measured on the other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX). A tile wider than
-/// this (rows of more than about 2,450 Q4_1 values) is asked for into L2 where the L1 prefetch asks.
+/// Not measured on the other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX). At least
+/// [`PREFETCH`] beyond the L1 prefetch, so a tile wider than 16 KiB (rows of more than about 1,600 Q4_1
+/// values; none in the default model) is not asked for twice at one distance.
 const STREAM_FAR: usize = 3 * PREFETCH;
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
@@ -245,7 +246,7 @@ unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, 
                 p: w.as_ptr().add(at),
                 nb,
                 ahead: w.as_ptr().wrapping_add(at + ahead),
-                far: w.as_ptr().wrapping_add(at + STREAM_FAR.max(ahead)),
+                far: w.as_ptr().wrapping_add(at + STREAM_FAR.max(ahead + PREFETCH)),
             };
             rows::<F, Packed, RP>(&src, nb, acts, out, j0, n, 0..acts.m);
         }
