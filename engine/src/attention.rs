@@ -145,16 +145,10 @@ pub fn attention_many(seqs: &[AttnSeq<'_>], n_head: usize, n_head_kv: usize, hea
     }
 }
 
-/// Asks for the lines of `len` bytes at `p` to be brought into the second-level cache.
+/// Asks for the lines of `len` values at `p` to be brought into the second-level cache.
 #[inline(always)]
 fn prefetch(p: *const f32, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for off in (0..len * 4).step_by(64) {
-        // SAFETY: a prefetch reads nothing the program sees and never faults
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>((p as *const i8).wrapping_add(off)) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
+    crate::quant::prefetch_l2(p as *const u8, len * 4)
 }
 
 /// The attention output shared by tasks that write disjoint (row, head) slots.

@@ -524,6 +524,16 @@ pub fn prefetch_ahead(ranges: impl IntoIterator<Item = (*const u8, usize)>) {
     drop(ranges);
 }
 
+/// Asks for the lines of the `len` bytes at `p` (which may lie past any allocation: a prefetch never
+/// faults) to be brought into the second-level cache. Nothing on other machines.
+#[inline(always)]
+pub fn prefetch_l2(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    wtile::prefetch_l2(p, len);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
+}
+
 /// Quantizes each `k`-wide row of `x` to 8-bit blocks (rows in parallel when there are many).
 pub fn quantize_rows(x: &[f32], k: usize) -> Q8Rows {
     let one = |row: &[f32]| {
