@@ -42,7 +42,9 @@ const ZEN4_ROWS: usize = 4;
 /// Zen 4, 4 rows a pass in a copy of the kernel compiled on its own made a batched step of 32 sequences
 /// faster on one thread, median 1.04x over nine paired runs (1.01-1.08x; BENCHMARKS.md, 2026-12-06,
 /// eighteenth session). On Intel (the AMX host kind, its AVX-512 kernel timed alone) 4 rows a pass was
-/// 0.90-1.01x of 6 (BENCHMARKS.md, 2026-12-07), so 6 stays there; Zen 5 has not been measured with 4.
+/// 0.90-1.01x of 6 (BENCHMARKS.md, 2026-12-07), so 6 stays there; on the Zen 5 VM (family 1Ah) 4 rows
+/// a pass ran a batched step of 32 sequences at 0.95-0.97x of 6 on one thread and 1.01x on two, and
+/// prefill at 0.91-0.96x (paired runs, two each; twenty-fourth session), so 6 stays there too.
 pub fn rows_per_pass() -> usize {
     static PER: OnceLock<usize> = OnceLock::new();
     *PER.get_or_init(|| match std::env::var("FLOTILLA_VNNI_ROWS").as_deref() {
@@ -60,9 +62,14 @@ pub fn rows_per_pass() -> usize {
 /// 64 KiB level with 32 (2026-12-07, twenty-second session); on the 480 MiB-L3 AMX host 1.03-1.08x on one
 /// thread and 1.01-1.06x on two (12-24 KiB up to 1.25x on one thread while the host ran slow), and 24 KiB
 /// against 32 level on one thread and 1.00-1.03x on two (median 1.015x, six runs; twenty-third session).
-/// Not measured on the other AVX-512 host kinds (Zen 5, Emerald Rapids without AMX). At least
-/// [`PREFETCH`] beyond the L1 prefetch, so a tile wider than 16 KiB (rows of more than about 1,600 Q4_1
-/// values; none in the default model) is not asked for twice at one distance.
+/// On the Zen 5 VM the sign followed the host's speed: while one thread decoded at 250-300 tok/s, the
+/// L2 prefetch at the L1 prefetch's address instead ran 1.06-1.08x faster on one thread and 1.00-1.06x
+/// on two (four paired runs each; 12 and 16 KiB ahead 1.01-1.10x, 64 KiB 0.93-0.96x), and while it
+/// decoded at 217-240, none at all ran slower than 24 KiB (24 KiB over none: one thread 0.97-1.06x,
+/// two 1.01-1.05x, medians 1.04x, six runs each; twenty-fourth session), so 24 KiB stays there too. Not
+/// measured on Emerald Rapids without AMX. At least [`PREFETCH`] beyond the L1 prefetch, so a tile wider
+/// than 16 KiB (rows of more than about 1,600 Q4_1 values; none in the default model) is not asked for
+/// twice at one distance.
 const STREAM_FAR: usize = 3 * PREFETCH;
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
