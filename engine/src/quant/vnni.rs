@@ -56,20 +56,14 @@ pub fn rows_per_pass() -> usize {
 }
 
 /// How far ahead of the tile being multiplied the streaming path (fewer than [`PREP_ROWS`] rows: decode)
-/// also asks for the weights into L2, in bytes, beyond the [`PREFETCH`] bytes it asks for into L1.
-/// Single-stream decode in paired runs (BENCHMARKS.md): against L1 alone, 32 KiB ahead ran 1.00-1.06x
-/// faster on one thread and 1.03-1.09x on two on the Zen 4 VM (medians 1.03x and 1.05x), with 24, 48 and
-/// 64 KiB level with 32 (2026-12-07, twenty-second session); on the 480 MiB-L3 AMX host 1.03-1.08x on one
-/// thread and 1.01-1.06x on two (12-24 KiB up to 1.25x on one thread while the host ran slow), and 24 KiB
-/// against 32 level on one thread and 1.00-1.03x on two (median 1.015x, six runs; twenty-third session).
-/// On the Zen 5 VM the sign followed the host's speed: while one thread decoded at 250-300 tok/s, the
-/// L2 prefetch at the L1 prefetch's address instead ran 1.06-1.08x faster on one thread and 1.00-1.06x
-/// on two (four paired runs each; 12 and 16 KiB ahead 1.01-1.10x, 64 KiB 0.93-0.96x), and while it
-/// decoded at 217-240, none at all ran slower than 24 KiB (24 KiB over none: one thread 0.97-1.06x,
-/// two 1.01-1.05x, medians 1.04x, six runs each; twenty-fourth session), so 24 KiB stays there too. Not
-/// measured on Emerald Rapids without AMX. At least [`PREFETCH`] beyond the L1 prefetch, so a tile wider
-/// than 16 KiB (rows of more than about 1,600 Q4_1 values; none in the default model) is not asked for
-/// twice at one distance.
+/// also asks for the weights into L2, in bytes, beyond the [`PREFETCH`] bytes it asks for into L1; at
+/// least [`PREFETCH`] beyond the L1 prefetch, so a tile wider than 16 KiB (rows of more than about 1,600
+/// Q4_1 values; none in the default model) is not asked for twice at one distance. Against L1 alone,
+/// single-stream decode ran faster on Zen 4 (medians 1.03x on one thread, 1.05x on two) and on the
+/// 480 MiB-L3 AMX host (1.01-1.08x); on Zen 5 its sign followed the host's speed (1.04x while it ran
+/// slow, 0.93-1.00x while fast). 24 KiB ran level with 32 on Zen 4 and the AMX host; 64 KiB was slower on
+/// the AMX host's two threads and on Zen 5. Every distance's paired runs are in BENCHMARKS.md
+/// (2026-12-07, twenty-second to twenty-fourth sessions); not measured on Emerald Rapids without AMX.
 const STREAM_FAR: usize = 3 * PREFETCH;
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
@@ -247,14 +241,10 @@ unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, 
     if m < PREP_ROWS {
         // at least a tile ahead, so a block's part of it was asked for a tile ago
         let ahead = PREFETCH.max(tb);
+        let far = STREAM_FAR.max(ahead + PREFETCH);
         for j0 in (0..n).step_by(TILE) {
             let at = j0 / TILE * tb;
-            let src = Packed {
-                p: w.as_ptr().add(at),
-                nb,
-                ahead: w.as_ptr().wrapping_add(at + ahead),
-                far: w.as_ptr().wrapping_add(at + STREAM_FAR.max(ahead + PREFETCH)),
-            };
+            let src = Packed { p: w.as_ptr().add(at), nb, ahead: w.as_ptr().wrapping_add(at + ahead), far: w.as_ptr().wrapping_add(at + far) };
             rows::<F, Packed, RP>(&src, nb, acts, out, j0, n, 0..acts.m);
         }
         return;
