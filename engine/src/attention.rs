@@ -213,7 +213,7 @@ const MAX_HEADS: usize = 3;
 /// # Safety
 /// `out` has room for every head's rows at that stride.
 unsafe fn head_group(j: HeadJob<'_>, heads: usize, out: *mut f32, stride: usize) {
-    debug_assert!((1..=MAX_HEADS).contains(&heads));
+    assert!((1..=MAX_HEADS).contains(&heads));
     let each = |i: usize| (HeadJob { h: j.h + i, ..j }, out.wrapping_add(i * j.head_dim));
     #[cfg(target_arch = "x86_64")]
     {

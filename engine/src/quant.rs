@@ -425,7 +425,7 @@ impl QWeight {
 
     /// The tiles holding the rows `rows` (which start on a tile).
     fn tiles_bytes(&self, rows: &Range<usize>) -> &[u8] {
-        debug_assert_eq!(rows.start % pack::TILE, 0);
+        assert_eq!(rows.start % pack::TILE, 0);
         let tb = pack::TILE * self.row_bytes;
         &self.data.bytes()[rows.start / pack::TILE * tb..rows.end.div_ceil(pack::TILE) * tb]
     }

@@ -366,7 +366,7 @@ impl Shard {
                 (run, None::<Result<Vec<StageOutput>>>)
             })
             .collect();
-        debug_assert!(rest.is_empty(), "the groups cover the batch");
+        assert!(rest.is_empty(), "the groups cover the batch");
         let sizes: Vec<usize> = groups.iter().map(|g| rows[g.clone()].iter().sum()).collect();
         pool::each_part_mut(&mut runs, &sizes, |_, (run, out)| *out = Some(self.forward(run)));
         let mut out = Vec::new();

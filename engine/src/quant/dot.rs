@@ -256,7 +256,7 @@ impl Q8Row {
 
     /// Clears the row for `len` values: every buffer empty, the values zeroed to whole groups.
     fn start(&mut self, len: usize) {
-        debug_assert_eq!(len % QK8, 0);
+        assert_eq!(len % QK8, 0);
         let padded = (len / QK8).div_ceil(GROUP) * GROUP;
         self.len = len;
         // (room for the padded blocks at once: no growing as the blocks are pushed)

@@ -103,7 +103,7 @@ pub fn pack_row(f: IntFormat, gguf: &[u8], tile: &mut [u8], n: usize) {
     let bb = f.block_bytes();
     let nb = gguf.len() / bb;
     let (vb, vo) = (value_bytes(f), gguf_values(f));
-    debug_assert_eq!(tile.len(), TILE * gguf.len());
+    assert_eq!(tile.len(), TILE * gguf.len());
     for (b, blk) in gguf.chunks_exact(bb).enumerate() {
         let v = values_at(f, b);
         for c in 0..vb / 4 {

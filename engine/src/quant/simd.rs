@@ -257,7 +257,7 @@ pub unsafe fn tile(level: Level, f: IntFormat, w: &[u8], row_bytes: usize, n: us
     #[cfg(target_arch = "x86_64")]
     let passes = acts.passes.as_ref();
     let acts = acts.rows;
-    debug_assert!(acts.iter().all(|a| a.blocks() * f.block_bytes() == row_bytes));
+    assert!(acts.iter().all(|a| a.blocks() * f.block_bytes() == row_bytes));
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => super::avx2::tile(f, w, row_bytes, n, acts, out),

@@ -237,7 +237,7 @@ unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, 
     if n == 0 || m == 0 {
         return;
     }
-    debug_assert!(w.len() >= n.div_ceil(TILE) * tb);
+    assert!(w.len() >= n.div_ceil(TILE) * tb);
     if m < PREP_ROWS {
         // at least a tile ahead, so a block's part of it was asked for a tile ago
         let ahead = PREFETCH.max(tb);
@@ -286,7 +286,7 @@ unsafe fn rows<const F: u8, S: Source, const RP: usize>(src: &S, nb: usize, acts
         assert_eq!(acts.m, 1, "several activation rows need their pass layout");
         return single::<F, S>(src, nb, acts.one, at(0), keep);
     };
-    debug_assert_eq!(passes.per, RP);
+    assert_eq!(passes.per, RP);
     for r in span.step_by(RP) {
         let p = passes.pass(r, nb);
         wtile::some_ahead((acts.m - r).min(RP));
@@ -433,7 +433,7 @@ unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts:
 unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out, keep: __mmask16) {
     let f = IntFormat::from_id(F);
     let mut acc = [_mm512_setzero_ps(); GROUP];
-    debug_assert!(x.blocks() == nb && x.qs.len() >= nb * QK && [x.d.len(), x.s.len(), x.sums.len(), x.lo_sums.len()].iter().all(|&l| l >= nb));
+    assert!(x.blocks() == nb && x.qs.len() >= nb * QK && [x.d.len(), x.s.len(), x.sums.len(), x.lo_sums.len()].iter().all(|&l| l >= nb));
     for g0 in (0..nb).step_by(GROUP) {
         // the group's values and scales from bases of their own ([`base`])
         let (qs, d, s) = (base(x.qs.as_ptr().add(pack::act_index(g0, 0))), base(x.d.as_ptr().add(g0)), base(x.s.as_ptr().add(g0)));

@@ -275,7 +275,7 @@ pub unsafe fn block_values(f: IntFormat, v: *const __m512i, unsigned: bool) -> [
 /// The CPU has AVX-512 (F, BW); `tile` is one whole tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 pub unsafe fn prep(f: IntFormat, tile: &[u8], nb: usize, s: &mut WeightTile) {
-    debug_assert_eq!(tile.len(), T * nb * f.block_bytes());
+    assert_eq!(tile.len(), T * nb * f.block_bytes());
     s.w.resize(nb * 8, Line([0; 64]));
     let dst = s.w.as_mut_ptr() as *mut __m512i;
     let p = tile.as_ptr();
