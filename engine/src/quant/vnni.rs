@@ -238,6 +238,11 @@ unsafe fn tiles_as<const F: u8, const RP: usize>(w: &[u8], rb: usize, n: usize, 
         return;
     }
     assert!(w.len() >= n.div_ceil(TILE) * tb);
+    // the one row that [`single`] reads, checked once a call rather than once a tile
+    if acts.passes.is_none() {
+        let x = acts.one;
+        assert!(x.blocks() == nb && x.qs.len() >= nb * QK && [x.d.len(), x.s.len(), x.sums.len(), x.lo_sums.len()].iter().all(|&l| l >= nb));
+    }
     if m < PREP_ROWS {
         // at least a tile ahead, so a block's part of it was asked for a tile ago
         let ahead = PREFETCH.max(tb);
@@ -433,7 +438,6 @@ unsafe fn pass<const F: u8, const R: usize, S: Source>(src: &S, nb: usize, acts:
 unsafe fn single<const F: u8, S: Source>(src: &S, nb: usize, x: &Q8Row, out: Out, keep: __mmask16) {
     let f = IntFormat::from_id(F);
     let mut acc = [_mm512_setzero_ps(); GROUP];
-    assert!(x.blocks() == nb && x.qs.len() >= nb * QK && [x.d.len(), x.s.len(), x.sums.len(), x.lo_sums.len()].iter().all(|&l| l >= nb));
     for g0 in (0..nb).step_by(GROUP) {
         // the group's values and scales from bases of their own ([`base`])
         let (qs, d, s) = (base(x.qs.as_ptr().add(pack::act_index(g0, 0))), base(x.d.as_ptr().add(g0)), base(x.s.as_ptr().add(g0)));
