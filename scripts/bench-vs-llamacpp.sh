@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side engine comparison with llama.cpp on the same GGUF, alternating runs so both see the same
 # machine noise. Needs ../shared/baseline/build-llamacpp.sh to have built llama.cpp (outside the repo).
-# Usage: scripts/bench-vs-llamacpp.sh [ROUNDS]   -> one line per measurement, then medians.
+# Usage: scripts/bench-vs-llamacpp.sh [ROUNDS]   -> one line per measurement, then medians, then how many
+# rounds meet each of the engine-speed issue's goals (BENCHMARKS.md, the table at the top).
 # Where llama-batched-bench was built too (`cmake --build <llama.cpp>/build --target llama-batched-bench`),
 # each round also runs it for 1 and 32 sequences (16-token prompts, 64 generated tokens each), so both
 # engines' batched decode is measured against their own single-stream decode in the same minutes
@@ -72,4 +73,18 @@ for line in open(sys.argv[1]):
 print("\nmedians (tok/s; ratios for the names with a slash):")
 for k in sorted(d):
     print(f"  {k[0]:9} threads={k[1]} {k[2]:10} {statistics.median(d[k]):8.2f}   (runs: {', '.join(f'{v:.2f}' for v in d[k])})")
+# the engine-speed issue's goals (its floors were llama.cpp's figures on the machine kind it was filed on)
+goals = [
+    ("1-thread decode >= 62 tok/s", "decode", 1, 62),
+    ("1-thread prefill >= 156 tok/s", "prefill", 1, 156),
+    ("batched 32 >= 4x single stream, 1 thread", "batch32/1", 1, 4),
+    ("batched 32 >= 4x single stream, 2 threads", "batch32/1", 2, 4),
+    ("2 threads >= 1.8x 1 thread, prefill", "prefill/1t", 2, 1.8),
+    ("2 threads >= 1.8x 1 thread, decode", "decode/1t", 2, 1.8),
+]
+print("\nflotilla against the engine-speed goals (rounds that meet each):")
+for name, what, t, floor in goals:
+    vs = d.get(("flotilla", t, what))
+    if vs:
+        print(f"  {name:44} {sum(v >= floor for v in vs)} of {len(vs)}   (range {min(vs):.2f}-{max(vs):.2f})")
 PY
