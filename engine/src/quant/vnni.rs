@@ -63,7 +63,9 @@ pub fn rows_per_pass() -> usize {
 /// 480 MiB-L3 AMX host (1.01-1.08x); on Zen 5 its sign followed the host's speed (1.04x while it ran
 /// slow, 0.93-1.00x while fast). 24 KiB ran level with 32 on Zen 4 and the AMX host; 64 KiB was slower on
 /// the AMX host's two threads and on Zen 5. Every distance's paired runs are in BENCHMARKS.md
-/// (2026-12-07, twenty-second to twenty-fourth sessions); not measured on Emerald Rapids without AMX.
+/// (2026-12-07, twenty-second to twenty-fourth sessions). On Emerald Rapids without AMX (twenty-seventh
+/// session, six alternating pairs of runs) it ran one thread's decode at 0.90-1.38x (median 1.11x) and
+/// two threads' at 0.95-1.04x (median 0.98x), whose halves of the model sit in the L3 there.
 const STREAM_FAR: usize = 3 * PREFETCH;
 
 /// The CPU family of an AMD processor (base plus extended family, as the vendor's manuals count it).
