@@ -87,4 +87,6 @@ for name, what, t, floor in goals:
     vs = d.get(("flotilla", t, what))
     if vs:
         print(f"  {name:44} {sum(v >= floor for v in vs)} of {len(vs)}   (range {min(vs):.2f}-{max(vs):.2f})")
+    else:
+        print(f"  {name:44} not measured")
 PY
