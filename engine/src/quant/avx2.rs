@@ -6,12 +6,14 @@
 //! partial sum of a block within i16 (`8 * 2 * 15 * 128`), so a block's 8 chunks add up in i16 before one
 //! `madd`; Q8_0 moves each weight's sign onto the activation (`maddubs` takes one unsigned operand) and
 //! widens every chunk. A pass takes the tile's blocks in order (the weights stream in memory order, and
-//! each block's share of the tile [`PREFETCH`] bytes ahead is prefetched as it goes; the VNNI kernel's
-//! further L2 prefetch made Zen 3's decode 0.86-0.96x at 16-48 KiB, BENCHMARKS.md 2026-12-08), each block into
+//! each block's share of the tile [`PREFETCH`] bytes ahead is prefetched as it goes), each block into
 //! lane `b % 16` of its row's and half's 16 lane accumulators (in memory: they would not fit in
 //! registers), which then reduce in the canonical order: the scalar reference's bits. Twelve or more
 //! rows go to the kernel of prepared tiles instead ([`prepared`]). Results are stored whole where a half
 //! tile has all 8 columns, masked only in a matrix's last, partial tile ([`Keep`]).
+//!
+//! No L2 prefetch further ahead, as [`super::vnni`] has: on the Zen 3 host it made single-stream decode
+//! slower at every distance tried, 0.86-0.96x at 16-48 KiB (BENCHMARKS.md, 2026-12-08).
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
